@@ -1,0 +1,290 @@
+"""Card queries: each SQL text beside the one function that runs it.
+
+Every function takes a connection inside ``db.tenant_transaction``: row-level security limits each statement
+to that tenant, so no query here filters by tenant itself (inserts name it, and WITH CHECK verifies it).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Literal
+from uuid import UUID
+
+import asyncpg
+
+from .db import Connection
+from .errors import Conflict, DuplicateContent, InvalidArgument, NotFound
+from .models import DEFAULT_MAX_CONTENT_BYTES, Card, CardType, NewCard, content_hash
+
+CreateStatus = Literal["created", "existing"]
+
+
+def _card(row: asyncpg.Record) -> Card:
+    return Card.model_validate(dict(row))
+
+
+def _not_found(card_id: UUID) -> NotFound:
+    return NotFound(f"no card with id {card_id}")
+
+
+_INSERT = """
+INSERT INTO card_mcp.cards (tenant_id, card_type, title, content, tags, content_hash)
+VALUES ($1, $2, $3, $4, $5, $6)
+ON CONFLICT (tenant_id, card_type, content_hash) WHERE is_active DO NOTHING
+RETURNING id, card_type, title, content, tags, version, content_hash, created_at, updated_at
+"""
+_FIND_ACTIVE = """
+SELECT id, card_type, title, content, tags, version, content_hash, created_at, updated_at
+  FROM card_mcp.cards
+ WHERE card_type = $1 AND content_hash = $2 AND is_active
+"""
+
+
+async def create_card(
+    conn: Connection, tenant_id: UUID, new: NewCard, *, max_bytes: int = DEFAULT_MAX_CONTENT_BYTES
+) -> tuple[CreateStatus, Card]:
+    """Save ``new``, or return the active card of the same type and content (``existing``), writing nothing.
+
+    Concurrent creates of one content make one card: the loser's INSERT waits for the winner and does
+    nothing; its next statement (a fresh snapshot under READ COMMITTED) then sees the winner's row."""
+    digest = content_hash(new.content, max_bytes=max_bytes)
+    for _ in range(5):
+        row = await conn.fetchrow(_INSERT, tenant_id, new.card_type, new.title, new.content, new.tags, digest)
+        if row is not None:
+            return "created", _card(row)
+        row = await conn.fetchrow(_FIND_ACTIVE, new.card_type, digest)
+        if row is not None:
+            return "existing", _card(row)
+        # The conflicting card was deleted or its transaction rolled back in between: try again.
+    raise Conflict("the card changed concurrently several times", hint="Retry the call.")
+
+
+_GET = """
+SELECT id, card_type, title, content, tags, version, content_hash, created_at, updated_at
+  FROM card_mcp.cards
+ WHERE id = $1 AND is_active
+"""
+
+
+async def get_card(conn: Connection, card_id: UUID) -> Card:
+    """The active card ``card_id``; NotFound alike for a missing, deleted or another tenant's card."""
+    row = await conn.fetchrow(_GET, card_id)
+    if row is None:
+        raise _not_found(card_id)
+    return _card(row)
+
+
+# Keyset paging, newest-updated first, ties broken by id; $1/$2 are the last row of the previous page.
+_LIST = """
+SELECT id, card_type, title, content, tags, version, content_hash, created_at, updated_at FROM card_mcp.cards
+ WHERE is_active
+   AND ($3::text IS NULL OR card_type = $3)
+   AND ($4::text[] IS NULL OR tags @> $4)
+   AND ($1::timestamptz IS NULL OR (updated_at, id) < ($1, $2))
+ ORDER BY updated_at DESC, id DESC
+ LIMIT $5
+"""
+
+
+@dataclass(frozen=True)
+class Page:
+    """One page of cards and the cursor of the next (None on the last page)."""
+
+    cards: list[Card]
+    next_cursor: str | None
+
+
+def _encode_cursor(card: Card) -> str:
+    raw = json.dumps([card.updated_at.isoformat(), str(card.id)]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[datetime, UUID]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        stamp, card_id = json.loads(raw)
+        return datetime.fromisoformat(stamp), UUID(card_id)
+    except (ValueError, TypeError) as exc:
+        raise InvalidArgument(
+            "the cursor is not one this server made", hint="Pass next_cursor exactly as returned, or omit it."
+        ) from exc
+
+
+async def list_cards(
+    conn: Connection,
+    *,
+    card_type: CardType | None = None,
+    tags: Sequence[str] | None = None,
+    limit: int = 10,
+    cursor: str | None = None,
+) -> Page:
+    """Active cards, newest-updated first, filtered by type and by tags (all must match)."""
+    after: tuple[datetime | None, UUID | None] = _decode_cursor(cursor) if cursor else (None, None)
+    rows = await conn.fetch(_LIST, after[0], after[1], card_type, list(tags) if tags else None, limit + 1)
+    cards = [_card(row) for row in rows[:limit]]
+    return Page(cards, _encode_cursor(cards[-1]) if len(rows) > limit else None)
+
+
+_LOCK = """
+SELECT id, card_type, title, content, tags, version, content_hash, created_at, updated_at
+  FROM card_mcp.cards
+ WHERE id = $1 AND is_active
+   FOR UPDATE
+"""
+_OTHER_WITH_CONTENT = """
+SELECT id FROM card_mcp.cards WHERE card_type = $1 AND content_hash = $2 AND is_active AND id <> $3
+"""
+_UPDATE = """
+UPDATE card_mcp.cards
+   SET title = $2, content = $3, tags = $4, content_hash = $5, version = version + 1
+ WHERE id = $1 AND is_active
+RETURNING id, card_type, title, content, tags, version, content_hash, created_at, updated_at
+"""
+
+
+async def update_card(
+    conn: Connection,
+    card_id: UUID,
+    *,
+    title: str | None = None,
+    content: dict[str, Any] | None = None,
+    tags: list[str] | None = None,
+    expected_version: int | None = None,
+    max_bytes: int = DEFAULT_MAX_CONTENT_BYTES,
+) -> Card:
+    """Change the fields given (None leaves one as it is). An update that changes nothing returns the card
+    as it is, without a new version. A stale ``expected_version`` is a Conflict; content equal to another
+    active card of the type is DuplicateContent naming that card."""
+    row = await conn.fetchrow(_LOCK, card_id)
+    if row is None:
+        raise _not_found(card_id)
+    card = _card(row)
+    if expected_version is not None and expected_version != card.version:
+        raise Conflict(
+            f"the card is at version {card.version}, not {expected_version}",
+            hint="Read the card again with get_card, reapply your change, and pass its current version.",
+        )
+    new_title = card.title if title is None else title
+    new_content = card.content if content is None else content
+    new_tags = card.tags if tags is None else tags
+    digest = card.content_hash if content is None else content_hash(content, max_bytes=max_bytes)
+    if (new_title, digest, new_tags) == (card.title, card.content_hash, card.tags):
+        return card
+    if digest != card.content_hash:
+        other = await conn.fetchval(_OTHER_WITH_CONTENT, card.card_type, digest, card_id)
+        if other is not None:
+            raise DuplicateContent(
+                f"card {other} of type {card.card_type} already has this content", card_id=str(other)
+            )
+    try:
+        updated = await conn.fetchrow(_UPDATE, card_id, new_title, new_content, new_tags, digest)
+    except asyncpg.UniqueViolationError as exc:  # another call saved the same content meanwhile
+        raise DuplicateContent(
+            f"another card of type {card.card_type} got this content meanwhile",
+            hint="Search for the card with this content and update that one instead.",
+        ) from exc
+    assert updated is not None  # the row is locked FOR UPDATE
+    return _card(updated)
+
+
+_DELETE = """
+UPDATE card_mcp.cards SET is_active = false, deleted_at = now()
+ WHERE id = $1 AND is_active
+RETURNING deleted_at
+"""
+
+
+async def delete_card(conn: Connection, card_id: UUID) -> datetime:
+    """Soft-delete: the card becomes invisible to every tool but stays for audit. Returns ``deleted_at``."""
+    deleted_at: datetime | None = await conn.fetchval(_DELETE, card_id)
+    if deleted_at is None:
+        raise _not_found(card_id)
+    return deleted_at
+
+
+_INSERT_MANY = """
+INSERT INTO card_mcp.cards (tenant_id, card_type, title, content, tags, content_hash)
+SELECT $1, b.card_type, b.title, b.content, ARRAY(SELECT jsonb_array_elements_text(b.tags::jsonb)),
+       b.content_hash
+  FROM unnest($2::text[], $3::text[], $4::jsonb[], $5::text[], $6::text[])
+       AS b(card_type, title, content, tags, content_hash)
+ON CONFLICT (tenant_id, card_type, content_hash) WHERE is_active DO NOTHING
+RETURNING id, card_type, content_hash
+"""
+_FIND_MANY = """
+SELECT id, card_type, content_hash FROM card_mcp.cards
+ WHERE is_active AND (card_type, content_hash) IN (SELECT * FROM unnest($1::text[], $2::text[]))
+"""
+
+
+@dataclass(frozen=True)
+class BatchItem:
+    """The outcome for one card of a batch, by its index in the request."""
+
+    index: int
+    status: CreateStatus
+    card_id: UUID
+
+
+async def insert_cards(
+    conn: Connection,
+    tenant_id: UUID,
+    new_cards: Sequence[NewCard],
+    *,
+    max_bytes: int = DEFAULT_MAX_CONTENT_BYTES,
+    chunk_size: int = 250,
+    on_progress: Callable[[int, int], Awaitable[None]] | None = None,
+) -> list[BatchItem]:
+    """Insert many cards with bulk statements, within the caller's transaction (so all or none).
+
+    Every card is checked before anything is written; an error names the index of the bad card. A card equal
+    to an earlier one of the batch is ``existing`` with the earlier one's id; one equal to a stored active card
+    is ``existing`` with that card's id."""
+    digests: list[str] = []
+    for index, new in enumerate(new_cards):
+        try:
+            digests.append(content_hash(new.content, max_bytes=max_bytes))
+        except InvalidArgument as exc:
+            raise InvalidArgument(f"cards[{index}]: {exc.message}", hint=exc.hint) from exc
+    first: dict[tuple[str, str], int] = {}
+    for index, new in enumerate(new_cards):
+        first.setdefault((new.card_type, digests[index]), index)
+    unique = sorted(first.values())
+    ids: dict[tuple[str, str], UUID] = {}
+    created: set[tuple[str, str]] = set()
+    for start in range(0, len(unique), chunk_size):
+        chunk = unique[start : start + chunk_size]
+        rows = await conn.fetch(
+            _INSERT_MANY,
+            tenant_id,
+            [new_cards[i].card_type for i in chunk],
+            [new_cards[i].title for i in chunk],
+            [new_cards[i].content for i in chunk],
+            [json.dumps(new_cards[i].tags) for i in chunk],  # JSON text: a list of lists would be a 2-D array
+            [digests[i] for i in chunk],
+        )
+        for row in rows:
+            key = (row["card_type"], row["content_hash"])
+            ids[key] = row["id"]
+            created.add(key)
+        missing = [
+            (new_cards[i].card_type, digests[i]) for i in chunk if (new_cards[i].card_type, digests[i]) not in ids
+        ]
+        if missing:
+            found = await conn.fetch(_FIND_MANY, [m[0] for m in missing], [m[1] for m in missing])
+            for row in found:
+                ids[(row["card_type"], row["content_hash"])] = row["id"]
+            if any(m not in ids for m in missing):
+                raise Conflict("cards of this batch changed concurrently", hint="Retry the whole batch.")
+        if on_progress is not None:
+            await on_progress(min(start + chunk_size, len(unique)), len(unique))
+    results = []
+    for index, new in enumerate(new_cards):
+        key = (new.card_type, digests[index])
+        status: CreateStatus = "created" if key in created and first[key] == index else "existing"
+        results.append(BatchItem(index, status, ids[key]))
+    return results

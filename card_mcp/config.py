@@ -1,0 +1,51 @@
+"""Settings, read once from ``CARD_MCP_*`` environment variables (command-line flags override them)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import platformdirs
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# Where root keeps the embedded database: outside every home folder, because the unprivileged user that
+# PostgreSQL must run as has to reach it without loosening the permissions of /root.
+ROOT_DATA_DIR = Path("/var/lib/card-mcp")
+
+
+def default_data_dir() -> Path:
+    """The platform's user data directory, or ``/var/lib/card-mcp`` for root."""
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        return ROOT_DATA_DIR
+    return Path(platformdirs.user_data_dir("card-mcp", appauthor=False))
+
+
+class Settings(BaseSettings):
+    """card-mcp's configuration; see the README's configuration table."""
+
+    model_config = SettingsConfigDict(env_prefix="CARD_MCP_", extra="ignore")
+
+    database_url: str | None = Field(
+        default=None, description="PostgreSQL URL of the application role; unset: the embedded PostgreSQL."
+    )
+    admin_database_url: str | None = Field(
+        default=None, description="Owner/admin URL for migrate, tenants, keys and usage across tenants."
+    )
+    data_dir: Path = Field(default_factory=default_data_dir, description="Where the embedded PostgreSQL lives.")
+    tenant: str = Field(default="default", min_length=1, max_length=100, description="Tenant served over stdio.")
+    transport: Literal["stdio", "http"] = "stdio"
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    max_content_bytes: int = Field(default=64 * 1024, ge=1024, le=16 * 1024 * 1024)
+    pool_min_size: int = Field(default=1, ge=0)
+    pool_max_size: int = Field(default=10, ge=1)
+    statement_cache_size: int = Field(default=100, ge=0, description="0 behind pgbouncer in transaction mode.")
+    command_timeout: float = Field(default=30.0, gt=0, description="Seconds before a database call fails.")
+    log_level: str = "INFO"
+
+    @property
+    def embedded(self) -> bool:
+        """True when card-mcp runs (and owns) its own PostgreSQL."""
+        return self.database_url is None

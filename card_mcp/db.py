@@ -1,0 +1,222 @@
+"""The database: where it is, its pool, the one way tenant queries run, and asyncpg errors as domain errors."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
+from typing import Any, TypeAlias
+from uuid import UUID
+
+import anyio
+import asyncpg
+from asyncpg.pool import PoolConnectionProxy
+
+from . import migrate
+from .config import Settings
+from .embedded import EmbeddedPostgres
+from .errors import CardMcpError, Internal, InvalidArgument, SetupError, Unavailable, UnsafeRoleError
+
+logger = logging.getLogger(__name__)
+
+# A connection as the pool lends it, or one opened directly: every query function accepts either.
+Connection: TypeAlias = "asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]"
+
+APP_ROLE = "card_mcp_app"
+ADMIN_ROLE = "card_mcp_admin"
+OWNER_ROLE = "card_mcp_owner"
+
+_SET_TENANT = "SELECT set_config('app.current_tenant_id', $1::text, true)"
+_TENANT_ID_FOR = "SELECT card_mcp.tenant_id_for($1)"
+
+# Why the application role could escape row-level security, if it could.
+_ROLE_AUDIT = """
+SELECT session_user::text AS role,
+       r.rolsuper AS superuser,
+       r.rolbypassrls AS bypassrls,
+       session_user <> current_user AS switched,
+       EXISTS (SELECT FROM pg_roles AS s
+                WHERE s.oid <> r.oid AND (s.rolsuper OR s.rolbypassrls)
+                  AND pg_has_role(r.oid, s.oid, 'MEMBER')) AS member_of_privileged,
+       (SELECT string_agg(DISTINCT c.relowner::regrole::text, ', ')
+          FROM pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace
+         WHERE c.relkind IN ('r', 'p', 'v', 'm', 'f')
+           AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+           AND n.nspname NOT LIKE 'pg\\_%'
+           AND pg_has_role(r.oid, c.relowner, 'MEMBER')) AS owners
+  FROM pg_roles AS r
+ WHERE r.rolname = session_user
+"""
+
+
+@dataclass
+class Database:
+    """Where card-mcp's PostgreSQL is, and as whom to connect for what."""
+
+    app_url: str
+    admin_url: str | None
+    owner_url: str | None
+    embedded: EmbeddedPostgres | None = None
+
+    def require_admin_url(self) -> str:
+        if self.admin_url is None:
+            raise SetupError(
+                "this command needs the admin connection, but CARD_MCP_ADMIN_DATABASE_URL is not set",
+                hint="Set CARD_MCP_ADMIN_DATABASE_URL to the owner's or the admin role's PostgreSQL URL.",
+            )
+        return self.admin_url
+
+    def require_owner_url(self) -> str:
+        url = self.owner_url or self.admin_url
+        if url is None:
+            raise SetupError(
+                "migrate needs the owner's connection, but CARD_MCP_ADMIN_DATABASE_URL is not set",
+                hint="Set CARD_MCP_ADMIN_DATABASE_URL to the URL of the role that owns the card_mcp schema.",
+            )
+        return url
+
+
+def locate(settings: Settings) -> Database:
+    """Where the database is, without starting or connecting to anything."""
+    if settings.database_url is not None:
+        return Database(settings.database_url, settings.admin_database_url, settings.admin_database_url)
+    pg = EmbeddedPostgres(settings.data_dir)
+    return Database(pg.url(APP_ROLE), pg.url(ADMIN_ROLE), pg.url(OWNER_ROLE), embedded=pg)
+
+
+@asynccontextmanager
+async def open_database(settings: Settings, *, apply_migrations: bool = True) -> AsyncIterator[Database]:
+    """The database, ready for use: the embedded server started (and stopped on exit) when it is ours, and
+    its migrations applied; an external database is only checked to be migrated."""
+    database = locate(settings)
+    pg = database.embedded
+    if pg is None:
+        yield database
+        return
+    await anyio.to_thread.run_sync(pg.start)
+    try:
+        if apply_migrations:
+            conn = await connect(database.require_owner_url())
+            try:
+                await migrate.migrate(conn)
+            finally:
+                await conn.close()
+        yield database
+    finally:
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(pg.stop)
+
+
+async def connect(url: str) -> asyncpg.Connection[asyncpg.Record]:
+    """One connection (for commands and migrations), with card-mcp's codecs."""
+    try:
+        conn = await asyncpg.connect(url)
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        raise SetupError(f"cannot connect to PostgreSQL: {exc}", hint="Check the database URL and server.") from exc
+    await _init_connection(conn)
+    return conn
+
+
+async def _init_connection(conn: Connection) -> None:
+    for type_name in ("json", "jsonb"):
+        await conn.set_type_codec(type_name, encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+
+
+async def create_pool(url: str, settings: Settings) -> asyncpg.Pool:
+    """The application role's pool, after checking that the role cannot bypass row-level security."""
+    try:
+        pool = await asyncpg.create_pool(
+            url,
+            min_size=min(settings.pool_min_size, settings.pool_max_size),
+            max_size=settings.pool_max_size,
+            statement_cache_size=settings.statement_cache_size,
+            command_timeout=settings.command_timeout,
+            init=_init_connection,
+        )
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        raise SetupError(f"cannot connect to PostgreSQL: {exc}", hint="Check CARD_MCP_DATABASE_URL.") from exc
+    try:
+        async with pool.acquire() as conn:
+            await check_app_role(conn)
+            if await migrate.pending(conn):
+                raise SetupError(
+                    "the database has migrations that are not applied yet",
+                    hint="Run `card-mcp migrate` with CARD_MCP_ADMIN_DATABASE_URL set to the owner's URL.",
+                )
+    except BaseException:
+        await pool.close()
+        raise
+    return pool
+
+
+async def check_app_role(conn: Connection) -> None:
+    """Refuse a role that row-level security would not bind: a superuser, BYPASSRLS, a table owner (FORCE
+    binds owners, but an owner can turn it off), or a member of a role that is any of those."""
+    row = await conn.fetchrow(_ROLE_AUDIT)
+    assert row is not None
+    reasons = []
+    if row["superuser"]:
+        reasons.append("is a superuser")
+    if row["bypassrls"]:
+        reasons.append("has BYPASSRLS")
+    if row["switched"]:
+        reasons.append("was switched to another role with SET ROLE")
+    if row["member_of_privileged"]:
+        reasons.append("is a member of a superuser or BYPASSRLS role")
+    if row["owners"]:
+        reasons.append(f"owns tables, itself or through membership (owners: {row['owners']})")
+    if reasons:
+        raise UnsafeRoleError(
+            f"refusing to serve: the application role {row['role']!r} " + " and ".join(reasons),
+            hint=f"Connect CARD_MCP_DATABASE_URL as a role like {APP_ROLE} that owns nothing and is neither "
+            "superuser nor BYPASSRLS; the README shows how to create it.",
+        )
+
+
+@contextmanager
+def translate_errors() -> Iterator[None]:
+    """asyncpg and connection errors as domain errors; database text goes to the log, never further."""
+    try:
+        yield
+    except CardMcpError:
+        raise
+    except asyncpg.QueryCanceledError as exc:
+        logger.warning("database statement cancelled: %s", exc)
+        raise Unavailable("the database took too long to answer") from exc
+    except (asyncpg.CheckViolationError, asyncpg.DataError, asyncpg.NotNullViolationError) as exc:
+        logger.warning("database refused a value: %s", exc)
+        raise InvalidArgument("a value breaks a rule of the card store", hint="Check the arguments.") from exc
+    except (
+        OSError,
+        TimeoutError,
+        asyncpg.InterfaceError,
+        asyncpg.PostgresConnectionError,
+        asyncpg.CannotConnectNowError,
+        asyncpg.TooManyConnectionsError,
+        asyncpg.AdminShutdownError,
+    ) as exc:
+        logger.warning("database unavailable: %r", exc)
+        raise Unavailable("the card store is unreachable right now") from exc
+    except asyncpg.PostgresError as exc:
+        logger.exception("unexpected database error")
+        raise Internal("the card store failed unexpectedly") from exc
+
+
+@asynccontextmanager
+async def tenant_transaction(pool: asyncpg.Pool, tenant_id: UUID) -> AsyncIterator[Connection]:
+    """The one way tenant queries run: one transaction whose first statement sets the tenant, transaction-
+    locally, so the pooled connection carries nothing into its next use."""
+    with translate_errors():
+        async with pool.acquire() as conn, conn.transaction():
+            await conn.execute(_SET_TENANT, str(tenant_id))
+            yield conn
+
+
+async def tenant_id_for(pool: asyncpg.Pool, name: str) -> UUID:
+    """The id of the tenant called ``name``, created on first use."""
+    with translate_errors():
+        async with pool.acquire() as conn:
+            value: Any = await conn.fetchval(_TENANT_ID_FOR, name)
+    return UUID(str(value))

@@ -1,0 +1,139 @@
+"""Pydantic models at the boundary: the card, its parts and the rules of SPEC section 2."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import datetime
+from typing import Annotated, Any, Literal
+from uuid import UUID
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+
+from .errors import InvalidArgument
+
+CardType = Literal["company", "audience", "voice", "insight"]
+CARD_TYPES: tuple[CardType, ...] = ("company", "audience", "voice", "insight")
+
+MAX_TITLE = 200
+MAX_TAGS = 20
+MAX_TAG = 64
+MAX_DEPTH = 32
+DEFAULT_MAX_CONTENT_BYTES = 64 * 1024
+
+# C0 and C1 control characters and DEL; also usable as a JSON Schema (ECMA-262) pattern.
+_NO_CONTROL = r"^[^\u0000-\u001f\u007f-\u009f]*$"
+
+Title = Annotated[
+    str,
+    StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_TITLE, pattern=_NO_CONTROL),
+    Field(description="A short, specific title (1-200 characters, no control characters)."),
+]
+Tag = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_TAG, pattern=_NO_CONTROL)]
+
+
+def _unique_in_order(tags: list[str]) -> list[str]:
+    return list(dict.fromkeys(tags))
+
+
+Tags = Annotated[
+    list[Tag],
+    Field(max_length=MAX_TAGS, description="Up to 20 tags of 1-64 characters; duplicates are removed."),
+    AfterValidator(_unique_in_order),
+]
+
+
+def _depth_and_nul(value: Any, depth: int = 1) -> None:
+    """Raise ValueError when ``value`` nests deeper than MAX_DEPTH or holds a NUL character."""
+    if depth > MAX_DEPTH:
+        raise ValueError(f"content nests deeper than {MAX_DEPTH} levels")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if "\x00" in key:
+                raise ValueError("content contains the character \\u0000, which PostgreSQL cannot store")
+            _depth_and_nul(item, depth + 1)
+    elif isinstance(value, list):
+        for item in value:
+            _depth_and_nul(item, depth + 1)
+    elif isinstance(value, str) and "\x00" in value:
+        raise ValueError("content contains the character \\u0000, which PostgreSQL cannot store")
+
+
+def _check_content(value: dict[str, Any]) -> dict[str, Any]:
+    _depth_and_nul(value)
+    return value
+
+
+Content = Annotated[
+    dict[str, Any],
+    AfterValidator(_check_content),
+    Field(description="The card's body as a JSON object (at most 64 KiB serialized, nesting depth at most 32)."),
+]
+
+
+def canonical_json(content: dict[str, Any]) -> str:
+    """The serialization the content hash is taken over (SPEC section 2)."""
+    return json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def content_hash(content: dict[str, Any], *, max_bytes: int = DEFAULT_MAX_CONTENT_BYTES) -> str:
+    """SHA-256 of the canonical JSON of ``content``, after checking every content rule of SPEC section 2."""
+    _check_content_or_raise(content)
+    try:
+        encoded = canonical_json(content).encode()
+    except (ValueError, TypeError, UnicodeEncodeError) as exc:
+        raise InvalidArgument(
+            "content is not plain JSON (NaN, Infinity or an unpaired surrogate)",
+            hint="Send content as a JSON object of strings, numbers, booleans, null, lists and objects.",
+        ) from exc
+    if len(encoded) > max_bytes:
+        raise InvalidArgument(
+            f"content is {len(encoded)} bytes serialized; the limit is {max_bytes}",
+            hint="Split the content into several smaller cards, or keep only what a writer needs.",
+        )
+    return hashlib.sha256(encoded).hexdigest()
+
+
+def _check_content_or_raise(content: dict[str, Any]) -> None:
+    if not isinstance(content, dict):
+        raise InvalidArgument("content must be a JSON object", hint="Wrap the content in an object: {...}.")
+    try:
+        _depth_and_nul(content)
+    except ValueError as exc:
+        raise InvalidArgument(str(exc), hint="Remove NUL characters and flatten deeply nested content.") from exc
+
+
+class NewCard(BaseModel):
+    """A card as an agent sends it, before the server gives it an id."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    card_type: CardType = Field(description="company, audience, voice or insight.")
+    title: Title
+    content: Content
+    tags: Tags = Field(default_factory=list)
+
+
+class Card(BaseModel):
+    """A stored card, as every tool returns it."""
+
+    id: UUID
+    card_type: CardType
+    title: str
+    content: dict[str, Any]
+    tags: list[str]
+    version: int
+    content_hash: str
+    created_at: datetime
+    updated_at: datetime
+
+
+class Tenant(BaseModel):
+    """A brand's workspace: every card belongs to exactly one."""
+
+    tenant_id: UUID
+    name: str
+    created_at: datetime
+
+
+TenantName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")]

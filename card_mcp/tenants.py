@@ -1,0 +1,32 @@
+"""Tenant administration, run through the admin role (its policy sees every tenant)."""
+
+from __future__ import annotations
+
+import asyncpg
+
+from .db import Connection
+from .errors import Conflict, InvalidArgument
+from .models import Tenant
+
+_CREATE = "INSERT INTO card_mcp.tenants (name) VALUES ($1) RETURNING tenant_id, name, created_at"
+_LIST = "SELECT tenant_id, name, created_at FROM card_mcp.tenants ORDER BY name"
+
+
+async def create_tenant(conn: Connection, name: str) -> Tenant:
+    """Create the tenant ``name``; Conflict if it exists."""
+    try:
+        row = await conn.fetchrow(_CREATE, name)
+        assert row is not None  # INSERT ... RETURNING returns the row
+    except asyncpg.UniqueViolationError as exc:
+        raise Conflict(f"tenant {name!r} exists already", hint="Pick another name.") from exc
+    except asyncpg.CheckViolationError as exc:
+        raise InvalidArgument(
+            f"invalid tenant name {name!r}",
+            hint="Use 1-100 letters, digits, '.', '_' or '-', starting with a letter or digit.",
+        ) from exc
+    return Tenant.model_validate(dict(row))
+
+
+async def list_tenants(conn: Connection) -> list[Tenant]:
+    """Every tenant, by name."""
+    return [Tenant.model_validate(dict(row)) for row in await conn.fetch(_LIST)]

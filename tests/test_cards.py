@@ -1,0 +1,308 @@
+"""The card queries on a real PostgreSQL: dedup, updates, soft delete, listing, batches and bad input."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import asyncpg
+import pytest
+from pydantic import ValidationError
+
+from card_mcp import cards
+from card_mcp.db import tenant_transaction
+from card_mcp.errors import Conflict, DuplicateContent, InvalidArgument, NotFound
+from card_mcp.models import NewCard, content_hash
+
+
+def new_card(**overrides: Any) -> NewCard:
+    fields: dict[str, Any] = {
+        "card_type": "voice",
+        "title": "Brand voice",
+        "content": {"tone": "warm", "avoid": ["jargon"], "id": uuid.uuid4().hex},
+        "tags": ["core"],
+    }
+    fields.update(overrides)
+    return NewCard.model_validate(fields)
+
+
+async def count_cards(pool: asyncpg.Pool, tenant: uuid.UUID) -> int:
+    async with tenant_transaction(pool, tenant) as conn:
+        return int(await conn.fetchval("SELECT count(*) FROM card_mcp.cards"))
+
+
+async def test_content_hash_is_sha256_of_sorted_compact_json() -> None:
+    import hashlib
+    import json
+
+    content = {"b": "é", "a": [1, {"z": None, "y": True}]}
+    expected = hashlib.sha256(
+        json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    ).hexdigest()
+    assert content_hash(content) == expected
+
+
+async def test_create_then_get_returns_the_same_card(app_pool: asyncpg.Pool, tenant_a: uuid.UUID) -> None:
+    async with tenant_transaction(app_pool, tenant_a) as conn:
+        status, card = await cards.create_card(conn, tenant_a, new_card(title="  Voice  ", tags=["x", "y", "x"]))
+    assert status == "created"
+    assert card.title == "Voice"
+    assert card.tags == ["x", "y"]
+    assert card.version == 1
+    async with tenant_transaction(app_pool, tenant_a) as conn:
+        assert await cards.get_card(conn, card.id) == card
+
+
+async def test_same_type_and_content_in_one_tenant_gives_one_card(app_pool: asyncpg.Pool, tenant_a: uuid.UUID) -> None:
+    card = new_card()
+    async with tenant_transaction(app_pool, tenant_a) as conn:
+        first_status, first = await cards.create_card(conn, tenant_a, card)
+    async with tenant_transaction(app_pool, tenant_a) as conn:
+        second_status, second = await cards.create_card(conn, tenant_a, card.model_copy(update={"title": "Other"}))
+    assert (first_status, second_status) == ("created", "existing")
+    assert second == first
+    assert await count_cards(app_pool, tenant_a) == 1
+
+
+async def test_same_content_of_another_type_is_another_card(app_pool: asyncpg.Pool, tenant_a: uuid.UUID) -> None:
+    card = new_card()
+    async with tenant_transaction(app_pool, tenant_a) as conn:
+        _, voice = await cards.create_card(conn, tenant_a, card)
+        status, insight = await cards.create_card(conn, tenant_a, card.model_copy(update={"card_type": "insight"}))
+    assert status == "created"
+    assert voice.id != insight.id
+
+
+async def test_same_content_in_two_tenants_gives_two_cards(
+    app_pool: asyncpg.Pool, tenant_a: uuid.UUID, tenant_b: uuid.UUID
+) -> None:
+    card = new_card()
+    async with tenant_transaction(app_pool, tenant_a) as conn:
+        status_a, in_a = await cards.create_card(conn, tenant_a, card)
+    async with tenant_transaction(app_pool, tenant_b) as conn:
+        status_b, in_b = await cards.create_card(conn, tenant_b, card)
+    assert (status_a, status_b) == ("created", "created")
+    assert in_a.id != in_b.id
+
+
+async def test_content_of_a_deleted_card_can_be_created_again(app_pool: asyncpg.Pool, tenant_a: uuid.UUID) -> None:
+    card = new_card()
+    async with tenant_transaction(app_pool, tenant_a) as conn:
+        _, first = await cards.create_card(conn, tenant_a, card)
+        await cards.delete_card(conn, first.id)
+        status, again = await cards.create_card(conn, tenant_a, card)
+    assert status == "created"
+    assert again.id != first.id
+
+
+async def test_concurrent_creates_of_one_content_make_one_card(app_pool: asyncpg.Pool, tenant_a: uuid.UUID) -> None:
+    import anyio
+
+    card = new_card()
+    outcomes: list[tuple[str, uuid.UUID]] = []
+
+    async def create() -> None:
+        async with tenant_transaction(app_pool, tenant_a) as conn:
+            status, made = await cards.create_card(conn, tenant_a, card)
+            outcomes.append((status, made.id))
+
+    async with anyio.create_task_group() as group:
+        for _ in range(8):
+            group.start_soon(create)
+    assert sorted(status for status, _ in outcomes) == ["created"] + ["existing"] * 7
+    assert len({card_id for _, card_id in outcomes}) == 1
+    assert await count_cards(app_pool, tenant_a) == 1
+
+
+async def test_deleted_card_is_not_found_by_get_update_or_delete(app_pool: asyncpg.Pool, tenant_a: uuid.UUID) -> None:
+    async with tenant_transaction(app_pool, tenant_a) as conn:
+        _, card = await cards.create_card(conn, tenant_a, new_card())
+        deleted_at = await cards.delete_card(conn, card.id)
+    assert deleted_at is not None
+    async with tenant_transaction(app_pool, tenant_a) as conn:
+        with pytest.raises(NotFound):
+            await cards.get_card(conn, card.id)
+        with pytest.raises(NotFound):
+            await cards.update_card(conn, card.id, title="New")
+        with pytest.raises(NotFound):
+            await cards.delete_card(conn, card.id)
+        page = await cards.list_cards(conn)
+    assert card.id not in {c.id for c in page.cards}
+    async with tenant_transaction(app_pool, tenant_a) as conn:
+        kept = await conn.fetchrow("SELECT is_active, deleted_at FROM card_mcp.cards WHERE id = $1", card.id)
+    assert kept is not None and kept["is_active"] is False and kept["deleted_at"] == deleted_at
+
+
+async def test_update_changes_only_given_fields_and_bumps_version(app_pool: asyncpg.Pool, tenant_a: uuid.UUID) -> None:
+    async with tenant_transaction(app_pool, tenant_a) as conn:
+        _, card = await cards.create_card(conn, tenant_a, new_card(tags=["a", "b"]))
+    async with tenant_transaction(app_pool, tenant_a) as conn:
+        updated = await cards.update_card(conn, card.id, title="Renamed", expected_version=1)
+    assert updated.title == "Renamed"
+    assert updated.content == card.content and updated.tags == ["a", "b"]
+    assert updated.version == 2
+    assert updated.updated_at > card.updated_at
+    async with tenant_transaction(app_pool, tenant_a) as conn:
+        cleared = await cards.update_card(conn, card.id, tags=[])
+    assert cleared.tags == [] and cleared.version == 3
+
+
+async def test_update_that_changes_nothing_keeps_the_version(app_pool: asyncpg.Pool, tenant_a: uuid.UUID) -> None:
+    async with tenant_transaction(app_pool, tenant_a) as conn:
+        _, card = await cards.create_card(conn, tenant_a, new_card())
+        same = await cards.update_card(conn, card.id, title=card.title, content=dict(card.content), tags=card.tags)
+    assert same == card
+
+
+async def test_update_with_stale_expected_version_is_a_conflict(app_pool: asyncpg.Pool, tenant_a: uuid.UUID) -> None:
+    async with tenant_transaction(app_pool, tenant_a) as conn:
+        _, card = await cards.create_card(conn, tenant_a, new_card())
+        await cards.update_card(conn, card.id, title="v2")
+    async with tenant_transaction(app_pool, tenant_a) as conn:
+        with pytest.raises(Conflict):
+            await cards.update_card(conn, card.id, title="v3", expected_version=1)
+    async with tenant_transaction(app_pool, tenant_a) as conn:
+        assert (await cards.get_card(conn, card.id)).title == "v2"
+
+
+async def test_update_to_content_of_another_card_is_duplicate_content_naming_it(
+    app_pool: asyncpg.Pool, tenant_a: uuid.UUID
+) -> None:
+    async with tenant_transaction(app_pool, tenant_a) as conn:
+        _, one = await cards.create_card(conn, tenant_a, new_card())
+        _, two = await cards.create_card(conn, tenant_a, new_card())
+    async with tenant_transaction(app_pool, tenant_a) as conn:
+        with pytest.raises(DuplicateContent) as caught:
+            await cards.update_card(conn, two.id, content=one.content)
+    assert caught.value.card_id == str(one.id)
+
+
+async def test_listing_pages_newest_first_with_each_card_once(app_pool: asyncpg.Pool, tenant_a: uuid.UUID) -> None:
+    async with tenant_transaction(app_pool, tenant_a) as conn:
+        # One transaction: every card has the same updated_at, so paging must break ties by id.
+        made = [(await cards.create_card(conn, tenant_a, new_card(title=f"c{i}")))[1] for i in range(7)]
+    seen: list[uuid.UUID] = []
+    cursor = None
+    while True:
+        async with tenant_transaction(app_pool, tenant_a) as conn:
+            page = await cards.list_cards(conn, limit=3, cursor=cursor)
+        seen.extend(c.id for c in page.cards)
+        assert len(page.cards) <= 3
+        cursor = page.next_cursor
+        if cursor is None:
+            break
+    assert sorted(seen) == sorted(c.id for c in made)
+    assert len(seen) == len(set(seen))
+
+
+async def test_listing_filters_by_type_and_all_tags(app_pool: asyncpg.Pool, tenant_a: uuid.UUID) -> None:
+    async with tenant_transaction(app_pool, tenant_a) as conn:
+        _, both = await cards.create_card(conn, tenant_a, new_card(card_type="audience", tags=["spring", "gen-z"]))
+        await cards.create_card(conn, tenant_a, new_card(card_type="audience", tags=["spring"]))
+        await cards.create_card(conn, tenant_a, new_card(card_type="voice", tags=["spring", "gen-z"]))
+        page = await cards.list_cards(conn, card_type="audience", tags=["gen-z", "spring"])
+    assert [c.id for c in page.cards] == [both.id]
+
+
+async def test_a_forged_cursor_is_an_invalid_argument(app_pool: asyncpg.Pool, tenant_a: uuid.UUID) -> None:
+    async with tenant_transaction(app_pool, tenant_a) as conn:
+        with pytest.raises(InvalidArgument):
+            await cards.list_cards(conn, cursor="not-a-cursor")
+
+
+async def test_batch_insert_reports_created_and_existing_by_index(app_pool: asyncpg.Pool, tenant_a: uuid.UUID) -> None:
+    stored = new_card()
+    async with tenant_transaction(app_pool, tenant_a) as conn:
+        _, old = await cards.create_card(conn, tenant_a, stored)
+    fresh = [new_card() for _ in range(5)]
+    batch = [fresh[0], stored, fresh[1], fresh[0], *fresh[2:]]
+    progress: list[tuple[int, int]] = []
+
+    async def on_progress(done: int, total: int) -> None:
+        progress.append((done, total))
+
+    async with tenant_transaction(app_pool, tenant_a) as conn:
+        results = await cards.insert_cards(conn, tenant_a, batch, chunk_size=2, on_progress=on_progress)
+    assert [r.status for r in results] == [
+        "created",
+        "existing",
+        "created",
+        "existing",
+        "created",
+        "created",
+        "created",
+    ]
+    assert results[1].card_id == old.id
+    assert results[3].card_id == results[0].card_id
+    assert progress[-1] == (6, 6) and len(progress) == 3
+    assert await count_cards(app_pool, tenant_a) == 6
+
+
+async def test_batch_with_one_bad_card_writes_nothing_and_names_its_index(
+    app_pool: asyncpg.Pool, tenant_a: uuid.UUID
+) -> None:
+    batch = [new_card(), new_card(content={"text": "x" * 70_000}), new_card()]
+    with pytest.raises(InvalidArgument) as caught:
+        async with tenant_transaction(app_pool, tenant_a) as conn:
+            await cards.insert_cards(conn, tenant_a, batch)
+    assert "cards[1]" in caught.value.message
+    assert await count_cards(app_pool, tenant_a) == 0
+
+
+def nested(depth: int) -> dict[str, Any]:
+    value: dict[str, Any] = {}
+    for _ in range(depth):
+        value = {"x": value}
+    return value
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        pytest.param({"text": "x" * (64 * 1024)}, id="over-64KiB"),
+        pytest.param(nested(33), id="deeper-than-32"),
+        pytest.param({"text": "nul\x00here"}, id="nul-in-value"),
+        pytest.param({"k\x00": "v"}, id="nul-in-key"),
+        pytest.param({"n": float("nan")}, id="nan"),
+    ],
+)
+async def test_bad_content_is_refused_and_writes_nothing(
+    app_pool: asyncpg.Pool, tenant_a: uuid.UUID, content: dict[str, Any]
+) -> None:
+    card = NewCard.model_construct(card_type="voice", title="t", content=content, tags=[])
+    with pytest.raises(InvalidArgument):
+        async with tenant_transaction(app_pool, tenant_a) as conn:
+            await cards.create_card(conn, tenant_a, card)
+    assert await count_cards(app_pool, tenant_a) == 0
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        pytest.param({"title": "x" * 201}, id="title-201"),
+        pytest.param({"title": "   "}, id="title-blank"),
+        pytest.param({"title": "line\nbreak"}, id="title-control-char"),
+        pytest.param({"tags": [f"t{i}" for i in range(21)]}, id="21-tags"),
+        pytest.param({"tags": ["x" * 65]}, id="tag-65"),
+        pytest.param({"card_type": "persona"}, id="unknown-type"),
+        pytest.param({"content": {"deep": nested(40)}}, id="content-too-deep"),
+        pytest.param({"content": ["not", "an", "object"]}, id="content-not-object"),
+        pytest.param({"extra": 1}, id="unknown-field"),
+    ],
+)
+def test_bad_card_fields_are_refused_at_the_boundary(fields: dict[str, Any]) -> None:
+    base: dict[str, Any] = {"card_type": "voice", "title": "ok", "content": {"a": 1}, "tags": []}
+    with pytest.raises(ValidationError):
+        NewCard.model_validate({**base, **fields})
+
+
+def test_a_title_of_200_characters_and_20_tags_are_accepted() -> None:
+    card = NewCard.model_validate(
+        {
+            "card_type": "voice",
+            "title": "x" * 200,
+            "content": {"d": nested(30)},
+            "tags": [f"t{i}" for i in range(20)],
+        }
+    )
+    assert len(card.title) == 200 and len(card.tags) == 20

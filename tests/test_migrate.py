@@ -1,0 +1,85 @@
+"""card-mcp migrate: each file once, in order, atomically, safely in parallel."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+
+import anyio
+import asyncpg
+import pytest
+
+from card_mcp import db, migrate
+from card_mcp.embedded import BOOTSTRAP_ROLES_SQL
+from card_mcp.errors import SetupError
+from tests.conftest import drop_database, with_user
+
+
+@pytest.fixture
+async def fresh_owner_url(superuser_url: str) -> AsyncIterator[str]:
+    """An empty database owned by card_mcp_owner, nothing migrated."""
+    name = f"card_mcp_fresh_{uuid.uuid4().hex[:12]}"
+    conn = await asyncpg.connect(superuser_url)
+    try:
+        await conn.execute(BOOTSTRAP_ROLES_SQL)
+        await conn.execute(f'CREATE DATABASE "{name}" OWNER card_mcp_owner')
+    finally:
+        await conn.close()
+    try:
+        yield with_user(superuser_url, db.OWNER_ROLE, name)
+    finally:
+        await drop_database(superuser_url, name)
+
+
+async def test_migrate_applies_every_file_once_and_then_nothing(fresh_owner_url: str) -> None:
+    conn = await db.connect(fresh_owner_url)
+    try:
+        everything = [m.version for m in migrate.load_migrations()]
+        assert [m.version for m in await migrate.pending(conn)] == everything
+        assert await migrate.migrate(conn) == everything
+        assert await migrate.migrate(conn) == []
+        assert await migrate.pending(conn) == []
+    finally:
+        await conn.close()
+
+
+async def test_concurrent_migrate_runs_apply_each_file_exactly_once(fresh_owner_url: str) -> None:
+    applied: list[list[str]] = []
+
+    async def run() -> None:
+        conn = await db.connect(fresh_owner_url)
+        try:
+            applied.append(await migrate.migrate(conn))
+        finally:
+            await conn.close()
+
+    async with anyio.create_task_group() as group:
+        for _ in range(4):
+            group.start_soon(run)
+    everything = [m.version for m in migrate.load_migrations()]
+    assert sorted(v for run_ in applied for v in run_) == sorted(everything)
+    conn = await asyncpg.connect(fresh_owner_url)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM card_mcp.schema_migrations") == len(everything)
+    finally:
+        await conn.close()
+
+
+async def test_a_failing_migration_leaves_nothing_of_itself(fresh_owner_url: str) -> None:
+    broken = [
+        *migrate.load_migrations(),
+        migrate.Migration("9999_broken", "CREATE TABLE card_mcp.half_made (x int); SELECT 1 / 0;"),
+    ]
+    conn = await db.connect(fresh_owner_url)
+    try:
+        with pytest.raises(SetupError):
+            await migrate.migrate(conn, broken)
+        assert await conn.fetchval("SELECT to_regclass('card_mcp.half_made')") is None
+        assert [m.version for m in await migrate.pending(conn, broken)] == ["9999_broken"]
+    finally:
+        await conn.close()
+
+
+def test_migrations_are_numbered_without_gaps() -> None:
+    versions = [m.version for m in migrate.load_migrations()]
+    assert [int(v.split("_", 1)[0]) for v in versions] == list(range(1, len(versions) + 1))

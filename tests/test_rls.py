@@ -1,0 +1,253 @@
+"""Row-level security: two tenants never see each other, no tenant sees nothing, and the catalog proves it."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import asyncpg
+import pytest
+
+from card_mcp import cards, db
+from card_mcp.db import APP_ROLE, tenant_transaction
+from card_mcp.errors import NotFound
+from tests.conftest import TestDatabase
+from tests.test_cards import new_card
+
+
+@asynccontextmanager
+async def raw_tenant(pool: asyncpg.Pool, tenant: uuid.UUID) -> AsyncIterator[asyncpg.Connection]:
+    """A tenant transaction that lets asyncpg's own errors through (as a hostile client would see them)."""
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute("SELECT set_config('app.current_tenant_id', $1, true)", str(tenant))
+        yield conn
+
+
+TENANT_TABLES = ("tenants", "cards", "idempotency_store", "card_usage")
+# Tables without tenant_id: the migrations ledger only.
+NOT_TENANT_TABLES = {"schema_migrations"}
+
+
+async def test_other_tenant_cannot_get_list_update_or_delete_a_card_through_the_functions(
+    app_pool: asyncpg.Pool, tenant_a: uuid.UUID, tenant_b: uuid.UUID
+) -> None:
+    async with tenant_transaction(app_pool, tenant_a) as conn:
+        _, card = await cards.create_card(conn, tenant_a, new_card())
+    async with tenant_transaction(app_pool, tenant_b) as conn:
+        with pytest.raises(NotFound):
+            await cards.get_card(conn, card.id)
+        with pytest.raises(NotFound):
+            await cards.update_card(conn, card.id, title="stolen")
+        with pytest.raises(NotFound):
+            await cards.delete_card(conn, card.id)
+        assert (await cards.list_cards(conn, limit=50)).cards == []
+    async with tenant_transaction(app_pool, tenant_a) as conn:
+        assert await cards.get_card(conn, card.id) == card
+
+
+async def test_other_tenant_cannot_touch_a_card_through_raw_sql_as_the_application_role(
+    app_pool: asyncpg.Pool, tenant_a: uuid.UUID, tenant_b: uuid.UUID
+) -> None:
+    async with tenant_transaction(app_pool, tenant_a) as conn:
+        _, card = await cards.create_card(conn, tenant_a, new_card())
+    async with raw_tenant(app_pool, tenant_b) as conn:
+        assert await conn.fetchval("SELECT count(*) FROM card_mcp.cards WHERE id = $1", card.id) == 0
+        assert await conn.fetchval("SELECT count(*) FROM card_mcp.tenants WHERE tenant_id = $1", tenant_a) == 0
+        assert await conn.execute("UPDATE card_mcp.cards SET title = 'stolen' WHERE id = $1", card.id) == "UPDATE 0"
+    with pytest.raises(asyncpg.InsufficientPrivilegeError):  # the application role may not DELETE at all
+        async with raw_tenant(app_pool, tenant_b) as conn:
+            await conn.execute("DELETE FROM card_mcp.cards WHERE id = $1", card.id)
+    with pytest.raises(asyncpg.InsufficientPrivilegeError):  # WITH CHECK: no row for another tenant
+        async with raw_tenant(app_pool, tenant_b) as conn:
+            await conn.execute(
+                "INSERT INTO card_mcp.cards (tenant_id, card_type, title, content, content_hash)"
+                " VALUES ($1, 'voice', 'planted', '{}', repeat('0', 64))",
+                tenant_a,
+            )
+    with pytest.raises(asyncpg.InsufficientPrivilegeError):
+        async with raw_tenant(app_pool, tenant_b) as conn:
+            await conn.execute(
+                "INSERT INTO card_mcp.card_usage (tenant_id, tool, status, duration_ms, transport)"
+                " VALUES ($1, 'get_card', 'ok', 1, 'stdio')",
+                tenant_a,
+            )
+    async with tenant_transaction(app_pool, tenant_a) as conn:
+        assert (await cards.get_card(conn, card.id)).title == card.title
+        assert await conn.fetchval("SELECT count(*) FROM card_mcp.cards") == 1
+
+
+async def test_with_no_tenant_set_the_application_role_reads_nothing_and_cannot_write(
+    app_pool: asyncpg.Pool, tenant_a: uuid.UUID
+) -> None:
+    async with tenant_transaction(app_pool, tenant_a) as conn:
+        await cards.create_card(conn, tenant_a, new_card())
+    async with app_pool.acquire() as conn:
+        for table in TENANT_TABLES:
+            assert await conn.fetchval(f"SELECT count(*) FROM card_mcp.{table}") == 0, table  # noqa: S608 - fixed names
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await conn.execute(
+                "INSERT INTO card_mcp.cards (tenant_id, card_type, title, content, content_hash)"
+                " VALUES ($1, 'voice', 't', '{}', repeat('0', 64))",
+                tenant_a,
+            )
+
+
+async def test_a_pooled_connection_carries_no_tenant_into_its_next_use(
+    database: TestDatabase, settings: object, tenant_a: uuid.UUID
+) -> None:
+    from card_mcp.config import Settings
+
+    assert isinstance(settings, Settings)
+    pool = await db.create_pool(database.app_url, settings.model_copy(update={"pool_min_size": 1, "pool_max_size": 1}))
+    try:
+        async with tenant_transaction(pool, tenant_a) as conn:
+            await cards.create_card(conn, tenant_a, new_card())
+            first_pid = conn.get_server_pid()
+        async with pool.acquire() as conn:
+            assert conn.get_server_pid() == first_pid  # the very same connection
+            assert await conn.fetchval("SELECT current_setting('app.current_tenant_id', true)") in ("", None)
+            assert await conn.fetchval("SELECT count(*) FROM card_mcp.cards") == 0
+    finally:
+        await pool.close()
+
+
+async def test_the_pool_connects_as_the_application_role_itself(app_pool: asyncpg.Pool) -> None:
+    async with app_pool.acquire() as conn:
+        row = await conn.fetchrow("SELECT session_user::text AS s, current_user::text AS c")
+    assert row is not None and row["s"] == APP_ROLE and row["c"] == APP_ROLE
+
+
+async def test_every_table_is_a_tenant_table_with_forced_rls_and_a_policy(database: TestDatabase) -> None:
+    conn = await asyncpg.connect(database.owner_url)
+    try:
+        tables = await conn.fetch(
+            """
+            SELECT c.relname, c.relrowsecurity, c.relforcerowsecurity,
+                   EXISTS (SELECT FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attname = 'tenant_id'
+                             AND NOT a.attisdropped) AS has_tenant,
+                   (SELECT count(*) FROM pg_policy p WHERE p.polrelid = c.oid) AS policies
+              FROM pg_class c
+             WHERE c.relnamespace = 'card_mcp'::regnamespace AND c.relkind IN ('r', 'p')
+            """
+        )
+    finally:
+        await conn.close()
+    names = {row["relname"] for row in tables}
+    assert set(TENANT_TABLES) <= names
+    for row in tables:
+        if row["relname"] in NOT_TENANT_TABLES:
+            continue
+        assert row["has_tenant"], row["relname"]
+        assert row["relrowsecurity"] and row["relforcerowsecurity"], row["relname"]
+        assert row["policies"] >= 1, row["relname"]
+
+
+async def test_every_key_and_foreign_key_of_a_tenant_table_includes_tenant_id(database: TestDatabase) -> None:
+    conn = await asyncpg.connect(database.owner_url)
+    try:
+        rows = await conn.fetch(
+            """
+            SELECT c.conrelid::regclass::text AS tbl, c.conname, c.contype,
+                   bool_or(a.attname = 'tenant_id') AS has_tenant
+              FROM pg_constraint c
+              JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = ANY (c.conkey)
+             WHERE c.connamespace = 'card_mcp'::regnamespace AND c.contype IN ('p', 'u', 'f')
+             GROUP BY 1, 2, 3
+            """
+        )
+        unique_indexes = await conn.fetch(
+            """
+            SELECT i.indexrelid::regclass::text AS idx, i.indrelid::regclass::text AS tbl,
+                   bool_or(a.attname = 'tenant_id') AS has_tenant
+              FROM pg_index i
+              JOIN pg_class t ON t.oid = i.indrelid
+              JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
+             WHERE t.relnamespace = 'card_mcp'::regnamespace AND i.indisunique
+             GROUP BY 1, 2
+            """
+        )
+    finally:
+        await conn.close()
+    assert rows
+    for row in rows:
+        if row["tbl"].endswith(tuple(NOT_TENANT_TABLES)):
+            continue
+        assert row["has_tenant"], f"{row['tbl']}.{row['conname']}"
+    for row in unique_indexes:
+        # tenants becomes a Citus reference table, where a unique name index is fine.
+        if row["tbl"].endswith(tuple(NOT_TENANT_TABLES)) or row["tbl"] == "card_mcp.tenants":
+            continue
+        assert row["has_tenant"], row["idx"]
+
+
+async def test_every_view_is_security_invoker_and_every_definer_function_has_a_search_path(
+    database: TestDatabase,
+) -> None:
+    conn = await asyncpg.connect(database.owner_url)
+    try:
+        views = await conn.fetch(
+            "SELECT relname, reloptions FROM pg_class WHERE relnamespace = 'card_mcp'::regnamespace AND relkind = 'v'"
+        )
+        definers = await conn.fetch(
+            "SELECT proname, proconfig FROM pg_proc WHERE pronamespace = 'card_mcp'::regnamespace AND prosecdef"
+        )
+    finally:
+        await conn.close()
+    for view in views:
+        assert "security_invoker=true" in (view["reloptions"] or []), view["relname"]
+    assert definers, "the schema has SECURITY DEFINER functions to audit"
+    for function in definers:
+        assert any(c.startswith("search_path=") for c in function["proconfig"] or []), function["proname"]
+
+
+async def test_security_definer_functions_are_owned_by_the_admin_role_and_not_public(
+    database: TestDatabase,
+) -> None:
+    conn = await asyncpg.connect(database.owner_url)
+    try:
+        rows = await conn.fetch(
+            """
+            SELECT proname, proowner::regrole::text AS owner,
+                   has_function_privilege('public', oid, 'EXECUTE') AS public_exec
+              FROM pg_proc WHERE pronamespace = 'card_mcp'::regnamespace AND prosecdef
+            """
+        )
+    finally:
+        await conn.close()
+    for row in rows:
+        assert row["owner"] == db.ADMIN_ROLE, row["proname"]
+        assert not row["public_exec"], row["proname"]
+
+
+async def test_the_application_role_owns_nothing_and_is_no_member_of_the_owner(
+    database: TestDatabase,
+) -> None:
+    conn = await asyncpg.connect(database.owner_url)
+    try:
+        row = await conn.fetchrow(
+            """
+            SELECT r.rolsuper, r.rolbypassrls,
+                   pg_has_role('card_mcp_app', 'card_mcp_owner', 'MEMBER') AS member_of_owner,
+                   EXISTS (SELECT FROM pg_class WHERE relowner = r.oid) AS owns
+              FROM pg_roles r WHERE r.rolname = 'card_mcp_app'
+            """
+        )
+    finally:
+        await conn.close()
+    assert row is not None
+    assert not any(row.values())
+
+
+async def test_the_admin_role_sees_every_tenant_but_may_not_write_cards(
+    app_pool: asyncpg.Pool, admin_conn: asyncpg.Connection, tenant_a: uuid.UUID, tenant_b: uuid.UUID
+) -> None:
+    for tenant in (tenant_a, tenant_b):
+        async with tenant_transaction(app_pool, tenant) as conn:
+            await cards.create_card(conn, tenant, new_card())
+    seen = await admin_conn.fetchval(
+        "SELECT count(DISTINCT tenant_id) FROM card_mcp.cards WHERE tenant_id = ANY($1)", [tenant_a, tenant_b]
+    )
+    assert seen == 2
+    with pytest.raises(asyncpg.InsufficientPrivilegeError):
+        await admin_conn.execute("UPDATE card_mcp.cards SET title = 'x' WHERE tenant_id = $1", tenant_a)
