@@ -18,7 +18,7 @@ import asyncpg
 
 from .db import Connection
 from .errors import Conflict, DuplicateContent, InvalidArgument, NotFound
-from .models import DEFAULT_MAX_CONTENT_BYTES, Card, CardType, NewCard, content_hash
+from .models import DEFAULT_MAX_CONTENT_BYTES, Card, CardType, NewCard, ScoredCard, content_hash
 
 CreateStatus = Literal["created", "existing"]
 
@@ -78,55 +78,102 @@ async def get_card(conn: Connection, card_id: UUID) -> Card:
     return _card(row)
 
 
-# Keyset paging, newest-updated first, ties broken by id; $1/$2 are the last row of the previous page.
-_LIST = """
-SELECT id, card_type, title, content, tags, version, content_hash, created_at, updated_at FROM card_mcp.cards
- WHERE is_active
-   AND ($3::text IS NULL OR card_type = $3)
-   AND ($4::text[] IS NULL OR tags @> $4)
-   AND ($1::timestamptz IS NULL OR (updated_at, id) < ($1, $2))
- ORDER BY updated_at DESC, id DESC
- LIMIT $5
+# Simple ranking until full-text search arrives: each query word scores 3 in the title, 2 in a tag and 1 in
+# the content's JSON text, normalised to 0..1. With no words every card scores 0 and the order is newest-updated
+# first. Keyset paging on (score, updated_at, id), ties broken by id; $6..$8 are the last row of the previous page.
+_SEARCH = """
+WITH scored AS (
+    SELECT c.id, c.card_type, c.title, c.content, c.tags, c.version, c.content_hash, c.created_at, c.updated_at,
+           COALESCE((SELECT sum(3 * (c.title ILIKE p)::int
+                                + 2 * EXISTS (SELECT FROM unnest(c.tags) AS t WHERE t ILIKE p)::int
+                                + (c.content::text ILIKE p)::int)
+                       FROM unnest($1::text[]) AS p), 0)::float8 / (6 * greatest(cardinality($1::text[]), 1)) AS score
+      FROM card_mcp.cards AS c
+     WHERE c.is_active
+       AND ($2::text IS NULL OR c.card_type = $2)
+       AND ($3::text[] IS NULL OR c.tags @> $3)
+)
+SELECT * FROM scored
+ WHERE (cardinality($1::text[]) = 0 OR score > 0)
+   AND ($4::float8 IS NULL OR (score, updated_at, id) < ($4, $5, $6))
+ ORDER BY score DESC, updated_at DESC, id DESC
+ LIMIT $7
 """
 
 
 @dataclass(frozen=True)
 class Page:
-    """One page of cards and the cursor of the next (None on the last page)."""
+    """One page of hits and the cursor of the next (None on the last page)."""
 
-    cards: list[Card]
+    cards: list[ScoredCard]
     next_cursor: str | None
 
 
-def _encode_cursor(card: Card) -> str:
-    raw = json.dumps([card.updated_at.isoformat(), str(card.id)]).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+MAX_PAGE_BYTES = 100 * 1024
 
 
-def _decode_cursor(cursor: str) -> tuple[datetime, UUID]:
+def paginate(hits: list[ScoredCard], pinned: dict[str, Any], limit: int, *, max_bytes: int = MAX_PAGE_BYTES) -> Page:
+    """At most ``limit`` hits and about ``max_bytes`` of JSON (always at least one hit); a cursor when more
+    exist, so nothing is cut silently."""
+    kept: list[ScoredCard] = []
+    size = 0
+    for hit in hits[:limit]:
+        size += len(hit.model_dump_json()) + 1
+        if kept and size > max_bytes:
+            break
+        kept.append(hit)
+    more = len(kept) < len(hits)
+    return Page(kept, encode_cursor(pinned, kept[-1]) if more else None)
+
+
+def _like_patterns(query: str | None) -> list[str]:
+    words = dict.fromkeys(w.lower() for w in (query or "").split())
+    escaped = (w.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") for w in list(words)[:16])
+    return [f"%{w}%" for w in escaped]
+
+
+def encode_cursor(pinned: dict[str, Any], last: ScoredCard) -> str:
+    """An opaque cursor: the search it belongs to, and the position after ``last``."""
+    raw = json.dumps({**pinned, "after": [last.score, last.updated_at.isoformat(), str(last.id)]})
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str, pinned: dict[str, Any]) -> tuple[float, datetime, UUID]:
     try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        stamp, card_id = json.loads(raw)
-        return datetime.fromisoformat(stamp), UUID(card_id)
-    except (ValueError, TypeError) as exc:
+        data = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        score, stamp, card_id = data.pop("after")
+        position = float(score), datetime.fromisoformat(stamp), UUID(card_id)
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
         raise InvalidArgument(
             "the cursor is not one this server made", hint="Pass next_cursor exactly as returned, or omit it."
         ) from exc
+    if data != pinned:
+        raise InvalidArgument(
+            "the cursor belongs to a search with other arguments",
+            hint="Repeat the same query, card_type and tags with the cursor, or start again without it.",
+        )
+    return position
 
 
-async def list_cards(
+async def search_cards(
     conn: Connection,
     *,
+    query: str | None = None,
     card_type: CardType | None = None,
     tags: Sequence[str] | None = None,
     limit: int = 10,
     cursor: str | None = None,
-) -> Page:
-    """Active cards, newest-updated first, filtered by type and by tags (all must match)."""
-    after: tuple[datetime | None, UUID | None] = _decode_cursor(cursor) if cursor else (None, None)
-    rows = await conn.fetch(_LIST, after[0], after[1], card_type, list(tags) if tags else None, limit + 1)
-    cards = [_card(row) for row in rows[:limit]]
-    return Page(cards, _encode_cursor(cards[-1]) if len(rows) > limit else None)
+) -> tuple[list[ScoredCard], dict[str, Any]]:
+    """Active cards matching ``query`` best first (newest-updated first without one), filtered by type and by
+    tags (all must match). Returns up to ``limit + 1`` hits, so the caller can tell whether more exist, and the
+    arguments a cursor must pin."""
+    patterns = _like_patterns(query)
+    pinned = {"q": patterns, "t": card_type, "g": sorted(tags) if tags else None}
+    after: tuple[float | None, datetime | None, UUID | None] = (
+        _decode_cursor(cursor, pinned) if cursor else (None, None, None)
+    )
+    rows = await conn.fetch(_SEARCH, patterns, card_type, list(tags) if tags else None, *after, limit + 1)
+    return [ScoredCard.model_validate(dict(row)) for row in rows], pinned
 
 
 _LOCK = """

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -25,6 +26,12 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="card-mcp", description="Brand cards for AI agents, over MCP.")
     parser.add_argument("--version", action="version", version=f"card-mcp {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="serve the card tools over MCP (stdio by default)")
+    serve.add_argument("--transport", choices=["stdio"], help="the MCP transport (default: stdio)")
+    serve.add_argument("--host", help="HTTP bind address (CARD_MCP_HOST)")
+    serve.add_argument("--port", type=int, help="HTTP port (CARD_MCP_PORT)")
+    serve.add_argument("--tenant", help="the tenant to serve over stdio (CARD_MCP_TENANT; default 'default')")
 
     mig = commands.add_parser("migrate", help="apply the schema migrations")
     mig.add_argument("--check", action="store_true", help="exit 1 while any migration is pending; apply nothing")
@@ -56,6 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     handler: Callable[[argparse.Namespace, Settings], Awaitable[int]] = {
+        "serve": _serve,
         "migrate": _migrate,
         "tenants": _tenants,
         "db": _db,
@@ -68,6 +76,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+async def _serve(args: argparse.Namespace, settings: Settings) -> int:
+    from .server import build_server  # the MCP SDK loads only for the command that serves
+
+    flags = {name: getattr(args, name) for name in ("transport", "host", "port", "tenant")}
+    settings = Settings.model_validate({**settings.model_dump(), **{k: v for k, v in flags.items() if v is not None}})
+    server = build_server(settings)
+    async with anyio.create_task_group() as group:
+        group.start_soon(_stop_on_signal, group.cancel_scope)
+        await server.run_stdio_async()  # returns when the client closes stdin
+        group.cancel_scope.cancel()
+    return 0
+
+
+async def _stop_on_signal(scope: anyio.CancelScope) -> None:
+    """SIGTERM and SIGINT end the server cleanly: the lifespan closes the pool and stops the embedded database."""
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for received in signals:
+            logger.info("received %s; shutting down", signal.Signals(received).name)
+            scope.cancel()
+            return
 
 
 async def _migrate(args: argparse.Namespace, settings: Settings) -> int:

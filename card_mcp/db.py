@@ -175,33 +175,45 @@ async def check_app_role(conn: Connection) -> None:
         )
 
 
+def domain_error(exc: BaseException) -> CardMcpError | None:
+    """The domain error for an asyncpg or connection error (None for anything else); database text goes to the
+    log, never further."""
+    if isinstance(exc, CardMcpError):
+        return exc
+    if isinstance(exc, asyncpg.QueryCanceledError):
+        logger.warning("database statement cancelled: %s", exc)
+        return Unavailable("the database took too long to answer")
+    if isinstance(exc, asyncpg.CheckViolationError | asyncpg.DataError | asyncpg.NotNullViolationError):
+        logger.warning("database refused a value: %s", exc)
+        return InvalidArgument("a value breaks a rule of the card store", hint="Check the arguments.")
+    if isinstance(
+        exc,
+        OSError
+        | TimeoutError
+        | asyncpg.InterfaceError
+        | asyncpg.PostgresConnectionError
+        | asyncpg.CannotConnectNowError
+        | asyncpg.TooManyConnectionsError
+        | asyncpg.AdminShutdownError,
+    ):
+        logger.warning("database unavailable: %r", exc)
+        return Unavailable("the card store is unreachable right now")
+    if isinstance(exc, asyncpg.PostgresError):
+        logger.error("unexpected database error", exc_info=exc)
+        return Internal("the card store failed unexpectedly")
+    return None
+
+
 @contextmanager
 def translate_errors() -> Iterator[None]:
-    """asyncpg and connection errors as domain errors; database text goes to the log, never further."""
+    """asyncpg and connection errors raised inside become domain errors."""
     try:
         yield
-    except CardMcpError:
-        raise
-    except asyncpg.QueryCanceledError as exc:
-        logger.warning("database statement cancelled: %s", exc)
-        raise Unavailable("the database took too long to answer") from exc
-    except (asyncpg.CheckViolationError, asyncpg.DataError, asyncpg.NotNullViolationError) as exc:
-        logger.warning("database refused a value: %s", exc)
-        raise InvalidArgument("a value breaks a rule of the card store", hint="Check the arguments.") from exc
-    except (
-        OSError,
-        TimeoutError,
-        asyncpg.InterfaceError,
-        asyncpg.PostgresConnectionError,
-        asyncpg.CannotConnectNowError,
-        asyncpg.TooManyConnectionsError,
-        asyncpg.AdminShutdownError,
-    ) as exc:
-        logger.warning("database unavailable: %r", exc)
-        raise Unavailable("the card store is unreachable right now") from exc
-    except asyncpg.PostgresError as exc:
-        logger.exception("unexpected database error")
-        raise Internal("the card store failed unexpectedly") from exc
+    except Exception as exc:
+        error = domain_error(exc)
+        if error is None or error is exc:
+            raise
+        raise error from exc
 
 
 @asynccontextmanager

@@ -128,6 +128,73 @@ class Card(BaseModel):
     updated_at: datetime
 
 
+class ScoredCard(Card):
+    """A search hit: the card and how well it matched (0..1; 0 when listing without a query)."""
+
+    score: float
+
+
+class CreateCardResult(BaseModel):
+    """What create_card returns: ``existing`` when an active card of the type already had this content."""
+
+    status: Literal["created", "existing"]
+    card: Card
+
+
+class CardResult(BaseModel):
+    """One card, as get_card and update_card return it."""
+
+    card: Card
+
+
+class SearchCardsResult(BaseModel):
+    """One page of hits; pass ``next_cursor`` back (with the same arguments) for the next page."""
+
+    cards: list[ScoredCard]
+    next_cursor: str | None
+
+
+class DeleteCardResult(BaseModel):
+    """The soft-deleted card's id and when it was deleted."""
+
+    card_id: UUID
+    deleted_at: datetime
+
+
+class BatchItemResult(BaseModel):
+    """The outcome for ``cards[index]`` of a batch."""
+
+    index: int
+    status: Literal["created", "existing"]
+    card_id: UUID
+
+
+class BatchCreateResult(BaseModel):
+    """What batch_create_cards returns; ``replayed`` is true when an idempotency key replayed a stored answer."""
+
+    results: list[BatchItemResult]
+    created: int
+    existing: int
+    replayed: bool
+
+
+class UsageStatsRow(BaseModel):
+    """Figures for one group of calls: a tool name, card id, ISO date or client name."""
+
+    key: str
+    calls: int
+    errors: int
+    p50_ms: float
+    p95_ms: float
+    last_at: datetime
+
+
+class UsageStatsResult(BaseModel):
+    """Usage figures of this tenant, most-called first (newest day first when grouped by day)."""
+
+    rows: list[UsageStatsRow]
+
+
 class Tenant(BaseModel):
     """A brand's workspace: every card belongs to exactly one."""
 
