@@ -8,8 +8,12 @@ failure (argument-validation failures included, which the SDK raises before the 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import os
+import stat
+import sys
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -18,11 +22,13 @@ from dataclasses import dataclass
 from typing import Any, cast
 from uuid import UUID
 
+import anyio
 import asyncpg
 from mcp import MCPError
 from mcp.server import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.server.mcpserver.utilities.func_metadata import ArgModelBase
+from mcp.server.stdio import stdio_server
 from mcp.types import INVALID_PARAMS, CallToolResult, Icon, TextContent, ToolAnnotations
 from pydantic import ConfigDict, ValidationError
 
@@ -155,6 +161,45 @@ class CardServer(MCPServer[AppState]):
         entry.duration_ms = (time.perf_counter() - started) * 1000
         await _record_failure(state, entry)
         return _error_result(error)
+
+    async def run_stdio_async(self) -> None:
+        """Serve over stdin/stdout, reading stdin without a worker thread where it can: a thread blocked in
+        read() cannot be cancelled, so SIGTERM would otherwise wait for the client to close stdin."""
+        stdin = await _pipe_lines(sys.stdin.fileno())
+        async with stdio_server(stdin=cast("anyio.AsyncFile[str] | None", stdin)) as (read, write):
+            await self._lowlevel_server.run(read, write, self._lowlevel_server.create_initialization_options())
+
+
+class _PipeLines:
+    """Lines of a pipe or terminal as text, read by the event loop (cancellable)."""
+
+    def __init__(self, reader: asyncio.StreamReader) -> None:
+        self._reader = reader
+
+    def __aiter__(self) -> _PipeLines:
+        return self
+
+    async def __anext__(self) -> str:
+        line = await self._reader.readline()
+        if not line:
+            raise StopAsyncIteration
+        return line.decode("utf-8", errors="replace")
+
+
+async def _pipe_lines(fd: int) -> _PipeLines | None:
+    """stdin as a _PipeLines, or None (the SDK's threaded reader) when it is a regular file, which the event
+    loop cannot poll."""
+    if not stat.S_ISFIFO(os.fstat(fd).st_mode) and not os.isatty(fd) and not stat.S_ISSOCK(os.fstat(fd).st_mode):
+        return None
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=_MAX_MESSAGE_BYTES)
+    pipe = os.fdopen(os.dup(fd), "rb", buffering=0)
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), pipe)
+    return _PipeLines(reader)
+
+
+# A batch of 1000 cards of 64 KiB each is one line of about 64 MiB.
+_MAX_MESSAGE_BYTES = 128 * 1024 * 1024
 
 
 def _usage_entry(tool: str, context: Any, settings: Settings) -> UsageEntry:

@@ -41,7 +41,7 @@ async def test_other_tenant_cannot_get_list_update_or_delete_a_card_through_the_
             await cards.update_card(conn, card.id, title="stolen")
         with pytest.raises(NotFound):
             await cards.delete_card(conn, card.id)
-        assert (await cards.list_cards(conn, limit=50)).cards == []
+        assert (await cards.search_cards(conn, limit=50))[0] == []
     async with tenant_transaction(app_pool, tenant_a) as conn:
         assert await cards.get_card(conn, card.id) == card
 

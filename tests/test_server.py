@@ -73,7 +73,12 @@ def error_code(result: CallToolResult) -> str:
     return code
 
 
-CARD = {"card_type": "voice", "title": "Brand voice", "content": {"tone": "warm", "avoid": ["jargon"]}, "tags": ["core"]}
+CARD = {
+    "card_type": "voice",
+    "title": "Brand voice",
+    "content": {"tone": "warm", "avoid": ["jargon"]},
+    "tags": ["core"],
+}
 
 
 async def create(client: Client, **overrides: Any) -> dict[str, Any]:
@@ -157,7 +162,9 @@ async def test_a_cursor_used_with_other_arguments_is_an_invalid_argument(client:
         await create(client, content={"n": i})
     page = ok(await client.call_tool("search_cards", {"limit": 1}))
     assert page["next_cursor"]
-    result = await client.call_tool("search_cards", {"limit": 1, "card_type": "audience", "cursor": page["next_cursor"]})
+    result = await client.call_tool(
+        "search_cards", {"limit": 1, "card_type": "audience", "cursor": page["next_cursor"]}
+    )
     assert error_code(result) == "invalid_argument"
 
 
@@ -243,7 +250,9 @@ async def test_update_to_another_cards_content_is_duplicate_content_naming_it(cl
 
 async def test_update_that_changes_nothing_returns_the_card_without_a_new_version(client: Client) -> None:
     card = await create(client)
-    same = ok(await client.call_tool("update_card", {"card_id": card["id"], "title": card["title"], "tags": card["tags"]}))
+    same = ok(
+        await client.call_tool("update_card", {"card_id": card["id"], "title": card["title"], "tags": card["tags"]})
+    )
     assert same["card"] == card
 
 
@@ -261,7 +270,9 @@ async def test_batch_is_atomic_and_marks_duplicates_by_index(client: Client) -> 
     assert (result["created"], result["existing"], result["replayed"]) == (1, 2, False)
     bad = [*cards, {"card_type": "insight", "title": "huge", "content": {"x": "y" * 70_000}}]
     before = ok(await client.call_tool("search_cards", {"limit": 50}))["cards"]
-    failed = await client.call_tool("batch_create_cards", {"cards": [{"card_type": "company", "title": "new", "content": {"q": 1}}, *bad]})
+    failed = await client.call_tool(
+        "batch_create_cards", {"cards": [{"card_type": "company", "title": "new", "content": {"q": 1}}, *bad]}
+    )
     assert error_code(failed) == "invalid_argument"
     assert "cards[4]" in json.loads(failed.content[0].text)["error"]["message"]  # type: ignore[union-attr]
     assert ok(await client.call_tool("search_cards", {"limit": 50}))["cards"] == before

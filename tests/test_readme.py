@@ -1,0 +1,40 @@
+"""The README documents every tool, command and environment variable there is."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from card_mcp.cli import _parser
+from card_mcp.config import Settings
+from card_mcp.tools import register
+
+README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+
+
+def test_every_environment_variable_is_in_the_readme() -> None:
+    for name in Settings.model_fields:
+        if name == "transport":  # set by `serve --transport`, not documented as a variable
+            continue
+        assert f"CARD_MCP_{name.upper()}" in README, name
+
+
+def test_every_command_is_in_the_readme() -> None:
+    commands = _parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    for name, sub in commands.items():
+        actions = [a for a in sub._actions if a.choices and a.dest == "action"]
+        subnames = list(actions[0].choices) if actions else [""]  # type: ignore[arg-type]
+        for action in subnames:
+            assert f"card-mcp {name} {action}".strip() in README, (name, action)
+
+
+def test_every_tool_is_in_the_readme() -> None:
+    names: list[str] = []
+
+    class Recorder:
+        def add_tool(self, fn: object, **_: object) -> None:
+            names.append(fn.__name__)  # type: ignore[attr-defined]
+
+    register(Recorder())  # type: ignore[arg-type]
+    assert len(names) == 7
+    for name in names:
+        assert f"`{name}`" in README, name
