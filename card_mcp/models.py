@@ -201,6 +201,3 @@ class Tenant(BaseModel):
     tenant_id: UUID
     name: str
     created_at: datetime
-
-
-TenantName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")]

@@ -15,7 +15,7 @@ import os
 import stat
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -251,8 +251,3 @@ def build_server(settings: Settings) -> CardServer:
     )
     tools.register(server)
     return server
-
-
-def card_ids(ids: Sequence[UUID]) -> None:
-    """Record card ids the running call read or wrote, for its usage row."""
-    current_scope().entry.card_ids.extend(ids)

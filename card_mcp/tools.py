@@ -225,39 +225,19 @@ def _utc(moment: datetime) -> datetime:
     return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
 
 
-_READ = ToolAnnotations(read_only_hint=True, destructive_hint=False, idempotent_hint=True, open_world_hint=False)
+def _hints(*, read_only: bool = False, destructive: bool = False) -> ToolAnnotations:
+    # Every card tool is idempotent (create and batch dedupe, update and delete converge) and closed-world.
+    return ToolAnnotations(
+        read_only_hint=read_only, destructive_hint=destructive, idempotent_hint=True, open_world_hint=False
+    )
 
 
 def register(server: CardServer) -> None:
     """Add the seven card tools to ``server``."""
-    server.add_tool(
-        create_card,
-        title="Save a brand card",
-        annotations=ToolAnnotations(
-            read_only_hint=False, destructive_hint=False, idempotent_hint=True, open_world_hint=False
-        ),
-    )
-    server.add_tool(get_card, title="Read a brand card", annotations=_READ)
-    server.add_tool(search_cards, title="Find brand cards", annotations=_READ)
-    server.add_tool(
-        update_card,
-        title="Change a brand card",
-        annotations=ToolAnnotations(
-            read_only_hint=False, destructive_hint=True, idempotent_hint=True, open_world_hint=False
-        ),
-    )
-    server.add_tool(
-        delete_card,
-        title="Delete a brand card",
-        annotations=ToolAnnotations(
-            read_only_hint=False, destructive_hint=True, idempotent_hint=True, open_world_hint=False
-        ),
-    )
-    server.add_tool(
-        batch_create_cards,
-        title="Save many brand cards",
-        annotations=ToolAnnotations(
-            read_only_hint=False, destructive_hint=False, idempotent_hint=True, open_world_hint=False
-        ),
-    )
-    server.add_tool(usage_stats, title="Card usage figures", annotations=_READ)
+    server.add_tool(create_card, title="Save a brand card", annotations=_hints())
+    server.add_tool(get_card, title="Read a brand card", annotations=_hints(read_only=True))
+    server.add_tool(search_cards, title="Find brand cards", annotations=_hints(read_only=True))
+    server.add_tool(update_card, title="Change a brand card", annotations=_hints(destructive=True))
+    server.add_tool(delete_card, title="Delete a brand card", annotations=_hints(destructive=True))
+    server.add_tool(batch_create_cards, title="Save many brand cards", annotations=_hints())
+    server.add_tool(usage_stats, title="Card usage figures", annotations=_hints(read_only=True))
