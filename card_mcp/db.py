@@ -28,6 +28,9 @@ APP_ROLE = "card_mcp_app"
 ADMIN_ROLE = "card_mcp_admin"
 OWNER_ROLE = "card_mcp_owner"
 
+# A call waits this long for a free pooled connection before it answers `unavailable`.
+_ACQUIRE_TIMEOUT = 10.0
+
 _SET_TENANT = "SELECT set_config('app.current_tenant_id', $1::text, true)"
 _TENANT_ID_FOR = "SELECT card_mcp.tenant_id_for($1)"
 
@@ -38,7 +41,8 @@ SELECT session_user::text AS role,
        r.rolbypassrls AS bypassrls,
        session_user <> current_user AS switched,
        EXISTS (SELECT FROM pg_roles AS s
-                WHERE s.oid <> r.oid AND (s.rolsuper OR s.rolbypassrls)
+                WHERE s.oid <> r.oid
+                  AND (s.rolsuper OR s.rolbypassrls OR s.rolname IN ('card_mcp_admin', 'card_mcp_owner'))
                   AND pg_has_role(r.oid, s.oid, 'MEMBER')) AS member_of_privileged,
        (SELECT string_agg(DISTINCT c.relowner::regrole::text, ', ')
           FROM pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace
@@ -164,7 +168,7 @@ async def check_app_role(conn: Connection) -> None:
     if row["switched"]:
         reasons.append("was switched to another role with SET ROLE")
     if row["member_of_privileged"]:
-        reasons.append("is a member of a superuser or BYPASSRLS role")
+        reasons.append("is a member of a superuser, BYPASSRLS, card_mcp_admin or card_mcp_owner role")
     if row["owners"]:
         reasons.append(f"owns tables, itself or through membership (owners: {row['owners']})")
     if reasons:
@@ -221,14 +225,18 @@ async def tenant_transaction(pool: asyncpg.Pool, tenant_id: UUID) -> AsyncIterat
     """The one way tenant queries run: one transaction whose first statement sets the tenant, transaction-
     locally, so the pooled connection carries nothing into its next use."""
     with translate_errors():
-        async with pool.acquire() as conn, conn.transaction():
+        async with pool.acquire(timeout=_ACQUIRE_TIMEOUT) as conn, conn.transaction():
             await conn.execute(_SET_TENANT, str(tenant_id))
             yield conn
 
 
-async def tenant_id_for(pool: asyncpg.Pool, name: str) -> UUID:
-    """The id of the tenant called ``name``, created on first use."""
-    with translate_errors():
-        async with pool.acquire() as conn:
+async def tenant_id_for(admin_url: str, name: str) -> UUID:
+    """The id of the tenant called ``name``, created on first use; through the admin role, the only one allowed
+    to map names to tenant ids."""
+    conn = await connect(admin_url)
+    try:
+        with translate_errors():
             value: Any = await conn.fetchval(_TENANT_ID_FOR, name)
+    finally:
+        await conn.close()
     return UUID(str(value))

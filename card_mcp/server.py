@@ -34,7 +34,7 @@ from pydantic import ConfigDict, ValidationError
 
 from . import __version__, db, usage
 from .config import Settings
-from .errors import CardMcpError, Internal, InvalidArgument, Unavailable
+from .errors import CardMcpError, Internal, InvalidArgument
 from .usage import UsageEntry
 
 logger = logging.getLogger(__name__)
@@ -217,10 +217,8 @@ async def _record_failure(state: AppState, entry: UsageEntry) -> None:
         async with db.tenant_transaction(state.pool, state.tenant_id) as conn:
             entry.card_ids = []  # nothing was read or written
             await usage.record(conn, state.tenant_id, entry)
-    except Unavailable:
-        logger.error(
-            "could not record the failed call of %s (%s): the database is unavailable", entry.tool, entry.error_code
-        )
+    except Exception:  # the caller still gets its error in the fixed shape
+        logger.exception("could not record the failed call of %s (%s)", entry.tool, entry.error_code)
 
 
 @asynccontextmanager
@@ -229,7 +227,7 @@ async def _lifespan(server: CardServer) -> AsyncIterator[AppState]:
     async with db.open_database(settings) as database:
         pool = await db.create_pool(database.app_url, settings)
         try:
-            tenant_id = await db.tenant_id_for(pool, settings.tenant)
+            tenant_id = await db.tenant_id_for(database.require_admin_url(), settings.tenant)
             logger.info("card-mcp %s serving tenant %r over %s", __version__, settings.tenant, settings.transport)
             yield AppState(settings, pool, tenant_id)
         finally:

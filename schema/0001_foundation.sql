@@ -170,7 +170,8 @@ GRANT SELECT, DELETE ON card_mcp.idempotency_store TO card_mcp_admin;
 GRANT SELECT ON card_mcp.card_usage TO card_mcp_admin;
 
 -- The tenant id for a name, creating the tenant on first use (stdio's --tenant). Runs as card_mcp_admin, whose
--- policy sees every tenant; the application role may call it but still reads only the tenant it then sets.
+-- policy sees every tenant. Only the admin role may call it: an application-role session (a BI tool's, say)
+-- must not turn a guessable name into the id that row-level security keys on.
 CREATE FUNCTION card_mcp.tenant_id_for(p_name text) RETURNS uuid
     LANGUAGE plpgsql
     SECURITY DEFINER
@@ -211,5 +212,5 @@ ALTER FUNCTION card_mcp.delete_expired_idempotency_keys() OWNER TO card_mcp_admi
 REVOKE CREATE ON SCHEMA card_mcp FROM card_mcp_admin;
 REVOKE ALL ON FUNCTION card_mcp.tenant_id_for(text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION card_mcp.delete_expired_idempotency_keys() FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION card_mcp.tenant_id_for(text) TO card_mcp_app, card_mcp_admin;
-GRANT EXECUTE ON FUNCTION card_mcp.delete_expired_idempotency_keys() TO card_mcp_app, card_mcp_admin;
+GRANT EXECUTE ON FUNCTION card_mcp.tenant_id_for(text) TO card_mcp_admin;
+GRANT EXECUTE ON FUNCTION card_mcp.delete_expired_idempotency_keys() TO card_mcp_admin;

@@ -140,10 +140,10 @@ async def admin_conn(database: TestDatabase) -> AsyncIterator[asyncpg.Connection
 
 
 @pytest.fixture
-async def tenant_a(app_pool: asyncpg.Pool) -> uuid.UUID:
-    return await db.tenant_id_for(app_pool, f"a-{uuid.uuid4().hex[:10]}")
+async def tenant_a(database: TestDatabase) -> uuid.UUID:
+    return await db.tenant_id_for(database.admin_url, f"a-{uuid.uuid4().hex[:10]}")
 
 
 @pytest.fixture
-async def tenant_b(app_pool: asyncpg.Pool) -> uuid.UUID:
-    return await db.tenant_id_for(app_pool, f"b-{uuid.uuid4().hex[:10]}")
+async def tenant_b(database: TestDatabase) -> uuid.UUID:
+    return await db.tenant_id_for(database.admin_url, f"b-{uuid.uuid4().hex[:10]}")

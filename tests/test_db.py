@@ -99,6 +99,14 @@ async def test_start_up_refuses_a_member_of_the_schema_owner(
     assert "card_mcp_owner" in (await refused(database, settings, role)).message
 
 
+async def test_start_up_refuses_a_member_of_the_admin_role(
+    database: TestDatabase, settings: Settings, superuser_conn: asyncpg.Connection, hostile_role: Callable[[str], str]
+) -> None:
+    role = hostile_role("admin_member")
+    await superuser_conn.execute(f'CREATE ROLE "{role}" LOGIN IN ROLE card_mcp_admin')
+    assert "card_mcp_admin" in (await refused(database, settings, role)).message
+
+
 async def test_start_up_accepts_the_application_role(database: TestDatabase, settings: Settings) -> None:
     pool = await db.create_pool(database.app_url, settings)
     await pool.close()

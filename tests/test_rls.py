@@ -251,3 +251,13 @@ async def test_the_admin_role_sees_every_tenant_but_may_not_write_cards(
     assert seen == 2
     with pytest.raises(asyncpg.InsufficientPrivilegeError):
         await admin_conn.execute("UPDATE card_mcp.cards SET title = 'x' WHERE tenant_id = $1", tenant_a)
+
+
+async def test_the_application_role_cannot_map_tenant_names_to_ids_or_purge_keys(
+    app_pool: asyncpg.Pool, tenant_a: uuid.UUID
+) -> None:
+    async with app_pool.acquire() as conn:
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await conn.fetchval("SELECT card_mcp.tenant_id_for('default')")
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await conn.fetchval("SELECT card_mcp.delete_expired_idempotency_keys()")
