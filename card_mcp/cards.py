@@ -300,7 +300,9 @@ async def insert_cards(
     first: dict[tuple[str, str], int] = {}
     for index, new in enumerate(new_cards):
         first.setdefault((new.card_type, digests[index]), index)
-    unique = sorted(first.values())
+    # Inserted in (type, hash) order: two batches sharing cards wait for each other in one order, never in a
+    # cycle (which PostgreSQL would break by aborting one as a deadlock).
+    unique = [first[key] for key in sorted(first)]
     ids: dict[tuple[str, str], UUID] = {}
     created: set[tuple[str, str]] = set()
     for start in range(0, len(unique), chunk_size):

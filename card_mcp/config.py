@@ -43,6 +43,9 @@ class Settings(BaseSettings):
     pool_max_size: int = Field(default=10, ge=1)
     statement_cache_size: int = Field(default=100, ge=0, description="0 behind pgbouncer in transaction mode.")
     command_timeout: float = Field(default=30.0, gt=0, description="Seconds before a database call fails.")
+    idempotency_ttl_hours: float = Field(
+        default=24.0, ge=24.0, description="How long batch_create_cards keeps an idempotency key (at least 24)."
+    )
     log_level: str = "INFO"
 
     @property

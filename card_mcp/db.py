@@ -17,7 +17,7 @@ from asyncpg.pool import PoolConnectionProxy
 from . import migrate
 from .config import Settings
 from .embedded import EmbeddedPostgres
-from .errors import CardMcpError, Internal, InvalidArgument, SetupError, Unavailable, UnsafeRoleError
+from .errors import CardMcpError, Conflict, Internal, InvalidArgument, SetupError, Unavailable, UnsafeRoleError
 
 logger = logging.getLogger(__name__)
 
@@ -187,6 +187,9 @@ def domain_error(exc: BaseException) -> CardMcpError | None:
     if isinstance(exc, asyncpg.QueryCanceledError):
         logger.warning("database statement cancelled: %s", exc)
         return Unavailable("the database took too long to answer")
+    if isinstance(exc, asyncpg.DeadlockDetectedError | asyncpg.SerializationError):
+        logger.warning("transaction aborted by a concurrent one: %s", exc)
+        return Conflict("a concurrent call touched the same cards", hint="Retry the same call; nothing was saved.")
     if isinstance(exc, asyncpg.CheckViolationError | asyncpg.DataError | asyncpg.NotNullViolationError):
         logger.warning("database refused a value: %s", exc)
         return InvalidArgument("a value breaks a rule of the card store", hint="Check the arguments.")
@@ -225,9 +228,27 @@ async def tenant_transaction(pool: asyncpg.Pool, tenant_id: UUID) -> AsyncIterat
     """The one way tenant queries run: one transaction whose first statement sets the tenant, transaction-
     locally, so the pooled connection carries nothing into its next use."""
     with translate_errors():
-        async with pool.acquire(timeout=_ACQUIRE_TIMEOUT) as conn, conn.transaction():
-            await conn.execute(_SET_TENANT, str(tenant_id))
-            yield conn
+        async with pool.acquire(timeout=_ACQUIRE_TIMEOUT) as conn:
+            transaction = conn.transaction()
+            await transaction.start()
+            try:
+                await conn.execute(_SET_TENANT, str(tenant_id))
+                yield conn
+            except BaseException:
+                # Shielded: a cancelled call (client gone, server stopping) still rolls back here, at once,
+                # rather than leaving the pool to find an open transaction on the connection.
+                with anyio.CancelScope(shield=True):
+                    await _rollback(conn, transaction)
+                raise
+            await transaction.commit()
+
+
+async def _rollback(conn: Connection, transaction: Any) -> None:
+    try:
+        if not conn.is_closed():  # else the backend is gone, and its transaction with it
+            await transaction.rollback()
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        logger.info("no rollback on a broken connection (the pool discards it): %r", exc)
 
 
 async def tenant_id_for(admin_url: str, name: str) -> UUID:

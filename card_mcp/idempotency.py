@@ -5,15 +5,23 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
+import anyio
+
+from . import db
 from .db import Connection
-from .errors import Conflict, IdempotencyConflict
+from .errors import CardMcpError, Conflict, IdempotencyConflict
 from .models import NewCard
 
+logger = logging.getLogger(__name__)
+
 DEFAULT_TTL = timedelta(hours=24)
+# How often a server removes expired keys (of every tenant, through the admin role).
+EXPIRY_INTERVAL = timedelta(hours=1)
 
 # Held until the transaction ends: a second call with the key while the first runs is told to retry shortly.
 _CLAIM = "SELECT pg_try_advisory_xact_lock(hashtextextended(current_setting('app.current_tenant_id') || $1, 0))"
@@ -38,13 +46,22 @@ def request_hash(cards: Sequence[NewCard]) -> str:
 
 
 async def replay(conn: Connection, key: str, tool: str, digest: str) -> dict[str, Any] | None:
-    """The stored response for ``key`` if this request was already answered; None if the key is free.
-    Conflict while another call with the key runs; IdempotencyConflict if the key served another request."""
+    """The stored response for ``key`` if this request was already answered; None if the key is free, and then
+    this transaction holds the key until it ends. Conflict while another call with the key runs;
+    IdempotencyConflict if the key served another request."""
+    stored = await _stored(conn, key, tool, digest)
+    if stored is not None:  # answered before: replays never wait for each other
+        return stored
     if not await conn.fetchval(_CLAIM, key):
         raise Conflict(
             "another call with this idempotency_key is still running",
             hint="Retry the same call in a few seconds to receive its stored result.",
         )
+    # The holder may have committed between the read above and the claim: its response is visible now.
+    return await _stored(conn, key, tool, digest)
+
+
+async def _stored(conn: Connection, key: str, tool: str, digest: str) -> dict[str, Any] | None:
     row = await conn.fetchrow(_STORED, key, tool)
     if row is None:
         return None
@@ -65,3 +82,30 @@ async def store(
 ) -> None:
     """Keep ``response`` under ``key`` in the caller's transaction: it exists exactly when the effect does."""
     await conn.execute(_STORE, tenant_id, key, tool, digest, response, ttl)
+
+
+async def delete_expired(admin_url: str) -> int:
+    """Remove every tenant's expired keys, through the admin role's narrow function; returns how many."""
+    conn = await db.connect(admin_url)
+    try:
+        with db.translate_errors():
+            removed: int = await conn.fetchval("SELECT card_mcp.delete_expired_idempotency_keys()")
+    finally:
+        await conn.close()
+    return removed
+
+
+async def expire_periodically(admin_url: str, every: timedelta = EXPIRY_INTERVAL) -> None:
+    """Run delete_expired now and then every ``every``, until cancelled; a failure is logged and retried at
+    the next turn, never raised (the server keeps serving without it)."""
+    while True:
+        try:
+            removed = await delete_expired(admin_url)
+        except CardMcpError as exc:
+            logger.warning("could not remove expired idempotency keys: %s", exc.message)
+        except Exception:
+            logger.exception("could not remove expired idempotency keys")
+        else:
+            if removed:
+                logger.info("removed %d expired idempotency keys", removed)
+        await anyio.sleep(every.total_seconds())

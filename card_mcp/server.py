@@ -32,7 +32,7 @@ from mcp.server.stdio import stdio_server
 from mcp.types import INVALID_PARAMS, CallToolResult, Icon, TextContent, ToolAnnotations
 from pydantic import ConfigDict, ValidationError
 
-from . import __version__, db, usage
+from . import __version__, db, idempotency, usage
 from .config import Settings
 from .errors import CardMcpError, Internal, InvalidArgument
 from .usage import UsageEntry
@@ -84,6 +84,10 @@ def _invalid_arguments(exc: ValidationError) -> InvalidArgument:
     """A one-line message naming the fields and rules broken, never the rejected values."""
     problems = []
     for err in exc.errors(include_input=False, include_url=False, include_context=False)[:5]:
+        if err["type"] == "extra_forbidden":  # the key is the client's text: name its place, not the key
+            where = ".".join(str(part) for part in err["loc"][:-1]) or "arguments"
+            problems.append(f"{where}: unexpected argument (see the inputSchema for the allowed names)")
+            continue
         where = ".".join(str(part) for part in err["loc"]) or "arguments"
         problems.append(f"{where}: {err['msg']}")
     return InvalidArgument(
@@ -91,12 +95,13 @@ def _invalid_arguments(exc: ValidationError) -> InvalidArgument:
     )
 
 
-def _domain_error(exc: BaseException) -> CardMcpError:
+def _domain_error(exc: BaseException, arg_model: str) -> CardMcpError:
     """What a failed call tells the client; anything unexpected is logged here with its traceback."""
     cause = exc.__cause__ if isinstance(exc, ToolError) and exc.__cause__ is not None else exc
     if isinstance(cause, CardMcpError):
         return cause
-    if type(exc) is ToolError and isinstance(cause, ValidationError):
+    # The SDK raises the arguments' ValidationError as a ToolError; one from inside a tool body is a bug.
+    if type(exc) is ToolError and isinstance(cause, ValidationError) and cause.title == arg_model:
         return _invalid_arguments(cause)
     translated = db.domain_error(cause)
     if translated is not None:
@@ -138,7 +143,8 @@ class CardServer(MCPServer[AppState]):
         tool.parameters = strict.model_json_schema(by_alias=True)
 
     async def call_tool(self, name: str, arguments: dict[str, Any], context: Any = None) -> Any:
-        if self._tool_manager.get_tool(name) is None:
+        tool = self._tool_manager.get_tool(name)
+        if tool is None:
             raise MCPError(code=INVALID_PARAMS, message=f"Unknown tool: {name}")
         state: AppState = context.request_context.lifespan_context
         entry = _usage_entry(name, context, state.settings)
@@ -155,8 +161,15 @@ class CardServer(MCPServer[AppState]):
             return result
         except MCPError:
             raise
+        except anyio.get_cancelled_exc_class():
+            # The client cancelled or left: the transaction rolled back; the call still leaves its usage row.
+            entry.status, entry.error_code = "error", "cancelled"
+            entry.duration_ms = (time.perf_counter() - started) * 1000
+            with anyio.move_on_after(_RECORD_TIMEOUT, shield=True):
+                await _record_failure(state, entry)
+            raise
         except Exception as exc:  # the one edge where every failure becomes a tool error
-            error = _domain_error(exc)
+            error = _domain_error(exc, tool.fn_metadata.arg_model.__name__)
         entry.status, entry.error_code = "error", error.code
         entry.duration_ms = (time.perf_counter() - started) * 1000
         await _record_failure(state, entry)
@@ -198,6 +211,9 @@ async def _pipe_lines(fd: int) -> _PipeLines | None:
     return _PipeLines(reader)
 
 
+# How long a cancelled call may take to write its usage row before it lets go.
+_RECORD_TIMEOUT = 5.0
+
 # A batch of 1000 cards of 64 KiB each is one line of about 64 MiB.
 _MAX_MESSAGE_BYTES = 128 * 1024 * 1024
 
@@ -227,9 +243,15 @@ async def _lifespan(server: CardServer) -> AsyncIterator[AppState]:
     async with db.open_database(settings) as database:
         pool = await db.create_pool(database.app_url, settings)
         try:
-            tenant_id = await db.tenant_id_for(database.require_admin_url(), settings.tenant)
+            admin_url = database.require_admin_url()
+            tenant_id = await db.tenant_id_for(admin_url, settings.tenant)
             logger.info("card-mcp %s serving tenant %r over %s", __version__, settings.tenant, settings.transport)
-            yield AppState(settings, pool, tenant_id)
+            async with anyio.create_task_group() as background:
+                background.start_soon(idempotency.expire_periodically, admin_url)
+                try:
+                    yield AppState(settings, pool, tenant_id)
+                finally:
+                    background.cancel_scope.cancel()
         finally:
             await pool.close()
 

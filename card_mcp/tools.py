@@ -189,7 +189,10 @@ async def batch_create_cards(
     )
     if idempotency_key is not None:
         response = result.model_dump(mode="json")
-        await idempotency.store(scope.conn, state.tenant_id, idempotency_key, "batch_create_cards", digest, response)
+        ttl = timedelta(hours=state.settings.idempotency_ttl_hours)
+        await idempotency.store(
+            scope.conn, state.tenant_id, idempotency_key, "batch_create_cards", digest, response, ttl
+        )
     scope.entry.card_ids.extend(i.card_id for i in items)
     return result
 
