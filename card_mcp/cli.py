@@ -15,7 +15,7 @@ from typing import Any
 
 import anyio
 
-from . import __version__, db, migrate, tenants
+from . import __version__, db, keys, migrate, tenants
 from .config import Settings
 from .errors import CardMcpError
 
@@ -28,9 +28,15 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = commands.add_parser("serve", help="serve the card tools over MCP (stdio by default)")
-    serve.add_argument("--transport", choices=["stdio"], help="the MCP transport (default: stdio)")
-    serve.add_argument("--host", help="HTTP bind address (CARD_MCP_HOST)")
-    serve.add_argument("--port", type=int, help="HTTP port (CARD_MCP_PORT)")
+    serve.add_argument("--transport", choices=["stdio", "http"], help="the MCP transport (default: stdio)")
+    serve.add_argument("--host", help="HTTP bind address (CARD_MCP_HOST; default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="HTTP port (CARD_MCP_PORT; default 8000; 0 picks a free one)")
+    serve.add_argument(
+        "--stateless",
+        action="store_const",
+        const=True,
+        help="HTTP without sessions: any instance behind a load balancer can answer any request",
+    )
     serve.add_argument("--tenant", help="the tenant to serve over stdio (CARD_MCP_TENANT; default 'default')")
 
     mig = commands.add_parser("migrate", help="apply the schema migrations")
@@ -44,6 +50,18 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument("--format", choices=["table", "json"], default="table")
     listing = ten.add_parser("list", help="list tenants")
     listing.add_argument("--format", choices=["table", "json"], default="table")
+
+    key = commands.add_parser("keys", help="API keys for the HTTP transport").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    make = key.add_parser("create", help="make a key for a tenant; prints it once, alone on stdout")
+    make.add_argument("--tenant", required=True, help="the tenant the key belongs to")
+    make.add_argument("--label", help="what the key is for, shown by `keys list`")
+    keys_list = key.add_parser("list", help="list keys (never the keys themselves)")
+    keys_list.add_argument("--tenant", help="only this tenant's keys")
+    keys_list.add_argument("--format", choices=["table", "json"], default="table")
+    revoke = key.add_parser("revoke", help="revoke a key; it stops working at its next request")
+    revoke.add_argument("key_id", metavar="KEY_ID")
 
     dbp = commands.add_parser("db", help="the database in use").add_subparsers(
         dest="action", required=True, metavar="ACTION"
@@ -66,6 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "serve": _serve,
         "migrate": _migrate,
         "tenants": _tenants,
+        "keys": _keys,
         "db": _db,
     }[args.command]
     try:
@@ -81,8 +100,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 async def _serve(args: argparse.Namespace, settings: Settings) -> int:
     from .server import build_server  # the MCP SDK loads only for the command that serves
 
-    flags = {name: getattr(args, name) for name in ("transport", "host", "port", "tenant")}
+    flags = {name: getattr(args, name) for name in ("transport", "host", "port", "tenant", "stateless")}
     settings = Settings.model_validate({**settings.model_dump(), **{k: v for k, v in flags.items() if v is not None}})
+    if settings.transport == "http":
+        from . import http_app
+
+        if args.tenant is not None:
+            logger.warning("--tenant is ignored over HTTP: each request's API key names its tenant")
+        with http_app.bind(settings) as sock:
+            settings = settings.model_copy(update={"port": sock.getsockname()[1]})
+            await http_app.serve_http(build_server(settings), settings, sock)
+        return 0
     server = build_server(settings)
     async with anyio.create_task_group() as group:
         group.start_soon(_stop_on_signal, group.cancel_scope)
@@ -134,6 +162,49 @@ async def _tenants(args: argparse.Namespace, settings: Settings) -> int:
         args.format,
         key="tenants",
     )
+    return 0
+
+
+async def _keys(args: argparse.Namespace, settings: Settings) -> int:
+    async with db.open_database(settings) as database:
+        conn = await db.connect(database.require_admin_url())
+        try:
+            with db.translate_errors():
+                if args.action == "create":
+                    key_id, key = await keys.create_key(conn, args.tenant, args.label)
+                elif args.action == "revoke":
+                    revoked_at = await keys.revoke_key(conn, args.key_id)
+                else:
+                    listed = await keys.list_keys(conn, args.tenant)
+        finally:
+            await conn.close()
+    if args.action == "create":
+        print(key)
+        print(
+            f"card-mcp: key {key_id} for tenant {args.tenant!r}; it is shown only this once: store it now "
+            "(send it as `Authorization: Bearer <key>`)",
+            file=sys.stderr,
+        )
+    elif args.action == "revoke":
+        print(f"card-mcp: key {args.key_id} revoked at {revoked_at.isoformat()}", file=sys.stderr)
+    else:
+        rows: list[dict[str, str | None]] = [
+            {
+                "key_id": str(k.key_id),
+                "prefix": k.prefix,
+                "label": k.label or "",
+                "tenant": k.tenant,
+                "created_at": k.created_at.isoformat(timespec="seconds"),
+                "last_used_at": k.last_used_at.isoformat(timespec="seconds") if k.last_used_at else "",
+                "revoked_at": k.revoked_at.isoformat(timespec="seconds") if k.revoked_at else "",
+            }
+            for k in listed
+        ]
+        if args.format == "json":
+            for row in rows:  # JSON says "never" as null
+                for column in ("label", "last_used_at", "revoked_at"):
+                    row[column] = row[column] or None
+        _print_rows(rows, args.format, key="keys")
     return 0
 
 

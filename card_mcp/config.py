@@ -43,10 +43,34 @@ class Settings(BaseSettings):
     pool_max_size: int = Field(default=10, ge=1)
     statement_cache_size: int = Field(default=100, ge=0, description="0 behind pgbouncer in transaction mode.")
     command_timeout: float = Field(default=30.0, gt=0, description="Seconds before a database call fails.")
+    stateless: bool = Field(
+        default=False, description="HTTP: no session state in the process, so any instance can answer any request."
+    )
+    public_url: str | None = Field(
+        default=None, description="HTTP: the URL clients reach the server at; default http://HOST:PORT."
+    )
+    auth_issuer_url: str | None = Field(
+        default=None, description="HTTP: the OAuth authorization server named in the protected-resource metadata."
+    )
+    allowed_hosts: str = Field(
+        default="", description="HTTP: extra Host header values to accept (comma-separated; 'name:*' for any port)."
+    )
+    allowed_origins: str = Field(default="", description="HTTP: extra browser Origins to accept (comma-separated).")
+    max_request_bytes: int = Field(default=16 * 1024 * 1024, ge=64 * 1024, description="HTTP: largest request body.")
+    max_calls_per_key: int = Field(default=16, ge=1, description="HTTP: tool calls one API key may run at once.")
+    statement_timeout_ms: int = Field(
+        default=15_000, ge=0, description="Milliseconds a tool's SQL statement may run (0: no limit)."
+    )
     idempotency_ttl_hours: float = Field(
         default=24.0, ge=24.0, description="How long batch_create_cards keeps an idempotency key (at least 24)."
     )
     log_level: str = "INFO"
+
+    @property
+    def url(self) -> str:
+        """Where HTTP clients reach this server."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return (self.public_url or f"http://{host}:{self.port}").rstrip("/")
 
     @property
     def embedded(self) -> bool:

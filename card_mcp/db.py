@@ -29,9 +29,12 @@ ADMIN_ROLE = "card_mcp_admin"
 OWNER_ROLE = "card_mcp_owner"
 
 # A call waits this long for a free pooled connection before it answers `unavailable`.
-_ACQUIRE_TIMEOUT = 10.0
+ACQUIRE_TIMEOUT = 10.0
 
-_SET_TENANT = "SELECT set_config('app.current_tenant_id', $1::text, true)"
+# Both transaction-local: a pooled (or pgbouncer) connection carries neither into its next transaction.
+_SET_TENANT = (
+    "SELECT set_config('app.current_tenant_id', $1::text, true), set_config('statement_timeout', $2::text, true)"
+)
 _TENANT_ID_FOR = "SELECT card_mcp.tenant_id_for($1)"
 
 # Why the application role could escape row-level security, if it could.
@@ -155,6 +158,23 @@ async def create_pool(url: str, settings: Settings) -> asyncpg.Pool:
     return pool
 
 
+async def create_admin_pool(url: str, settings: Settings) -> asyncpg.Pool:
+    """A small pool of the admin role, for what runs before a tenant is known (API-key lookups)."""
+    try:
+        return await asyncpg.create_pool(
+            url,
+            min_size=1,
+            max_size=max(2, settings.pool_max_size // 4),
+            statement_cache_size=settings.statement_cache_size,
+            command_timeout=settings.command_timeout,
+            init=_init_connection,
+        )
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        raise SetupError(
+            f"cannot connect to PostgreSQL as the admin role: {exc}", hint="Check CARD_MCP_ADMIN_DATABASE_URL."
+        ) from exc
+
+
 async def check_app_role(conn: Connection) -> None:
     """Refuse a role that row-level security would not bind: a superuser, BYPASSRLS, a table owner (FORCE
     binds owners, but an owner can turn it off), or a member of a role that is any of those."""
@@ -224,15 +244,17 @@ def translate_errors() -> Iterator[None]:
 
 
 @asynccontextmanager
-async def tenant_transaction(pool: asyncpg.Pool, tenant_id: UUID) -> AsyncIterator[Connection]:
-    """The one way tenant queries run: one transaction whose first statement sets the tenant, transaction-
-    locally, so the pooled connection carries nothing into its next use."""
+async def tenant_transaction(
+    pool: asyncpg.Pool, tenant_id: UUID, statement_timeout_ms: int = 0
+) -> AsyncIterator[Connection]:
+    """The one way tenant queries run: one transaction whose first statement sets the tenant (and the statement
+    timeout, 0 for none), transaction-locally, so the pooled connection carries nothing into its next use."""
     with translate_errors():
-        async with pool.acquire(timeout=_ACQUIRE_TIMEOUT) as conn:
+        async with pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn:
             transaction = conn.transaction()
             await transaction.start()
             try:
-                await conn.execute(_SET_TENANT, str(tenant_id))
+                await conn.execute(_SET_TENANT, str(tenant_id), str(statement_timeout_ms))
                 yield conn
             except BaseException:
                 # Shielded: a cancelled call (client gone, server stopping) still rolls back here, at once,

@@ -55,7 +55,7 @@ async def create_card(
     scope = current_scope()
     new = NewCard(card_type=card_type, title=title, content=content, tags=tags)
     status, card = await card_store.create_card(
-        scope.conn, scope.state.tenant_id, new, max_bytes=scope.state.settings.max_content_bytes
+        scope.conn, scope.tenant_id, new, max_bytes=scope.state.settings.max_content_bytes
     )
     scope.entry.card_ids.append(card.id)
     return CreateCardResult(status=status, card=card)
@@ -179,7 +179,7 @@ async def batch_create_cards(
         await ctx.report_progress(done, total, f"{done} of {total} cards written")
 
     items = await card_store.insert_cards(
-        scope.conn, state.tenant_id, cards, max_bytes=state.settings.max_content_bytes, on_progress=progress
+        scope.conn, scope.tenant_id, cards, max_bytes=state.settings.max_content_bytes, on_progress=progress
     )
     result = BatchCreateResult(
         results=[BatchItemResult(index=i.index, status=i.status, card_id=i.card_id) for i in items],
@@ -191,7 +191,7 @@ async def batch_create_cards(
         response = result.model_dump(mode="json")
         ttl = timedelta(hours=state.settings.idempotency_ttl_hours)
         await idempotency.store(
-            scope.conn, state.tenant_id, idempotency_key, "batch_create_cards", digest, response, ttl
+            scope.conn, scope.tenant_id, idempotency_key, "batch_create_cards", digest, response, ttl
         )
     scope.entry.card_ids.extend(i.card_id for i in items)
     return result

@@ -1,0 +1,139 @@
+"""Serving over streamable HTTP: the ASGI app (MCP at /mcp, /healthz, the protected-resource metadata) and the
+uvicorn server that runs it inside card-mcp's event loop."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import socket
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from ipaddress import ip_address
+
+import anyio
+import uvicorn
+from mcp.server.transport_security import TransportSecuritySettings
+from starlette.applications import Starlette
+
+from .config import Settings
+from .errors import SetupError
+from .server import CardServer
+
+logger = logging.getLogger(__name__)
+
+_LOOPBACK_HOSTS = ["127.0.0.1:*", "localhost:*", "[::1]:*"]
+_LOOPBACK_ORIGINS = ["http://127.0.0.1:*", "http://localhost:*", "http://[::1]:*"]
+
+
+def _names(value: str) -> list[str]:
+    return [name.strip() for name in value.split(",") if name.strip()]
+
+
+def transport_security(settings: Settings) -> TransportSecuritySettings:
+    """DNS-rebinding protection, always on: requests must name a Host this server answers to (loopback, the
+    bind address, the public URL's host, CARD_MCP_ALLOWED_HOSTS) and come from no browser Origin or an allowed
+    one."""
+    hosts = list(_LOOPBACK_HOSTS)
+    origins = list(_LOOPBACK_ORIGINS)
+    if not _is_wildcard(settings.host):
+        bind = f"[{settings.host}]" if ":" in settings.host else settings.host
+        hosts.append(f"{bind}:*")
+    public = settings.url.split("://", 1)[-1].split("/", 1)[0]
+    hosts.append(public)
+    origins.append(settings.url.split("/", 3)[0] + "//" + public)
+    hosts += _names(settings.allowed_hosts)
+    origins += _names(settings.allowed_origins)
+    return TransportSecuritySettings(
+        enable_dns_rebinding_protection=True,
+        allowed_hosts=list(dict.fromkeys(hosts)),
+        allowed_origins=list(dict.fromkeys(origins)),
+    )
+
+
+def _is_wildcard(host: str) -> bool:
+    try:
+        return ip_address(host).is_unspecified
+    except ValueError:
+        return False
+
+
+def build_app(server: CardServer, settings: Settings) -> Starlette:
+    """The ASGI app; its lifespan is the server's (database, pools, background clean-up)."""
+    return server.streamable_http_app(
+        stateless_http=settings.stateless,
+        max_request_body_size=settings.max_request_bytes,
+        transport_security=transport_security(settings),
+        host=settings.host,
+    )
+
+
+class _Uvicorn(uvicorn.Server):
+    @contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        # card-mcp handles SIGTERM/SIGINT itself (uvicorn's own handling re-raises the signal after shutdown).
+        yield
+
+
+def bind(settings: Settings) -> socket.socket:
+    """The listening socket, bound before the server is built, so that with port 0 the URLs the server announces
+    (protected-resource metadata, WWW-Authenticate) carry the real port."""
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((settings.host, settings.port))
+    except OSError as exc:
+        sock.close()
+        raise SetupError(
+            f"cannot listen on {settings.host}:{settings.port}: {exc.strerror}",
+            hint="Pick another --port (or stop what uses it).",
+        ) from exc
+    sock.set_inheritable(True)
+    return sock
+
+
+async def serve_http(
+    server: CardServer,
+    settings: Settings,
+    sock: socket.socket,
+    *,
+    on_listening: Callable[[str], None] | None = None,
+) -> None:
+    """Serve on ``sock`` until SIGTERM or SIGINT, then finish the running requests and close the lifespan."""
+    config = uvicorn.Config(
+        build_app(server, settings),
+        host=settings.host,
+        port=settings.port,
+        lifespan="on",
+        log_config=None,  # card-mcp's logging: stderr, one format
+        access_log=False,
+        timeout_graceful_shutdown=10,
+        server_header=False,
+    )
+    web = _Uvicorn(config)
+
+    async def stop_on_signal() -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for received in signals:
+                logger.info("received %s; shutting down", signal.Signals(received).name)
+                web.should_exit = True
+                return
+
+    async def announce() -> None:
+        while not web.started and not web.should_exit:  # noqa: ASYNC110 - uvicorn offers no event to wait on
+            await anyio.sleep(0.01)
+        if web.started:
+            port = web.servers[0].sockets[0].getsockname()[1]
+            host = f"[{settings.host}]" if ":" in settings.host else settings.host
+            url = f"http://{host}:{port}/mcp"
+            logger.info("listening on %s (%s)", url, "stateless" if settings.stateless else "stateful sessions")
+            if on_listening is not None:
+                on_listening(url)
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(stop_on_signal)
+        group.start_soon(announce)
+        await web.serve(sockets=[sock])
+        group.cancel_scope.cancel()
+    if not web.started:
+        raise SystemExit(1)  # uvicorn logged why (the lifespan failed, or the port is taken)

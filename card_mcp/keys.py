@@ -1,0 +1,129 @@
+"""API keys for the HTTP transport: made, listed and revoked through the admin role, looked up by hash.
+
+A key is ``cmk_`` and 256 random bits (URL-safe base64). It is shown once, when made; the database keeps only its
+SHA-256 and a short prefix for listings. The server turns a presented key into its tenant with
+``card_mcp.api_key_lookup`` (the admin role's narrow function) on every request, so a revoked key stops working
+at the next request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import dataclass
+from datetime import datetime
+from uuid import UUID
+
+import asyncpg
+from mcp.server.auth.provider import AccessToken
+
+from . import db
+from .db import Connection
+from .errors import InvalidArgument, NotFound
+
+KEY_PREFIX = "cmk_"
+_SHOWN_PREFIX = 12  # "cmk_" and 8 characters: enough to tell keys apart in a listing, useless to an attacker
+_MAX_KEY_LENGTH = 200
+
+
+def generate() -> str:
+    """A new random key (256 bits)."""
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def key_hash(key: str) -> bytes:
+    """What the database stores and looks up: SHA-256 of the key's text."""
+    return hashlib.sha256(key.encode()).digest()
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """A key as listed: never the key itself."""
+
+    key_id: UUID
+    prefix: str
+    label: str | None
+    tenant: str
+    created_at: datetime
+    last_used_at: datetime | None
+    revoked_at: datetime | None
+
+
+_TENANT = "SELECT tenant_id FROM card_mcp.tenants WHERE name = $1"
+_CREATE = """
+INSERT INTO card_mcp.api_keys (tenant_id, prefix, key_hash, label) VALUES ($1, $2, $3, $4)
+RETURNING key_id
+"""
+
+
+async def create_key(conn: Connection, tenant: str, label: str | None = None) -> tuple[UUID, str]:
+    """A new key for the existing tenant ``tenant``, as the admin role: (key id, the key, to show once)."""
+    if label is not None and not 1 <= len(label) <= 200:
+        raise InvalidArgument("the label must be 1-200 characters", hint="Use a short label such as 'staging'.")
+    tenant_id = await conn.fetchval(_TENANT, tenant)
+    if tenant_id is None:
+        raise NotFound(f"no tenant {tenant!r}", hint=f"Create it first: card-mcp tenants create {tenant}")
+    key = generate()
+    key_id: UUID = await conn.fetchval(_CREATE, tenant_id, key[:_SHOWN_PREFIX], key_hash(key), label)
+    return key_id, key
+
+
+_LIST = """
+SELECT k.key_id, k.prefix, k.label, t.name AS tenant, k.created_at, k.last_used_at, k.revoked_at
+  FROM card_mcp.api_keys AS k JOIN card_mcp.tenants AS t USING (tenant_id)
+ WHERE $1::text IS NULL OR t.name = $1
+ ORDER BY t.name, k.created_at, k.key_id
+"""
+
+
+async def list_keys(conn: Connection, tenant: str | None = None) -> list[ApiKey]:
+    """Every key (of one tenant, if given), as the admin role."""
+    return [ApiKey(**dict(row)) for row in await conn.fetch(_LIST, tenant)]
+
+
+_REVOKE = """
+UPDATE card_mcp.api_keys SET revoked_at = coalesce(revoked_at, now())
+ WHERE key_id = $1
+RETURNING revoked_at
+"""
+
+
+async def revoke_key(conn: Connection, key_id: str) -> datetime:
+    """Revoke a key, as the admin role; the next request with it is refused. Revoking twice is harmless."""
+    try:
+        parsed = UUID(key_id)
+    except ValueError as exc:
+        raise InvalidArgument(
+            f"{key_id!r} is not a key id", hint="Use the id that `card-mcp keys list` shows."
+        ) from exc
+    revoked_at: datetime | None = await conn.fetchval(_REVOKE, parsed)
+    if revoked_at is None:
+        raise NotFound(f"no key with id {parsed}", hint="`card-mcp keys list` shows the keys.")
+    return revoked_at
+
+
+class KeyToken(AccessToken):
+    """A verified API key: the tenant it belongs to and its id, for the tool call and its usage row."""
+
+    tenant_id: UUID
+    key_id: UUID
+
+
+class KeyVerifier:
+    """The SDK's token-verifier hook: a bearer token is valid when it is an unrevoked key. Looks the key up on
+    the admin pool the server's lifespan attaches."""
+
+    def __init__(self) -> None:
+        self.pool: asyncpg.Pool | None = None
+
+    async def verify_token(self, token: str) -> AccessToken | None:
+        if self.pool is None or not token.startswith(KEY_PREFIX) or len(token) > _MAX_KEY_LENGTH:
+            return None
+        with db.translate_errors():  # an unreachable database is `unavailable`, not a wrong key
+            async with self.pool.acquire(timeout=db.ACQUIRE_TIMEOUT) as conn:
+                row = await conn.fetchrow("SELECT * FROM card_mcp.api_key_lookup($1)", key_hash(token))
+        if row is None:
+            return None
+        return KeyToken(
+            token=token, client_id=str(row["key_id"]), scopes=[], tenant_id=row["tenant_id"], key_id=row["key_id"]
+        )

@@ -1,0 +1,421 @@
+"""Streamable HTTP end to end: real `card-mcp serve --transport http` processes, the SDK's HTTP client, API keys,
+limits, /healthz, stateless instances, and the same isolation through pgbouncer when CI provides one."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import anyio
+import asyncpg
+import httpx2
+import pytest
+from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
+from mcp.types import CallToolResult, Implementation
+
+from card_mcp import db, keys
+from tests.conftest import TestDatabase
+from tests.test_batch import Blocker, batch_waiting_on_a_lock, make_cards, superuser, until
+from tests.test_server import error_code, ok
+
+CARD_MCP = str(Path(sys.executable).parent / "card-mcp")
+PGBOUNCER_URL = os.environ.get("CARD_MCP_TEST_PGBOUNCER_URL")  # e.g. postgresql://127.0.0.1:6432
+
+
+@dataclass
+class HttpServer:
+    url: str
+    process: subprocess.Popen[str]
+    log: list[str] = field(default_factory=list)
+
+    @property
+    def base(self) -> str:
+        return self.url.removesuffix("/mcp")
+
+
+@contextmanager
+def http_server(database: TestDatabase, *, app_url: str | None = None, **env: str) -> Iterator[HttpServer]:
+    """`card-mcp serve --transport http` on a free port, against the test database; stopped with SIGTERM."""
+    environment = {
+        **os.environ,
+        "CARD_MCP_DATABASE_URL": app_url or database.app_url,
+        "CARD_MCP_ADMIN_DATABASE_URL": database.owner_url,
+        "CARD_MCP_POOL_MAX_SIZE": "8",
+        **env,
+    }
+    process = subprocess.Popen(
+        [CARD_MCP, "serve", "--transport", "http", "--port", "0"],
+        env=environment,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stderr is not None
+    log: list[str] = []
+    listening = threading.Event()
+    found: list[str] = []
+
+    def drain() -> None:
+        assert process.stderr is not None
+        for line in process.stderr:
+            log.append(line)
+            match = re.search(r"listening on (http://\S+/mcp)", line)
+            if match:
+                found.append(match.group(1))
+                listening.set()
+        listening.set()
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    try:
+        listening.wait(60)
+        assert found, "the server did not start:\n" + "".join(log)
+        yield HttpServer(found[0], process, log)
+    finally:
+        process.terminate()
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            raise
+        finally:
+            reader.join(10)
+            output = process.stdout.read() if process.stdout else ""
+            for pipe in (process.stdout, process.stderr):
+                if pipe is not None:
+                    pipe.close()
+    assert process.returncode == 0, "".join(log)
+    assert output == ""  # nothing but logs, and those on stderr
+
+
+@asynccontextmanager
+async def mcp_client(
+    url: str, key: str | None, *, user_agent: str | None = None, client_name: str = "pytest-http"
+) -> AsyncIterator[Client]:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    if user_agent:
+        headers["User-Agent"] = user_agent
+    info = Implementation(name=client_name, version="9.9")
+    async with (
+        httpx2.AsyncClient(headers=headers, timeout=60) as http,
+        Client(streamable_http_client(url, http_client=http), mode="legacy", client_info=info) as client,
+    ):
+        yield client
+
+
+async def new_key(database: TestDatabase, tenant: str) -> tuple[uuid.UUID, str]:
+    await db.tenant_id_for(database.admin_url, tenant)
+    conn = await db.connect(database.admin_url)
+    try:
+        return await keys.create_key(conn, tenant, "test")
+    finally:
+        await conn.close()
+
+
+async def usage_by_tenant(database: TestDatabase, tenant: str) -> list[asyncpg.Record]:
+    conn = await db.connect(database.admin_url)
+    try:
+        return await conn.fetch(
+            "SELECT u.* FROM card_mcp.card_usage u JOIN card_mcp.tenants t USING (tenant_id) WHERE t.name = $1"
+            " ORDER BY u.usage_id",
+            tenant,
+        )
+    finally:
+        await conn.close()
+
+
+def name() -> str:
+    return f"h-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture(scope="module")
+def server(database: TestDatabase) -> Iterator[HttpServer]:
+    with http_server(database, CARD_MCP_MAX_CALLS_PER_KEY="64") as running:
+        yield running
+
+
+INITIALIZE = {
+    "jsonrpc": "2.0",
+    "id": 1,
+    "method": "initialize",
+    "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "raw", "version": "0"}},
+}
+
+
+async def test_no_key_a_wrong_key_and_a_revoked_key_get_401_and_leave_no_usage_row(
+    database: TestDatabase, server: HttpServer
+) -> None:
+    tenant = name()
+    key_id, key = await new_key(database, tenant)
+    async with mcp_client(server.url, key) as client:
+        ok(await client.call_tool("create_card", make_cards(1)[0]))
+    conn = await db.connect(database.admin_url)
+    try:
+        await keys.revoke_key(conn, str(key_id))
+    finally:
+        await conn.close()
+    headers = {"Accept": "application/json, text/event-stream"}
+    async with httpx2.AsyncClient(timeout=30) as http:
+        for authorization in (None, "Bearer cmk_not-a-key", f"Bearer {key}x", f"Bearer {key}", f"Basic {key}"):
+            sent = {**headers, **({"Authorization": authorization} if authorization else {})}
+            response = await http.post(server.url, json=INITIALIZE, headers=sent)
+            assert response.status_code == 401, authorization
+            challenge = response.headers["www-authenticate"]
+            assert challenge.startswith("Bearer ") and 'error="invalid_token"' in challenge
+            assert f'resource_metadata="{server.base}/.well-known/oauth-protected-resource/mcp"' in challenge
+        metadata = (await http.get(f"{server.base}/.well-known/oauth-protected-resource/mcp")).json()
+    assert metadata["resource"] == server.url
+    assert [r["tool"] for r in await usage_by_tenant(database, tenant)] == ["create_card"]
+
+
+async def test_a_tenants_key_never_reaches_another_tenants_cards(database: TestDatabase, server: HttpServer) -> None:
+    tenant_a, tenant_b = name(), name()
+    _, key_a = await new_key(database, tenant_a)
+    _, key_b = await new_key(database, tenant_b)
+    async with mcp_client(server.url, key_b) as b:
+        theirs = ok(await b.call_tool("create_card", make_cards(1, "secret")[0]))["card"]
+    async with mcp_client(server.url, key_a) as a:
+        assert error_code(await a.call_tool("get_card", {"card_id": theirs["id"]})) == "not_found"
+        assert error_code(await a.call_tool("delete_card", {"card_id": theirs["id"]})) == "not_found"
+        assert ok(await a.call_tool("search_cards", {"query": "secret"}))["cards"] == []
+        # The tenant comes from the key, never from an argument.
+        assert error_code(await a.call_tool("search_cards", {"tenant": tenant_b})) == "invalid_argument"
+    async with mcp_client(server.url, key_b) as b:
+        assert ok(await b.call_tool("get_card", {"card_id": theirs["id"]}))["card"] == theirs
+
+
+async def run_mixed_load(url: str, database: TestDatabase, clients_per_tenant: int = 20) -> None:
+    """2 tenants x N concurrent clients, each calling every tool; then each tenant's cards and usage rows must
+    equal what its own clients did, exactly."""
+    tenants = [name(), name()]
+    tenant_keys = {t: await new_key(database, t) for t in tenants}
+    made: dict[str, set[str]] = {t: set() for t in tenants}
+    calls: dict[str, Counter[tuple[str, str | None]]] = {t: Counter() for t in tenants}
+    foreign: dict[str, list[str]] = {t: [] for t in tenants}
+
+    async def one_client(tenant: str, n: int) -> None:
+        _, key = tenant_keys[tenant]
+
+        async def call(client: Client, tool: str, arguments: dict[str, Any]) -> CallToolResult:
+            result = await client.call_tool(tool, arguments)
+            calls[tenant][(tool, error_code(result) if result.is_error else None)] += 1
+            return result
+
+        async with mcp_client(url, key, client_name=f"load-{n}") as client:
+            card = ok(await call(client, "create_card", make_cards(1, f"{tenant}-{n}")[0]))["card"]
+            made[tenant].add(card["id"])
+            ok(await call(client, "get_card", {"card_id": card["id"]}))
+            ok(await call(client, "update_card", {"card_id": card["id"], "tags": ["updated"], "expected_version": 1}))
+            batch = ok(await call(client, "batch_create_cards", {"cards": make_cards(3, f"{tenant}-{n}-b")}))
+            made[tenant].update(r["card_id"] for r in batch["results"])
+            hits = ok(await call(client, "search_cards", {"limit": 50}))["cards"]
+            foreign[tenant] += [h["id"] for h in hits if not h["title"].startswith(tenant)]
+            other_tenant = tenants[1 - tenants.index(tenant)]
+            for other_id in list(made[other_tenant])[:2]:
+                assert error_code(await call(client, "get_card", {"card_id": other_id})) == "not_found"
+            ok(await call(client, "usage_stats", {"group_by": "client"}))
+            ok(await call(client, "delete_card", {"card_id": card["id"]}))
+            made[tenant].discard(card["id"])
+
+    async with anyio.create_task_group() as group:
+        for n in range(clients_per_tenant):
+            for tenant in tenants:
+                group.start_soon(one_client, tenant, n)
+
+    conn = await db.connect(database.admin_url)
+    try:
+        for tenant in tenants:
+            assert foreign[tenant] == []
+            stored = await conn.fetch(
+                "SELECT c.id::text FROM card_mcp.cards c JOIN card_mcp.tenants t USING (tenant_id)"
+                " WHERE t.name = $1 AND c.is_active",
+                tenant,
+            )
+            assert {r["id"] for r in stored} == made[tenant]
+            rows = await usage_by_tenant(database, tenant)
+            assert Counter((r["tool"], r["error_code"]) for r in rows) == calls[tenant]
+            assert {r["api_key_id"] for r in rows} == {tenant_keys[tenant][0]}
+            assert {r["transport"] for r in rows} == {"http"}
+            assert {r["client_name"] for r in rows} <= {f"load-{n}" for n in range(clients_per_tenant)}
+    finally:
+        await conn.close()
+
+
+async def test_two_tenants_with_twenty_concurrent_clients_each_see_only_their_own_cards(
+    database: TestDatabase, server: HttpServer
+) -> None:
+    await run_mixed_load(server.url, database)
+
+
+@pytest.mark.skipif(not PGBOUNCER_URL, reason="CARD_MCP_TEST_PGBOUNCER_URL is set by .ci/run (pgbouncer)")
+async def test_through_pgbouncer_in_transaction_mode_tenants_stay_apart(database: TestDatabase) -> None:
+    assert PGBOUNCER_URL is not None
+    bouncer = urlsplit(PGBOUNCER_URL)
+    app = urlsplit(database.app_url)
+    via_bouncer = urlunsplit((app.scheme, f"{db.APP_ROLE}@{bouncer.netloc.split('@')[-1]}", app.path, "", ""))
+    with http_server(
+        database,
+        app_url=via_bouncer,
+        CARD_MCP_STATEMENT_CACHE_SIZE="0",
+        CARD_MCP_MAX_CALLS_PER_KEY="64",
+        CARD_MCP_POOL_MAX_SIZE="20",
+    ) as running:
+        await run_mixed_load(running.url, database)
+        async with superuser(database) as conn:
+            via = await conn.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND usename = $2", database.name, db.APP_ROLE
+            )
+        assert via <= 4  # pgbouncer's default_pool_size in .ci/run: 20 pooled clients on a few server connections
+
+
+async def test_a_busy_key_gets_limit_exceeded_and_a_slow_statement_gets_unavailable(
+    database: TestDatabase, app_pool: asyncpg.Pool
+) -> None:
+    tenant = name()
+    tenant_id = await db.tenant_id_for(database.admin_url, tenant)
+    _, key = await new_key(database, tenant)
+    _, other_key = await new_key(database, tenant)
+    batch = make_cards(5)
+    with http_server(database, CARD_MCP_MAX_CALLS_PER_KEY="1", CARD_MCP_STATEMENT_TIMEOUT_MS="4000") as running:
+        async with mcp_client(running.url, key) as client, mcp_client(running.url, other_key) as other:
+            outcome: list[CallToolResult] = []
+
+            async def slow_call() -> None:
+                outcome.append(await client.call_tool("batch_create_cards", {"cards": batch}))
+
+            async with Blocker.holding(app_pool, tenant_id, batch[0]), anyio.create_task_group() as group:
+                group.start_soon(slow_call)
+                await batch_waiting_on_a_lock(database)
+                busy = await client.call_tool("get_card", {"card_id": str(uuid.uuid4())})
+                assert error_code(busy) == "limit_exceeded"
+                # Another key of the same tenant has its own allowance.
+                assert error_code(await other.call_tool("get_card", {"card_id": str(uuid.uuid4())})) == "not_found"
+
+                async def answered() -> bool:
+                    return bool(outcome)
+
+                await until(answered, "the blocked batch to hit the statement timeout")
+            assert error_code(outcome[0]) == "unavailable"
+            assert ok(await client.call_tool("batch_create_cards", {"cards": batch}))["created"] == 5
+    codes = [r["error_code"] for r in await usage_by_tenant(database, tenant)]
+    assert sorted(codes, key=str) == sorted(["limit_exceeded", "not_found", "unavailable", None], key=str)
+
+
+async def test_a_request_body_over_the_limit_is_refused(database: TestDatabase) -> None:
+    tenant = name()
+    _, key = await new_key(database, tenant)
+    with http_server(database, CARD_MCP_MAX_REQUEST_BYTES="65536") as running:
+        async with httpx2.AsyncClient(timeout=30) as http:
+            big = {**INITIALIZE, "params": {**INITIALIZE["params"], "padding": "x" * 70_000}}  # type: ignore[dict-item]
+            response = await http.post(
+                running.url,
+                content=json.dumps(big),
+                headers={
+                    "Authorization": f"Bearer {key}",
+                    "Content-Type": "application/json",
+                    "Accept": "application/json, text/event-stream",
+                },
+            )
+    assert response.status_code == 413
+
+
+async def test_healthz_answers_503_while_the_database_refuses_and_200_again_after(
+    database: TestDatabase,
+) -> None:
+    tenant = name()
+    _, key = await new_key(database, tenant)
+    with http_server(database, CARD_MCP_POOL_MIN_SIZE="0") as running:
+        async with httpx2.AsyncClient(timeout=30) as http:
+            healthy = await http.get(f"{running.base}/healthz")
+            assert (healthy.status_code, healthy.json()) == (200, {"status": "ok"})
+            async with superuser(database) as conn:
+                await conn.execute(f'ALTER DATABASE "{database.name}" WITH ALLOW_CONNECTIONS false')
+                try:
+                    await conn.execute(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND usename = $2",
+                        database.name,
+                        db.APP_ROLE,
+                    )
+                    down = await http.get(f"{running.base}/healthz")
+                    assert (down.status_code, down.json()) == (503, {"status": "unavailable"})
+                finally:
+                    await conn.execute(f'ALTER DATABASE "{database.name}" WITH ALLOW_CONNECTIONS true')
+            back = await http.get(f"{running.base}/healthz")
+            assert back.status_code == 200
+        async with mcp_client(running.url, key) as client:  # recovered without a restart
+            ok(await client.call_tool("search_cards", {}))
+
+
+async def test_two_stateless_instances_serve_one_client_interchangeably(database: TestDatabase) -> None:
+    tenant = name()
+    _, key = await new_key(database, tenant)
+    arguments = {"cards": make_cards(4), "idempotency_key": "lb-retry"}
+    with (
+        http_server(database, CARD_MCP_STATELESS="true") as one,
+        http_server(database, CARD_MCP_STATELESS="true") as two,
+    ):
+        async with mcp_client(one.url, key, user_agent="brand-bot/2.0 (agents)") as first:
+            card = ok(await first.call_tool("create_card", make_cards(1, "lb")[0]))["card"]
+            batch = ok(await first.call_tool("batch_create_cards", arguments))
+        async with mcp_client(two.url, key, user_agent="brand-bot/2.0 (agents)") as second:
+            assert ok(await second.call_tool("get_card", {"card_id": card["id"]}))["card"] == card
+            assert ok(await second.call_tool("batch_create_cards", arguments)) == {**batch, "replayed": True}
+    rows = await usage_by_tenant(database, tenant)
+    assert [r["tool"] for r in rows] == ["create_card", "batch_create_cards", "get_card", "batch_create_cards"]
+    assert {(r["client_name"], r["client_version"]) for r in rows} == {("brand-bot", "2.0")}
+
+
+def run_cli(database: TestDatabase, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [CARD_MCP, *args],
+        env={
+            **os.environ,
+            "CARD_MCP_DATABASE_URL": database.app_url,
+            "CARD_MCP_ADMIN_DATABASE_URL": database.owner_url,
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+async def test_keys_are_shown_once_listed_without_the_key_and_revoked_at_once(
+    database: TestDatabase, server: HttpServer
+) -> None:
+    tenant = name()
+    assert run_cli(database, "tenants", "create", tenant).returncode == 0
+    created = run_cli(database, "keys", "create", "--tenant", tenant, "--label", "ci")
+    assert created.returncode == 0, created.stderr
+    key = created.stdout.strip()
+    assert created.stdout == key + "\n" and key.startswith("cmk_") and len(key) >= 40
+    assert "shown only this once" in created.stderr
+    listed = json.loads(run_cli(database, "keys", "list", "--tenant", tenant, "--format", "json").stdout)["keys"]
+    assert len(listed) == 1 and key not in json.dumps(listed)
+    entry = listed[0]
+    assert (entry["tenant"], entry["label"], entry["revoked_at"], entry["last_used_at"]) == (tenant, "ci", None, None)
+    assert key.startswith(entry["prefix"]) and entry["key_id"] in created.stderr
+    async with mcp_client(server.url, key) as client:
+        ok(await client.call_tool("search_cards", {}))
+        used = json.loads(run_cli(database, "keys", "list", "--tenant", tenant, "--format", "json").stdout)["keys"]
+        assert used[0]["last_used_at"] is not None
+        assert run_cli(database, "keys", "revoke", entry["key_id"]).returncode == 0
+        with pytest.raises(Exception):  # noqa: B017 - the SDK surfaces a 401 as a generic MCPError
+            await client.call_tool("search_cards", {})
+    missing = run_cli(database, "keys", "create", "--tenant", "no-such-tenant")
+    assert missing.returncode == 1 and missing.stdout == "" and "tenants create" in missing.stderr
+    assert run_cli(database, "keys", "revoke", "not-a-uuid").returncode == 1
