@@ -370,7 +370,13 @@ async def test_two_stateless_instances_serve_one_client_interchangeably(database
     ):
         async with mcp_client(one.url, key, user_agent="brand-bot/2.0 (agents)") as first:
             card = ok(await first.call_tool("create_card", make_cards(1, "lb")[0]))["card"]
-            batch = ok(await first.call_tool("batch_create_cards", arguments))
+            seen: list[float] = []
+
+            async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+                seen.append(progress)
+
+            batch = ok(await first.call_tool("batch_create_cards", arguments, progress_callback=on_progress))
+            assert seen and seen[-1] == 4  # progress streams within the request, sessions or not
         async with mcp_client(two.url, key, user_agent="brand-bot/2.0 (agents)") as second:
             assert ok(await second.call_tool("get_card", {"card_id": card["id"]}))["card"] == card
             assert ok(await second.call_tool("batch_create_cards", arguments)) == {**batch, "replayed": True}

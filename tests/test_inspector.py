@@ -7,14 +7,17 @@ import os
 import shutil
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
-from tests.conftest import make_tempdir
+from tests.conftest import TestDatabase, make_tempdir
 from tests.test_embedded import postgres_processes
+from tests.test_http import http_server, new_key
 
 CARD_MCP = str(Path(sys.executable).parent / "card-mcp")
 INSPECTOR = os.environ.get("CARD_MCP_INSPECTOR")
@@ -92,3 +95,29 @@ def test_the_inspector_creates_then_gets_a_card(data_dir: Path) -> None:
     )
     assert missing["isError"] is True
     assert json.loads(missing["content"][0]["text"])["error"]["code"] == "not_found"
+
+
+async def test_the_inspector_lists_and_calls_tools_over_http_with_a_bearer_key(database: TestDatabase) -> None:
+    assert INSPECTOR, "CI=true but CARD_MCP_INSPECTOR is not set: .ci/run must install the inspector"
+    _, key = await new_key(database, f"insp-{uuid.uuid4().hex[:8]}")
+    with http_server(database, CARD_MCP_STATELESS="true") as server:
+
+        def over_http(*args: str, bearer: str = key) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [INSPECTOR, server.url, "--transport", "http", "--header", f"Authorization: Bearer {bearer}", *args],
+                capture_output=True,
+                text=True,
+                timeout=120,
+                check=False,
+            )
+
+        listed = await anyio.to_thread.run_sync(lambda: over_http("--method", "tools/list"))
+        assert listed.returncode == 0, listed.stderr
+        assert len(json.loads(listed.stdout)["tools"]) == 7
+        args = ["--method", "tools/call", "--tool-name", "create_card", "--tool-arg", "card_type=insight"]
+        args += ["title=Over HTTP", 'content={"via":"inspector"}', "--method", "tools/call"]
+        created = await anyio.to_thread.run_sync(lambda: over_http(*args))
+        assert created.returncode == 0, created.stderr
+        assert json.loads(created.stdout)["structuredContent"]["status"] == "created"
+        refused = await anyio.to_thread.run_sync(lambda: over_http("--method", "tools/list", bearer="cmk_wrong"))
+        assert refused.returncode != 0 and "invalid_token" in refused.stderr

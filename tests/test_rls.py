@@ -24,6 +24,7 @@ async def raw_tenant(pool: asyncpg.Pool, tenant: uuid.UUID) -> AsyncIterator[asy
         yield conn
 
 
+# The tables the application role may read (api_keys it may not touch at all; see the test below).
 TENANT_TABLES = ("tenants", "cards", "idempotency_store", "card_usage")
 # Tables without tenant_id: the migrations ledger only.
 NOT_TENANT_TABLES = {"schema_migrations"}
@@ -175,8 +176,9 @@ async def test_every_key_and_foreign_key_of_a_tenant_table_includes_tenant_id(da
             continue
         assert row["has_tenant"], f"{row['tbl']}.{row['conname']}"
     for row in unique_indexes:
-        # tenants becomes a Citus reference table, where a unique name index is fine.
-        if row["tbl"].endswith(tuple(NOT_TENANT_TABLES)) or row["tbl"] == "card_mcp.tenants":
+        # tenants and api_keys become Citus reference tables (read before a tenant is known), where any unique
+        # index is fine.
+        if row["tbl"].endswith(tuple(NOT_TENANT_TABLES)) or row["tbl"] in ("card_mcp.tenants", "card_mcp.api_keys"):
             continue
         assert row["has_tenant"], row["idx"]
 
@@ -261,3 +263,13 @@ async def test_the_application_role_cannot_map_tenant_names_to_ids_or_purge_keys
             await conn.fetchval("SELECT card_mcp.tenant_id_for('default')")
         with pytest.raises(asyncpg.InsufficientPrivilegeError):
             await conn.fetchval("SELECT card_mcp.delete_expired_idempotency_keys()")
+
+
+async def test_the_application_role_can_neither_read_api_keys_nor_look_one_up(
+    app_pool: asyncpg.Pool, tenant_a: uuid.UUID
+) -> None:
+    async with app_pool.acquire() as conn:
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await conn.fetch("SELECT * FROM card_mcp.api_keys")
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await conn.fetch("SELECT * FROM card_mcp.api_key_lookup($1)", b"\0" * 32)
