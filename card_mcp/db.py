@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeAlias
@@ -102,8 +102,9 @@ async def open_database(settings: Settings, *, apply_migrations: bool = True) ->
     if pg is None:
         yield database
         return
-    await anyio.to_thread.run_sync(pg.start)
     try:
+        # Inside the try: a SIGTERM while the server starts (in a worker thread) still stops it below.
+        await anyio.to_thread.run_sync(pg.start)
         if apply_migrations:
             conn = await connect(database.require_owner_url())
             try:
@@ -164,7 +165,7 @@ async def create_admin_pool(url: str, settings: Settings) -> asyncpg.Pool:
         return await asyncpg.create_pool(
             url,
             min_size=1,
-            max_size=max(2, settings.pool_max_size // 4),
+            max_size=max(2, settings.pool_max_size // 2),  # one lookup per HTTP request
             statement_cache_size=settings.statement_cache_size,
             command_timeout=settings.command_timeout,
             init=_init_connection,
@@ -245,10 +246,15 @@ def translate_errors() -> Iterator[None]:
 
 @asynccontextmanager
 async def tenant_transaction(
-    pool: asyncpg.Pool, tenant_id: UUID, statement_timeout_ms: int = 0
+    pool: asyncpg.Pool,
+    tenant_id: UUID,
+    statement_timeout_ms: int = 0,
+    *,
+    on_commit: Callable[[], None] | None = None,
 ) -> AsyncIterator[Connection]:
     """The one way tenant queries run: one transaction whose first statement sets the tenant (and the statement
-    timeout, 0 for none), transaction-locally, so the pooled connection carries nothing into its next use."""
+    timeout, 0 for none), transaction-locally, so the pooled connection carries nothing into its next use.
+    ``on_commit`` runs once the COMMIT has succeeded, even if the caller is cancelled right after it."""
     with translate_errors():
         async with pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn:
             transaction = conn.transaction()
@@ -262,7 +268,10 @@ async def tenant_transaction(
                 with anyio.CancelScope(shield=True):
                     await _rollback(conn, transaction)
                 raise
-            await transaction.commit()
+            with anyio.CancelScope(shield=True):  # a COMMIT once sent finishes, so its outcome is known
+                await transaction.commit()
+            if on_commit is not None:
+                on_commit()
 
 
 async def _rollback(conn: Connection, transaction: Any) -> None:

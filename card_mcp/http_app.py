@@ -14,9 +14,11 @@ import anyio
 import uvicorn
 from mcp.server.transport_security import TransportSecuritySettings
 from starlette.applications import Starlette
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .config import Settings
-from .errors import SetupError
+from .errors import SetupError, Unavailable
 from .server import CardServer
 
 logger = logging.getLogger(__name__)
@@ -59,12 +61,35 @@ def _is_wildcard(host: str) -> bool:
 
 def build_app(server: CardServer, settings: Settings) -> Starlette:
     """The ASGI app; its lifespan is the server's (database, pools, background clean-up)."""
-    return server.streamable_http_app(
+    app = server.streamable_http_app(
         stateless_http=settings.stateless,
         max_request_body_size=settings.max_request_bytes,
         transport_security=transport_security(settings),
         host=settings.host,
     )
+    app.add_middleware(_UnavailableAs503)  # outside the authentication middleware, whose key lookup may fail
+    return app
+
+
+class _UnavailableAs503:
+    """A key lookup that cannot reach the database is 503 with Retry-After, not a 500 (nor a 401: the key may
+    be fine)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await self.app(scope, receive, send)
+        except Unavailable as exc:
+            if scope["type"] != "http":
+                raise
+            response = JSONResponse(
+                {"error": "unavailable", "error_description": exc.message},
+                status_code=503,
+                headers={"Retry-After": "5"},
+            )
+            await response(scope, receive, send)
 
 
 class _Uvicorn(uvicorn.Server):
@@ -113,11 +138,15 @@ async def serve_http(
     web = _Uvicorn(config)
 
     async def stop_on_signal() -> None:
+        # Keeps receiving: a second signal during the graceful shutdown must not kill the process before the
+        # lifespan has closed the pools and stopped the embedded database.
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for received in signals:
+                if web.should_exit:
+                    logger.info("received %s again; still shutting down", signal.Signals(received).name)
+                    continue
                 logger.info("received %s; shutting down", signal.Signals(received).name)
                 web.should_exit = True
-                return
 
     async def announce() -> None:
         while not web.started and not web.should_exit:  # noqa: ASYNC110 - uvicorn offers no event to wait on

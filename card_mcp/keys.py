@@ -9,6 +9,7 @@ at the next request.
 from __future__ import annotations
 
 import hashlib
+import re
 import secrets
 from dataclasses import dataclass
 from datetime import datetime
@@ -23,7 +24,7 @@ from .errors import InvalidArgument, NotFound
 
 KEY_PREFIX = "cmk_"
 _SHOWN_PREFIX = 12  # "cmk_" and 8 characters: enough to tell keys apart in a listing, useless to an attacker
-_MAX_KEY_LENGTH = 200
+_KEY_SHAPE = re.compile(r"cmk_[A-Za-z0-9_-]{43}")  # what generate() makes; anything else is refused unlooked-up
 
 
 def generate() -> str:
@@ -117,7 +118,7 @@ class KeyVerifier:
         self.pool: asyncpg.Pool | None = None
 
     async def verify_token(self, token: str) -> AccessToken | None:
-        if self.pool is None or not token.startswith(KEY_PREFIX) or len(token) > _MAX_KEY_LENGTH:
+        if self.pool is None or not _KEY_SHAPE.fullmatch(token):
             return None
         with db.translate_errors():  # an unreachable database is `unavailable`, not a wrong key
             async with self.pool.acquire(timeout=db.ACQUIRE_TIMEOUT) as conn:

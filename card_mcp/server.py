@@ -194,7 +194,9 @@ class CardServer(MCPServer[AppState]):
         started = time.perf_counter()
         try:
             with state.limiter.slot(key_id):
-                async with db.tenant_transaction(state.pool, tenant_id, state.settings.statement_timeout_ms) as conn:
+                async with db.tenant_transaction(
+                    state.pool, tenant_id, state.settings.statement_timeout_ms, on_commit=entry.mark_recorded
+                ) as conn:
                     token = _scope.set(CallScope(conn, entry, state, tenant_id))
                     try:
                         result = await super().call_tool(name, arguments, context)
@@ -206,13 +208,17 @@ class CardServer(MCPServer[AppState]):
         except MCPError:
             raise
         except anyio.get_cancelled_exc_class():
-            # The client cancelled or left: the transaction rolled back; the call still leaves its usage row.
-            entry.status, entry.error_code = "error", "cancelled"
-            entry.duration_ms = (time.perf_counter() - started) * 1000
-            with anyio.move_on_after(_RECORD_TIMEOUT, shield=True):
+            # The client cancelled or left. Unless the call had already committed (with its own row), the
+            # transaction rolled back, and the call still leaves its usage row.
+            if not entry.recorded:
+                entry.status, entry.error_code = "error", "cancelled"
+                entry.duration_ms = (time.perf_counter() - started) * 1000
                 await _record_failure(state, tenant_id, entry)
             raise
         except Exception as exc:  # the one edge where every failure becomes a tool error
+            if entry.recorded:  # committed with its usage row; only handing the connection back failed
+                logger.warning("a committed call's connection could not be returned: %r", exc)
+                return result
             error = _domain_error(exc, tool.fn_metadata.arg_model.__name__)
         entry.status, entry.error_code = "error", error.code
         entry.duration_ms = (time.perf_counter() - started) * 1000
@@ -279,26 +285,37 @@ def _usage_entry(tool: str, context: Any, settings: Settings) -> UsageEntry:
     entry = UsageEntry(tool=tool, transport=settings.transport)
     params = getattr(getattr(context, "session", None), "client_params", None)
     if params is not None and params.client_info is not None:
-        entry.client_name = params.client_info.name or "unknown"
-        entry.client_version = params.client_info.version
+        entry.client_name = _printable(params.client_info.name) or "unknown"
+        entry.client_version = _printable(params.client_info.version) or None
         return entry
     request = getattr(getattr(context, "request_context", None), "request", None)
     agent = request.headers.get("user-agent") if request is not None else None
     if agent:
         name, _, version = agent.split(" ", 1)[0].partition("/")
-        entry.client_name = name or "unknown"
-        entry.client_version = version or None
+        entry.client_name = _printable(name) or "unknown"
+        entry.client_version = _printable(version) or None
     return entry
 
 
+def _printable(text: str | None) -> str:
+    """What a client says about itself, without control characters (PostgreSQL refuses NUL in text)."""
+    return "".join(ch for ch in text or "" if ch.isprintable())
+
+
 async def _record_failure(state: AppState, tenant_id: UUID, entry: UsageEntry) -> None:
-    """A failed call's usage row, in a transaction of its own after the rollback."""
-    try:
-        async with db.tenant_transaction(state.pool, tenant_id, state.settings.statement_timeout_ms) as conn:
-            entry.card_ids = []  # nothing was read or written
-            await usage.record(conn, tenant_id, entry)
-    except Exception:  # the caller still gets its error in the fixed shape
-        logger.exception("could not record the failed call of %s (%s)", entry.tool, entry.error_code)
+    """A failed call's usage row, in a transaction of its own after the rollback; shielded from cancellation
+    (a call cancelled now still leaves its row) and bounded in time."""
+    with anyio.move_on_after(_RECORD_TIMEOUT, shield=True) as bound:
+        try:
+            async with db.tenant_transaction(state.pool, tenant_id, state.settings.statement_timeout_ms) as conn:
+                entry.card_ids = []  # nothing was read or written
+                await usage.record(conn, tenant_id, entry)
+        except Exception:  # the caller still gets its error in the fixed shape
+            logger.exception("could not record the failed call of %s (%s)", entry.tool, entry.error_code)
+    if bound.cancelled_caught:
+        logger.error(
+            "gave up recording the failed call of %s (%s) after %ss", entry.tool, entry.error_code, _RECORD_TIMEOUT
+        )
 
 
 @asynccontextmanager
@@ -366,13 +383,26 @@ async def _healthz(server: CardServer, request: Request) -> JSONResponse:
     No authentication and no data."""
     state = server.state
     if state is not None:
-        with anyio.move_on_after(_HEALTH_TIMEOUT):
-            try:
-                async with state.pool.acquire(timeout=_HEALTH_TIMEOUT) as conn:
-                    await conn.fetchval("SELECT 1")
-                return JSONResponse({"status": "ok"})
-            except Exception as exc:  # whatever the failure, the answer is "not healthy", never a 500
-                logger.warning("health check: the database does not answer: %r", exc)
+        try:
+            conn = await state.pool.acquire(timeout=_HEALTH_TIMEOUT)
+        except TimeoutError:  # every connection is serving a call: busy, not down
+            return JSONResponse({"status": "busy"})
+        except Exception as exc:  # whatever the failure, the answer is "not healthy", never a 500
+            logger.warning("health check: cannot connect to the database: %r", exc)
+            return _unhealthy()
+        try:
+            with anyio.fail_after(_HEALTH_TIMEOUT):
+                await conn.fetchval("SELECT 1")
+            return JSONResponse({"status": "ok"})
+        except Exception as exc:
+            logger.warning("health check: the database does not answer: %r", exc)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await state.pool.release(conn)
+    return _unhealthy()
+
+
+def _unhealthy() -> JSONResponse:
     return JSONResponse({"status": "unavailable"}, status_code=503)
 
 

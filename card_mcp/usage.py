@@ -26,6 +26,10 @@ class UsageEntry:
     status: Literal["ok", "error"] = "ok"
     error_code: str | None = None
     duration_ms: float = 0.0
+    recorded: bool = False  # the row is committed: the call must not write another
+
+    def mark_recorded(self) -> None:
+        self.recorded = True
 
 
 _RECORD = """

@@ -16,7 +16,7 @@ import pytest
 from mcp.types import CallToolResult
 from pydantic import ValidationError
 
-from card_mcp import cards, db, idempotency
+from card_mcp import cards, db
 from card_mcp.config import Settings
 from card_mcp.models import NewCard
 from tests.conftest import TestDatabase
@@ -386,4 +386,3 @@ async def test_keys_are_kept_as_long_as_configured_and_never_less_than_a_day(
     finally:
         await conn.close()
     assert kept == timedelta(hours=72)
-    assert await idempotency.delete_expired(database.admin_url) >= 0
