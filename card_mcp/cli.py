@@ -188,22 +188,18 @@ async def _keys(args: argparse.Namespace, settings: Settings) -> int:
     elif args.action == "revoke":
         print(f"card-mcp: key {args.key_id} revoked at {revoked_at.isoformat()}", file=sys.stderr)
     else:
-        rows: list[dict[str, str | None]] = [
+        rows = [
             {
                 "key_id": str(k.key_id),
                 "prefix": k.prefix,
-                "label": k.label or "",
+                "label": k.label,
                 "tenant": k.tenant,
                 "created_at": k.created_at.isoformat(timespec="seconds"),
-                "last_used_at": k.last_used_at.isoformat(timespec="seconds") if k.last_used_at else "",
-                "revoked_at": k.revoked_at.isoformat(timespec="seconds") if k.revoked_at else "",
+                "last_used_at": k.last_used_at.isoformat(timespec="seconds") if k.last_used_at else None,
+                "revoked_at": k.revoked_at.isoformat(timespec="seconds") if k.revoked_at else None,
             }
             for k in listed
         ]
-        if args.format == "json":
-            for row in rows:  # JSON says "never" as null
-                for column in ("label", "last_used_at", "revoked_at"):
-                    row[column] = row[column] or None
         _print_rows(rows, args.format, key="keys")
     return 0
 
@@ -231,10 +227,11 @@ def _print_rows(rows: list[dict[str, Any]], fmt: str, *, key: str) -> None:
         print(f"no {key}", file=sys.stderr)
         return
     columns = list(rows[0])
-    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in columns}
+    cells = [{c: "" if r[c] is None else str(r[c]) for c in columns} for r in rows]  # JSON's null, blank here
+    widths = {c: max(len(c), *(len(r[c]) for r in cells)) for c in columns}
     print("  ".join(c.ljust(widths[c]) for c in columns).rstrip())
-    for row in rows:
-        print("  ".join(str(row[c]).ljust(widths[c]) for c in columns).rstrip())
+    for row in cells:
+        print("  ".join(row[c].ljust(widths[c]) for c in columns).rstrip())
 
 
 if __name__ == "__main__":

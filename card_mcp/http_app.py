@@ -9,6 +9,7 @@ import socket
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from ipaddress import ip_address
+from urllib.parse import urlsplit
 
 import anyio
 import uvicorn
@@ -40,9 +41,9 @@ def transport_security(settings: Settings) -> TransportSecuritySettings:
     if not _is_wildcard(settings.host):
         bind = f"[{settings.host}]" if ":" in settings.host else settings.host
         hosts.append(f"{bind}:*")
-    public = settings.url.split("://", 1)[-1].split("/", 1)[0]
-    hosts.append(public)
-    origins.append(settings.url.split("/", 3)[0] + "//" + public)
+    public = urlsplit(settings.url)
+    hosts.append(public.netloc)
+    origins.append(f"{public.scheme}://{public.netloc}")
     hosts += _names(settings.allowed_hosts)
     origins += _names(settings.allowed_origins)
     return TransportSecuritySettings(

@@ -29,7 +29,7 @@ from mcp.types import CallToolResult, Implementation
 from card_mcp import db, keys
 from tests.conftest import TestDatabase
 from tests.test_batch import Blocker, batch_waiting_on_a_lock, make_cards, superuser
-from tests.test_server import error_code, ok
+from tests.test_server import error_code, ok, usage_rows
 
 CARD_MCP = str(Path(sys.executable).parent / "card-mcp")
 PGBOUNCER_URL = os.environ.get("CARD_MCP_TEST_PGBOUNCER_URL")  # e.g. postgresql://127.0.0.1:6432
@@ -126,18 +126,6 @@ async def new_key(database: TestDatabase, tenant: str) -> tuple[uuid.UUID, str]:
         await conn.close()
 
 
-async def usage_by_tenant(database: TestDatabase, tenant: str) -> list[asyncpg.Record]:
-    conn = await db.connect(database.admin_url)
-    try:
-        return await conn.fetch(
-            "SELECT u.* FROM card_mcp.card_usage u JOIN card_mcp.tenants t USING (tenant_id) WHERE t.name = $1"
-            " ORDER BY u.usage_id",
-            tenant,
-        )
-    finally:
-        await conn.close()
-
-
 def name() -> str:
     return f"h-{uuid.uuid4().hex[:10]}"
 
@@ -179,7 +167,7 @@ async def test_no_key_a_wrong_key_and_a_revoked_key_get_401_and_leave_no_usage_r
             assert f'resource_metadata="{server.base}/.well-known/oauth-protected-resource/mcp"' in challenge
         metadata = (await http.get(f"{server.base}/.well-known/oauth-protected-resource/mcp")).json()
     assert metadata["resource"] == server.url
-    assert [r["tool"] for r in await usage_by_tenant(database, tenant)] == ["create_card"]
+    assert [r["tool"] for r in await usage_rows(database.admin_url, tenant)] == ["create_card"]
 
 
 async def test_a_tenants_key_never_reaches_another_tenants_cards(database: TestDatabase, server: HttpServer) -> None:
@@ -246,7 +234,7 @@ async def run_mixed_load(url: str, database: TestDatabase, clients_per_tenant: i
                 tenant,
             )
             assert {r["id"] for r in stored} == made[tenant]
-            rows = await usage_by_tenant(database, tenant)
+            rows = await usage_rows(database.admin_url, tenant)
             assert Counter((r["tool"], r["error_code"]) for r in rows) == calls[tenant]
             assert {r["api_key_id"] for r in rows} == {tenant_keys[tenant][0]}
             assert {r["transport"] for r in rows} == {"http"}
@@ -311,7 +299,7 @@ async def test_a_busy_key_gets_limit_exceeded_while_another_key_is_served(
                 await blocker.release()
             assert ok(outcome[0])["created"] == 5
             assert error_code(await client.call_tool("get_card", {"card_id": str(uuid.uuid4())})) == "not_found"
-    codes = [r["error_code"] for r in await usage_by_tenant(database, tenant)]
+    codes = [r["error_code"] for r in await usage_rows(database.admin_url, tenant)]
     assert sorted(codes, key=str) == sorted(["limit_exceeded", "not_found", "not_found", None], key=str)
 
 
@@ -329,7 +317,7 @@ async def test_a_statement_over_the_timeout_is_cancelled_and_answers_unavailable
                 slow = await client.call_tool("batch_create_cards", {"cards": batch})
             assert error_code(slow) == "unavailable"
             assert ok(await client.call_tool("batch_create_cards", {"cards": batch}))["created"] == 5
-    codes = [r["error_code"] for r in await usage_by_tenant(database, tenant)]
+    codes = [r["error_code"] for r in await usage_rows(database.admin_url, tenant)]
     assert codes == ["unavailable", None]
 
 
@@ -398,7 +386,7 @@ async def test_two_stateless_instances_serve_one_client_interchangeably(database
         async with mcp_client(two.url, key, user_agent="brand-bot/2.0 (agents)") as second:
             assert ok(await second.call_tool("get_card", {"card_id": card["id"]}))["card"] == card
             assert ok(await second.call_tool("batch_create_cards", arguments)) == {**batch, "replayed": True}
-    rows = await usage_by_tenant(database, tenant)
+    rows = await usage_rows(database.admin_url, tenant)
     assert [r["tool"] for r in rows] == ["create_card", "batch_create_cards", "get_card", "batch_create_cards"]
     assert {(r["client_name"], r["client_version"]) for r in rows} == {("brand-bot", "2.0")}
 
