@@ -24,7 +24,7 @@ What each row times (wall clock, time.perf_counter; the same deterministic cards
   server for its fresh tenant and warms its pool with a one-card batch first (not timed).
 * of which the SDK client's outputSchema check (info): the Python SDK's client validates every structured
   result against the tool's outputSchema with jsonschema; that check of the batch's result, timed on its own.
-* same work without MCP (info): the tool body by hand on a warm pool: idempotency.request_hash,
+* same work without MCP (info): the tool body by hand on a warm pool: cards.encode_cards, idempotency.request_hash,
   db.tenant_transaction, idempotency.replay (claim and lookup), cards.insert_cards, the response model,
   idempotency.store and usage.record, commit included. The 1000 NewCard models are validated beforehand (not
   timed): the difference to the MCP row is the SDK's work (argument validation, the client's outputSchema
@@ -331,9 +331,22 @@ async def through_mcp(bench: Bench, client: Client) -> None:
     bench.record("replay", seconds)
 
 
+async def server_side(bench: Bench, tenant_id: uuid.UUID) -> None:
+    """The server's own time for the batch and its replay, from their usage rows: from the call's arrival at the
+    call edge (before the SDK validates the arguments) to just before COMMIT; no transport, no client."""
+    durations = await bench.superuser.fetch(
+        "SELECT duration_ms FROM card_mcp.card_usage WHERE tenant_id = $1 AND tool = $2 ORDER BY usage_id",
+        tenant_id,
+        TOOL,
+    )
+    _warm, original, replay = (row["duration_ms"] / 1000 for row in durations)
+    bench.record("server", original)
+    bench.record("server_replay", replay)
+
+
 async def mcp_client_run(bench: Bench, before_mcp: Callable[[], Awaitable[None]] | None) -> None:
     """A server for a fresh tenant, warmed with a one-card batch; then the batch and its replay."""
-    name, _ = await bench.tenant()
+    name, tenant_id = await bench.tenant()
     server = build_server(bench.settings.model_copy(update={"tenant": name}))
     async with Client(server, mode="legacy") as client:
         warm = {"card_type": "insight", "title": "warm-up", "content": {"warm": name}, "tags": ["bench"]}
@@ -341,6 +354,7 @@ async def mcp_client_run(bench: Bench, before_mcp: Callable[[], Awaitable[None]]
         if before_mcp is not None:
             await before_mcp()
         await through_mcp(bench, client)
+    await server_side(bench, tenant_id)
 
 
 async def without_mcp(bench: Bench) -> None:
@@ -349,10 +363,11 @@ async def without_mcp(bench: Bench) -> None:
     max_bytes = bench.settings.max_content_bytes
 
     async def body() -> BatchCreateResult:
-        digest = idempotency.request_hash(bench.new_cards)
+        encoded = card_store.encode_cards(bench.new_cards, max_bytes=max_bytes)
+        digest = idempotency.request_hash(bench.new_cards, [content_digest for _, content_digest in encoded])
         async with db.tenant_transaction(bench.pool, tenant_id) as conn:
             assert await idempotency.replay(conn, key, TOOL, digest) is None
-            items = await card_store.insert_cards(conn, tenant_id, bench.new_cards, max_bytes=max_bytes)
+            items = await card_store.insert_cards(conn, tenant_id, bench.new_cards, encoded)
             result = BatchCreateResult(
                 results=[BatchItemResult(index=i.index, status=i.status, card_id=i.card_id) for i in items],
                 created=sum(i.status == "created" for i in items),
@@ -395,6 +410,8 @@ def report(times: dict[str, list[float]], environment: str) -> bool:
         ("of which: the SDK client's outputSchema check (info)", "client_check", "copy", None),
         ("same work without MCP (info)", "raw", "copy", None),
         ("replay vs original batch", "replay", "mcp", REPLAY_TARGET),
+        ("batch_create_cards, server side (usage row)", "server", "copy", COPY_TARGET),
+        ("replay vs original, server side (usage rows)", "server_replay", "server", REPLAY_TARGET),
     )
     met = True
     print(environment)

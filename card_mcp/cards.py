@@ -18,7 +18,7 @@ import asyncpg
 
 from .db import Connection
 from .errors import Conflict, DuplicateContent, InvalidArgument, NotFound
-from .models import DEFAULT_MAX_CONTENT_BYTES, Card, CardType, NewCard, ScoredCard, content_hash
+from .models import DEFAULT_MAX_CONTENT_BYTES, Card, CardType, NewCard, ScoredCard, content_hash, encode_content
 
 CreateStatus = Literal["created", "existing"]
 
@@ -255,9 +255,9 @@ async def delete_card(conn: Connection, card_id: UUID) -> datetime:
 
 _INSERT_MANY = """
 INSERT INTO card_mcp.cards (tenant_id, card_type, title, content, tags, content_hash)
-SELECT $1, b.card_type, b.title, b.content, ARRAY(SELECT jsonb_array_elements_text(b.tags::jsonb)),
+SELECT $1, b.card_type, b.title, b.content::jsonb, ARRAY(SELECT jsonb_array_elements_text(b.tags::jsonb)),
        b.content_hash
-  FROM unnest($2::text[], $3::text[], $4::jsonb[], $5::text[], $6::text[])
+  FROM unnest($2::text[], $3::text[], $4::text[], $5::text[], $6::text[])
        AS b(card_type, title, content, tags, content_hash)
 ON CONFLICT (tenant_id, card_type, content_hash) WHERE is_active DO NOTHING
 RETURNING id, card_type, content_hash
@@ -277,10 +277,22 @@ class BatchItem:
     card_id: UUID
 
 
+def encode_cards(new_cards: Sequence[NewCard], *, max_bytes: int = DEFAULT_MAX_CONTENT_BYTES) -> list[tuple[str, str]]:
+    """Each card's canonical content JSON and hash (see models.encode_content); an error names the card's index."""
+    encoded = []
+    for index, new in enumerate(new_cards):
+        try:
+            encoded.append(encode_content(new.content, max_bytes=max_bytes, validated=True))
+        except InvalidArgument as exc:
+            raise InvalidArgument(f"cards[{index}]: {exc.message}", hint=exc.hint) from exc
+    return encoded
+
+
 async def insert_cards(
     conn: Connection,
     tenant_id: UUID,
     new_cards: Sequence[NewCard],
+    encoded: Sequence[tuple[str, str]] | None = None,
     *,
     max_bytes: int = DEFAULT_MAX_CONTENT_BYTES,
     chunk_size: int = 250,
@@ -288,15 +300,13 @@ async def insert_cards(
 ) -> list[BatchItem]:
     """Insert many cards with bulk statements, within the caller's transaction (so all or none).
 
-    Every card is checked before anything is written; an error names the index of the bad card. A card equal
-    to an earlier one of the batch is ``existing`` with the earlier one's id; one equal to a stored active card
-    is ``existing`` with that card's id."""
-    digests: list[str] = []
-    for index, new in enumerate(new_cards):
-        try:
-            digests.append(content_hash(new.content, max_bytes=max_bytes))
-        except InvalidArgument as exc:
-            raise InvalidArgument(f"cards[{index}]: {exc.message}", hint=exc.hint) from exc
+    Every card is checked before anything is written (``encoded``: encode_cards of these cards, if the caller
+    has it already); an error names the index of the bad card. A card equal to an earlier one of the batch is
+    ``existing`` with the earlier one's id; one equal to a stored active card is ``existing`` with that card's
+    id."""
+    if encoded is None:
+        encoded = encode_cards(new_cards, max_bytes=max_bytes)
+    digests = [digest for _, digest in encoded]
     first: dict[tuple[str, str], int] = {}
     for index, new in enumerate(new_cards):
         first.setdefault((new.card_type, digests[index]), index)
@@ -312,7 +322,7 @@ async def insert_cards(
             tenant_id,
             [new_cards[i].card_type for i in chunk],
             [new_cards[i].title for i in chunk],
-            [new_cards[i].content for i in chunk],
+            [encoded[i][0] for i in chunk],  # the canonical JSON text, serialized once
             [json.dumps(new_cards[i].tags) for i in chunk],  # JSON text: a list of lists would be a 2-D array
             [digests[i] for i in chunk],
         )

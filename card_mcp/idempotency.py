@@ -39,10 +39,11 @@ ON CONFLICT (tenant_id, idempotency_key) DO UPDATE
 """
 
 
-def request_hash(cards: Sequence[NewCard]) -> str:
-    """SHA-256 over the validated cards, so the same cards hash alike however the JSON was spelled."""
-    canonical = json.dumps([c.model_dump(mode="json") for c in cards], sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()
+def request_hash(cards: Sequence[NewCard], content_hashes: Sequence[str]) -> str:
+    """SHA-256 over the validated cards (type, title, tags and the hash of the content), so the same cards hash
+    alike however the JSON was spelled, without serializing the contents a second time."""
+    fields = [[c.card_type, c.title, c.tags, digest] for c, digest in zip(cards, content_hashes, strict=True)]
+    return hashlib.sha256(json.dumps(fields, separators=(",", ":")).encode()).hexdigest()
 
 
 async def replay(conn: Connection, key: str, tool: str, digest: str) -> dict[str, Any] | None:

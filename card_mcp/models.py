@@ -78,9 +78,20 @@ def canonical_json(content: dict[str, Any]) -> str:
 
 def content_hash(content: dict[str, Any], *, max_bytes: int = DEFAULT_MAX_CONTENT_BYTES) -> str:
     """SHA-256 of the canonical JSON of ``content``, after checking every content rule of SPEC section 2."""
-    _check_content_or_raise(content)
+    return encode_content(content, max_bytes=max_bytes)[1]
+
+
+def encode_content(
+    content: dict[str, Any], *, max_bytes: int = DEFAULT_MAX_CONTENT_BYTES, validated: bool = False
+) -> tuple[str, str]:
+    """The canonical JSON of ``content`` and its SHA-256, checking every content rule of SPEC section 2 (with
+    ``validated``, the depth and NUL rules are known to hold already: the content passed the ``Content`` type).
+    The text is what the database stores, so it is serialized once."""
+    if not validated:
+        _check_content_or_raise(content)
     try:
-        encoded = canonical_json(content).encode()
+        text = canonical_json(content)
+        encoded = text.encode()
     except (ValueError, TypeError, UnicodeEncodeError) as exc:
         raise InvalidArgument(
             "content is not plain JSON (NaN, Infinity or an unpaired surrogate)",
@@ -91,7 +102,7 @@ def content_hash(content: dict[str, Any], *, max_bytes: int = DEFAULT_MAX_CONTEN
             f"content is {len(encoded)} bytes serialized; the limit is {max_bytes}",
             hint="Split the content into several smaller cards, or keep only what a writer needs.",
         )
-    return hashlib.sha256(encoded).hexdigest()
+    return text, hashlib.sha256(encoded).hexdigest()
 
 
 def _check_content_or_raise(content: dict[str, Any]) -> None:

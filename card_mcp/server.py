@@ -181,7 +181,9 @@ class CardServer(MCPServer[AppState]):
             type(base.__name__, (base,), {"model_config": ConfigDict(extra="forbid"), "__module__": __name__}),
         )
         tool.fn_metadata.arg_model = strict
-        tool.parameters = strict.model_json_schema(by_alias=True)
+        tool.parameters = _inline_refs(strict.model_json_schema(by_alias=True))
+        if tool.fn_metadata.output_schema is not None:
+            tool.fn_metadata.output_schema = _inline_refs(tool.fn_metadata.output_schema)
 
     async def call_tool(self, name: str, arguments: dict[str, Any], context: Any = None) -> Any:
         tool = self._tool_manager.get_tool(name)
@@ -231,6 +233,30 @@ class CardServer(MCPServer[AppState]):
         stdin = await _pipe_lines(sys.stdin.fileno())
         async with stdio_server(stdin=cast("anyio.AsyncFile[str] | None", stdin)) as (read, write):
             await self._lowlevel_server.run(read, write, self._lowlevel_server.create_initialization_options())
+
+
+def _inline_refs(schema: dict[str, Any]) -> dict[str, Any]:
+    """``schema`` with every ``#/$defs/...`` reference replaced by its definition. Clients validate each item of
+    a 1000-card batch or result against the schema, and resolving a $ref per item was most of that cost; a
+    self-contained schema is also easier for simple validators."""
+    definitions = schema.get("$defs", {})
+
+    def inline(node: Any, seen: tuple[str, ...]) -> Any:
+        if isinstance(node, list):
+            return [inline(item, seen) for item in node]
+        if not isinstance(node, dict):
+            return node
+        ref = node.get("$ref")
+        if isinstance(ref, str) and ref.startswith("#/$defs/"):
+            name = ref.removeprefix("#/$defs/")
+            if name in seen or name not in definitions:  # recursive or foreign: keep the reference
+                return node
+            siblings = {k: inline(v, seen) for k, v in node.items() if k != "$ref"}
+            return {**inline(definitions[name], (*seen, name)), **siblings}
+        return {k: inline(v, seen) for k, v in node.items() if k != "$defs"}
+
+    result: dict[str, Any] = inline(schema, ())
+    return schema if "$ref" in json.dumps(result) else result  # a recursive model keeps its $defs
 
 
 class _PipeLines:

@@ -167,8 +167,9 @@ async def batch_create_cards(
     seconds. idempotency_conflict: the key was used for different cards; use a new key."""
     scope = current_scope()
     state = scope.state
-    digest = idempotency.request_hash(cards)
+    encoded = card_store.encode_cards(cards, max_bytes=state.settings.max_content_bytes)
     if idempotency_key is not None:
+        digest = idempotency.request_hash(cards, [content_digest for _, content_digest in encoded])
         stored = await idempotency.replay(scope.conn, idempotency_key, "batch_create_cards", digest)
         if stored is not None:
             result = BatchCreateResult.model_validate({**stored, "replayed": True})
@@ -178,9 +179,7 @@ async def batch_create_cards(
     async def progress(done: int, total: int) -> None:
         await ctx.report_progress(done, total, f"{done} of {total} cards written")
 
-    items = await card_store.insert_cards(
-        scope.conn, scope.tenant_id, cards, max_bytes=state.settings.max_content_bytes, on_progress=progress
-    )
+    items = await card_store.insert_cards(scope.conn, scope.tenant_id, cards, encoded, on_progress=progress)
     result = BatchCreateResult(
         results=[BatchItemResult(index=i.index, status=i.status, card_id=i.card_id) for i in items],
         created=sum(i.status == "created" for i in items),

@@ -386,3 +386,21 @@ async def test_keys_are_kept_as_long_as_configured_and_never_less_than_a_day(
     finally:
         await conn.close()
     assert kept == timedelta(hours=72)
+
+
+async def test_a_retry_spelling_the_same_cards_differently_replays(settings: Settings, tenant: str) -> None:
+    batch = make_cards(3)
+    # Keys in another order, inside content and out, and titles with spaces around (they are trimmed).
+    respelled = [
+        {
+            "tags": c["tags"],
+            "content": dict(reversed(list(c["content"].items()))),
+            "title": f"  {c['title']} ",
+            "card_type": c["card_type"],
+        }
+        for c in batch
+    ]
+    async with connect(settings, tenant) as client:
+        first = ok(await client.call_tool("batch_create_cards", {"cards": batch, "idempotency_key": "spelled"}))
+        again = ok(await client.call_tool("batch_create_cards", {"cards": respelled, "idempotency_key": "spelled"}))
+    assert again == {**first, "replayed": True}
