@@ -6,18 +6,21 @@ Exit status: 0 on success, 1 on a user error (one line on stderr), 2 on bad usag
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import logging
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import anyio
 
-from . import __version__, db, keys, migrate, tenants
+from . import __version__, db, keys, migrate, tenants, usage
 from .config import Settings
-from .errors import CardMcpError
+from .errors import CardMcpError, InvalidArgument
 
 logger = logging.getLogger("card_mcp")
 
@@ -63,6 +66,15 @@ def _parser() -> argparse.ArgumentParser:
     revoke = key.add_parser("revoke", help="revoke a key; it stops working at its next request")
     revoke.add_argument("key_id", metavar="KEY_ID")
 
+    use = commands.add_parser("usage", help="usage figures: calls, errors and durations per tool, card, day or client")
+    use.add_argument("--tenant", help="one tenant (default: every tenant, with a tenant column)")
+    use.add_argument("--since", default="30d", help="start: 7d, 24h or a UTC date/time (default: 30d)")
+    use.add_argument("--until", help="end, excluded: a UTC date/time; a bare date means the end of that day")
+    use.add_argument("--group-by", choices=["tool", "card", "day", "client"], default="tool")
+    use.add_argument("--limit", type=int, default=20, help="groups per tenant (default 20)")
+    use.add_argument("--format", choices=["table", "json", "csv"], default="table")
+    use.add_argument("--chart", metavar="FILE", help="also draw calls and errors per day by tool (.png, .svg, .html)")
+
     dbp = commands.add_parser("db", help="the database in use").add_subparsers(
         dest="action", required=True, metavar="ACTION"
     )
@@ -85,6 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "migrate": _migrate,
         "tenants": _tenants,
         "keys": _keys,
+        "usage": _usage,
         "db": _db,
     }[args.command]
     try:
@@ -204,6 +217,64 @@ async def _keys(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+async def _usage(args: argparse.Namespace, settings: Settings) -> int:
+    if not 1 <= args.limit <= 10_000:
+        raise InvalidArgument("--limit must be between 1 and 10000", hint="For example --limit 50.")
+    until = _moment(args.until, end_of_day=True) if args.until else datetime.now(UTC)
+    since = _since(args.since, until)
+    if since >= until:
+        raise InvalidArgument("--since must be before --until", hint="Widen the window, e.g. --since 30d.")
+    async with db.open_database(settings) as database:
+        conn = await db.connect(database.require_admin_url())  # the admin role's policies see every tenant
+        try:
+            with db.translate_errors():
+                tenant_id = await tenants.tenant_id(conn, args.tenant) if args.tenant else None
+                figures = await usage.stats(
+                    conn, since=since, until=until, group_by=args.group_by, limit=args.limit, tenant_id=tenant_id
+                )
+                series = await usage.daily_by_tool(conn, since=since, until=until, tenant_id=tenant_id)
+        finally:
+            await conn.close()
+    rows = [{**({} if args.tenant else {"tenant": f.tenant}), **f.row.model_dump(mode="json")} for f in figures]
+    if args.format == "table":
+        for row in rows:  # readable figures; json and csv keep full precision
+            row["p50_ms"], row["p95_ms"] = f"{row['p50_ms']:.1f}", f"{row['p95_ms']:.1f}"
+            row["last_at"] = row["last_at"][:19].replace("T", " ")
+    _print_rows(rows, args.format, key="rows")
+    if args.chart:
+        from .chart import write_chart
+
+        scope = f"tenant {args.tenant}" if args.tenant else "all tenants"
+        write_chart(
+            Path(args.chart),
+            series,
+            first=since.date(),
+            last=(until - timedelta(microseconds=1)).date(),
+            title=f"card-mcp calls and errors per day by tool, {scope}, {since:%Y-%m-%d} to {until:%Y-%m-%d %H:%M} UTC",
+        )
+        print(f"card-mcp: chart written to {args.chart}", file=sys.stderr)
+    return 0
+
+
+def _since(value: str, until: datetime) -> datetime:
+    """``7d``, ``24h`` (before ``until``) or a date/time."""
+    amount, unit = value[:-1], value[-1:]
+    if unit in ("d", "h") and amount.isdigit():
+        return until - (timedelta(days=int(amount)) if unit == "d" else timedelta(hours=int(amount)))
+    return _moment(value, end_of_day=False)
+
+
+def _moment(value: str, *, end_of_day: bool) -> datetime:
+    """A UTC date or date/time; a bare date is its midnight, or (``end_of_day``) the next midnight."""
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError as exc:
+        raise InvalidArgument(f"{value!r} is not a date", hint="Use 7d, 24h, 2026-11-01 or 2026-11-01T12:00.") from exc
+    if end_of_day and len(value) == 10:
+        moment += timedelta(days=1)
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
+
+
 async def _db(args: argparse.Namespace, settings: Settings) -> int:
     database = db.locate(settings)
     if args.role == "admin":
@@ -222,6 +293,12 @@ async def _db(args: argparse.Namespace, settings: Settings) -> int:
 def _print_rows(rows: list[dict[str, Any]], fmt: str, *, key: str) -> None:
     if fmt == "json":
         print(json.dumps({key: rows}, indent=2))
+        return
+    if fmt == "csv":
+        if rows:
+            writer = csv.DictWriter(sys.stdout, fieldnames=list(rows[0]), lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(rows)
         return
     if not rows:
         print(f"no {key}", file=sys.stderr)

@@ -18,7 +18,7 @@ from uuid import UUID
 import asyncpg
 from mcp.server.auth.provider import AccessToken
 
-from . import db
+from . import db, tenants
 from .db import Connection
 from .errors import InvalidArgument, NotFound
 
@@ -50,7 +50,6 @@ class ApiKey:
     revoked_at: datetime | None
 
 
-_TENANT = "SELECT tenant_id FROM card_mcp.tenants WHERE name = $1"
 _CREATE = """
 INSERT INTO card_mcp.api_keys (tenant_id, prefix, key_hash, label) VALUES ($1, $2, $3, $4)
 RETURNING key_id
@@ -61,9 +60,10 @@ async def create_key(conn: Connection, tenant: str, label: str | None = None) ->
     """A new key for the existing tenant ``tenant``, as the admin role: (key id, the key, to show once)."""
     if label is not None and not 1 <= len(label) <= 200:
         raise InvalidArgument("the label must be 1-200 characters", hint="Use a short label such as 'staging'.")
-    tenant_id = await conn.fetchval(_TENANT, tenant)
-    if tenant_id is None:
-        raise NotFound(f"no tenant {tenant!r}", hint=f"Create it first: card-mcp tenants create {tenant}")
+    try:
+        tenant_id = await tenants.tenant_id(conn, tenant)
+    except NotFound as exc:
+        raise NotFound(exc.message, hint=f"Create it first: card-mcp tenants create {tenant}") from exc
     key = generate()
     key_id: UUID = await conn.fetchval(_CREATE, tenant_id, key[:_SHOWN_PREFIX], key_hash(key), label)
     return key_id, key

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from uuid import UUID
+
 import asyncpg
 
 from .db import Connection
-from .errors import Conflict, InvalidArgument
+from .errors import Conflict, InvalidArgument, NotFound
 from .models import Tenant
 
 _CREATE = "INSERT INTO card_mcp.tenants (name) VALUES ($1) RETURNING tenant_id, name, created_at"
@@ -30,3 +32,11 @@ async def create_tenant(conn: Connection, name: str) -> Tenant:
 async def list_tenants(conn: Connection) -> list[Tenant]:
     """Every tenant, by name."""
     return [Tenant.model_validate(dict(row)) for row in await conn.fetch(_LIST)]
+
+
+async def tenant_id(conn: Connection, name: str) -> UUID:
+    """The id of the existing tenant ``name`` (admin role); NotFound if there is none."""
+    found: UUID | None = await conn.fetchval("SELECT tenant_id FROM card_mcp.tenants WHERE name = $1", name)
+    if found is None:
+        raise NotFound(f"no tenant {name!r}", hint="`card-mcp tenants list` shows the tenants.")
+    return found

@@ -219,8 +219,10 @@ async def usage_stats(
         from .errors import InvalidArgument
 
         raise InvalidArgument("since must be before until", hint="Swap them, or omit one for the default window.")
-    rows = await usage.stats(scope.conn, since=start, until=end, group_by=group_by, limit=limit)
-    return UsageStatsResult(rows=rows)
+    figures = await usage.stats(
+        scope.conn, since=start, until=end, group_by=group_by, limit=limit, tenant_id=scope.tenant_id
+    )
+    return UsageStatsResult(rows=[figure.row for figure in figures])
 
 
 def _utc(moment: datetime) -> datetime:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import date, datetime
 from typing import Literal
 from uuid import UUID
 
@@ -57,59 +57,93 @@ async def record(conn: Connection, tenant_id: UUID, entry: UsageEntry) -> None:
     )
 
 
-# One query per grouping, so each is plain SQL that the planner sees whole. The window is [since, until).
-_STATS_BY: dict[GroupBy, str] = {
-    "tool": """
-SELECT tool AS key, count(*) AS calls, count(*) FILTER (WHERE status = 'error') AS errors,
-       percentile_cont(0.5) WITHIN GROUP (ORDER BY duration_ms) AS p50_ms,
-       percentile_cont(0.95) WITHIN GROUP (ORDER BY duration_ms) AS p95_ms,
-       max(called_at) AS last_at
-  FROM card_mcp.card_usage
- WHERE called_at >= $1 AND called_at < $2
- GROUP BY tool
- ORDER BY calls DESC, key
- LIMIT $3
-""",
-    "client": """
-SELECT client_name AS key, count(*) AS calls, count(*) FILTER (WHERE status = 'error') AS errors,
-       percentile_cont(0.5) WITHIN GROUP (ORDER BY duration_ms) AS p50_ms,
-       percentile_cont(0.95) WITHIN GROUP (ORDER BY duration_ms) AS p95_ms,
-       max(called_at) AS last_at
-  FROM card_mcp.card_usage
- WHERE called_at >= $1 AND called_at < $2
- GROUP BY client_name
- ORDER BY calls DESC, key
- LIMIT $3
-""",
-    "day": """
-SELECT to_char(called_at AT TIME ZONE 'UTC', 'YYYY-MM-DD') AS key, count(*) AS calls,
-       count(*) FILTER (WHERE status = 'error') AS errors,
-       percentile_cont(0.5) WITHIN GROUP (ORDER BY duration_ms) AS p50_ms,
-       percentile_cont(0.95) WITHIN GROUP (ORDER BY duration_ms) AS p95_ms,
-       max(called_at) AS last_at
-  FROM card_mcp.card_usage
- WHERE called_at >= $1 AND called_at < $2
- GROUP BY 1
- ORDER BY key DESC
- LIMIT $3
-""",
-    "card": """
-SELECT card_id::text AS key, count(*) AS calls, count(*) FILTER (WHERE status = 'error') AS errors,
-       percentile_cont(0.5) WITHIN GROUP (ORDER BY duration_ms) AS p50_ms,
-       percentile_cont(0.95) WITHIN GROUP (ORDER BY duration_ms) AS p95_ms,
-       max(called_at) AS last_at
-  FROM card_mcp.card_usage CROSS JOIN LATERAL unnest(card_ids) AS card_id
- WHERE called_at >= $1 AND called_at < $2
- GROUP BY card_id
- ORDER BY calls DESC, key
- LIMIT $3
-""",
-}
+# Calls, errors, p50/p95 duration and last call per group, in the window [$1, $2), grouped by $3, at most $5
+# groups per tenant, for one tenant ($4) or every tenant the reader may see (row-level security decides: the
+# application role with a tenant set sees one, the admin role all). Most-called first; newest day first by day.
+_STATS = """
+WITH calls AS (
+    SELECT u.tenant_id,
+           CASE $3::text
+               WHEN 'tool' THEN u.tool
+               WHEN 'client' THEN u.client_name
+               WHEN 'day' THEN to_char(u.called_at AT TIME ZONE 'UTC', 'YYYY-MM-DD')
+               ELSE c.card_id::text
+           END AS key,
+           u.status, u.duration_ms, u.called_at
+      FROM card_mcp.card_usage AS u
+      LEFT JOIN LATERAL unnest(CASE WHEN $3::text = 'card' THEN u.card_ids END) AS c(card_id) ON true
+     WHERE u.called_at >= $1 AND u.called_at < $2
+       AND ($4::uuid IS NULL OR u.tenant_id = $4)
+), grouped AS (
+    SELECT tenant_id, key, count(*) AS calls, count(*) FILTER (WHERE status = 'error') AS errors,
+           percentile_cont(0.5) WITHIN GROUP (ORDER BY duration_ms) AS p50_ms,
+           percentile_cont(0.95) WITHIN GROUP (ORDER BY duration_ms) AS p95_ms,
+           max(called_at) AS last_at
+      FROM calls
+     WHERE key IS NOT NULL
+     GROUP BY tenant_id, key
+), ranked AS (
+    SELECT g.*, row_number() OVER (
+               PARTITION BY g.tenant_id
+               ORDER BY CASE WHEN $3::text = 'day' THEN g.key END DESC NULLS LAST, g.calls DESC, g.key
+           ) AS rank
+      FROM grouped AS g
+)
+SELECT t.name AS tenant, r.key, r.calls, r.errors, r.p50_ms, r.p95_ms, r.last_at
+  FROM ranked AS r JOIN card_mcp.tenants AS t USING (tenant_id)
+ WHERE r.rank <= $5
+ ORDER BY t.name, r.rank
+"""
+
+
+@dataclass(frozen=True)
+class TenantRow:
+    """One row of figures and the tenant it belongs to."""
+
+    tenant: str
+    row: UsageStatsRow
 
 
 async def stats(
-    conn: Connection, *, since: datetime, until: datetime, group_by: GroupBy, limit: int
-) -> list[UsageStatsRow]:
-    """Calls, errors, p50/p95 duration and last call per group, for the tenant set on ``conn``."""
-    rows = await conn.fetch(_STATS_BY[group_by], since, until, limit)
-    return [UsageStatsRow.model_validate(dict(row)) for row in rows]
+    conn: Connection,
+    *,
+    since: datetime,
+    until: datetime,
+    group_by: GroupBy,
+    limit: int,
+    tenant_id: UUID | None = None,
+) -> list[TenantRow]:
+    """Usage figures per group, for ``tenant_id`` or every tenant ``conn`` may see."""
+    rows = await conn.fetch(_STATS, since, until, group_by, tenant_id, limit)
+    return [
+        TenantRow(row["tenant"], UsageStatsRow.model_validate({k: v for k, v in row.items() if k != "tenant"}))
+        for row in rows
+    ]
+
+
+_DAILY_BY_TOOL = """
+SELECT (u.called_at AT TIME ZONE 'UTC')::date AS day, u.tool, count(*) AS calls,
+       count(*) FILTER (WHERE u.status = 'error') AS errors
+  FROM card_mcp.card_usage AS u
+ WHERE u.called_at >= $1 AND u.called_at < $2
+   AND ($3::uuid IS NULL OR u.tenant_id = $3)
+ GROUP BY 1, 2
+ ORDER BY 1, 2
+"""
+
+
+@dataclass(frozen=True)
+class DailyCalls:
+    """Calls and errors of one tool on one UTC day (summed over the tenants read)."""
+
+    day: date
+    tool: str
+    calls: int
+    errors: int
+
+
+async def daily_by_tool(
+    conn: Connection, *, since: datetime, until: datetime, tenant_id: UUID | None = None
+) -> list[DailyCalls]:
+    """Calls and errors per UTC day and tool in [since, until), for the chart."""
+    return [DailyCalls(**dict(row)) for row in await conn.fetch(_DAILY_BY_TOOL, since, until, tenant_id)]
