@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -78,26 +79,26 @@ async def get_card(conn: Connection, card_id: UUID) -> Card:
     return _card(row)
 
 
-# Simple ranking until full-text search arrives: each query word scores 3 in the title, 2 in a tag and 1 in
-# the content's JSON text, normalised to 0..1. With no words every card scores 0 and the order is newest-updated
-# first. Keyset paging on (score, updated_at, id), ties broken by id; $6..$8 are the last row of the previous page.
-_SEARCH = """
-WITH scored AS (
-    SELECT c.id, c.card_type, c.title, c.content, c.tags, c.version, c.content_hash, c.created_at, c.updated_at,
-           COALESCE((SELECT sum(3 * (c.title ILIKE p)::int
-                                + 2 * EXISTS (SELECT FROM unnest(c.tags) AS t WHERE t ILIKE p)::int
-                                + (c.content::text ILIKE p)::int)
-                       FROM unnest($1::text[]) AS p), 0)::float8 / (6 * greatest(cardinality($1::text[]), 1)) AS score
-      FROM card_mcp.cards AS c
-     WHERE c.is_active
-       AND ($2::text IS NULL OR c.card_type = $2)
-       AND ($3::text[] IS NULL OR c.tags @> $3)
-)
-SELECT * FROM scored
- WHERE (cardinality($1::text[]) = 0 OR score > 0)
-   AND ($4::float8 IS NULL OR (score, updated_at, id) < ($4, $5, $6))
- ORDER BY score DESC, updated_at DESC, id DESC
- LIMIT $7
+# No words: the newest-updated first, keyset-paged on (updated_at, id); every card scores 0.
+_LIST = """
+SELECT id, card_type, title, content, tags, version, content_hash, created_at, updated_at, 0::float8 AS score
+  FROM card_mcp.cards
+ WHERE is_active
+   AND ($1::text IS NULL OR card_type = $1)
+   AND ($2::text[] IS NULL OR tags @> $2)
+   AND ($3::timestamptz IS NULL OR (updated_at, id) < ($3, $4))
+ ORDER BY updated_at DESC, id DESC
+ LIMIT $5
+"""
+# Words: ranked by card_mcp.search_cards (see schema/0004_search.sql), which pages on (score, id) and returns ids
+# of the tenant set in this transaction; the cards themselves are read here, under this role's own policy.
+_RANKED = """
+SELECT c.id, c.card_type, c.title, c.content, c.tags, c.version, c.content_hash, c.created_at, c.updated_at,
+       s.score
+  FROM card_mcp.search_cards($1, $2, $3, $4, $5, $6) AS s
+  JOIN card_mcp.cards AS c ON c.id = s.id
+ WHERE c.is_active
+ ORDER BY s.score DESC, c.id DESC
 """
 
 
@@ -126,10 +127,10 @@ def paginate(hits: list[ScoredCard], pinned: dict[str, Any], limit: int, *, max_
     return Page(kept, encode_cursor(pinned, kept[-1]) if more else None)
 
 
-def _like_patterns(query: str | None) -> list[str]:
-    words = dict.fromkeys(w.lower() for w in (query or "").split())
-    escaped = (w.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") for w in list(words)[:16])
-    return [f"%{w}%" for w in escaped]
+def _words(query: str | None) -> str:
+    """The query's words as the search function reads them (lower case, letters and digits), space-separated;
+    empty when there are none, which lists instead of ranking."""
+    return " ".join(word for word in re.split(r"[\W_]+", (query or "").lower()) if word)
 
 
 def encode_cursor(pinned: dict[str, Any], last: ScoredCard) -> str:
@@ -167,12 +168,14 @@ async def search_cards(
     """Active cards matching ``query`` best first (newest-updated first without one), filtered by type and by
     tags (all must match). Returns up to ``limit + 1`` hits, so the caller can tell whether more exist, and the
     arguments a cursor must pin."""
-    patterns = _like_patterns(query)
-    pinned = {"q": patterns, "t": card_type, "g": sorted(tags) if tags else None}
-    after: tuple[float | None, datetime | None, UUID | None] = (
-        _decode_cursor(cursor, pinned) if cursor else (None, None, None)
-    )
-    rows = await conn.fetch(_SEARCH, patterns, card_type, list(tags) if tags else None, *after, limit + 1)
+    words = _words(query)
+    pinned = {"q": words, "t": card_type, "g": sorted(tags) if tags else None}
+    score, updated_at, after_id = _decode_cursor(cursor, pinned) if cursor else (None, None, None)
+    wanted = list(tags) if tags else None
+    if words:
+        rows = await conn.fetch(_RANKED, words, card_type, wanted, score, after_id, limit + 1)
+    else:
+        rows = await conn.fetch(_LIST, card_type, wanted, updated_at, after_id, limit + 1)
     return [ScoredCard.model_validate(dict(row)) for row in rows], pinned
 
 

@@ -32,7 +32,15 @@ from mcp.server.auth.settings import AuthSettings
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.server.mcpserver.utilities.func_metadata import ArgModelBase
 from mcp.server.stdio import stdio_server
-from mcp.types import INVALID_PARAMS, INVALID_REQUEST, CallToolResult, Icon, TextContent, ToolAnnotations
+from mcp.types import (
+    INTERNAL_ERROR,
+    INVALID_PARAMS,
+    INVALID_REQUEST,
+    CallToolResult,
+    Icon,
+    TextContent,
+    ToolAnnotations,
+)
 from pydantic import AnyHttpUrl, ConfigDict, ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -134,11 +142,27 @@ def _invalid_arguments(exc: ValidationError) -> InvalidArgument:
     )
 
 
-def _domain_error(exc: BaseException, arg_model: str) -> CardMcpError:
+class CallFailed(Exception):
+    """A call that failed, recorded as such; carries what the client is told."""
+
+    def __init__(self, error: CardMcpError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+    def as_mcp_error(self) -> MCPError:
+        """For resources and prompts, which answer failures as JSON-RPC errors, in the same shape as data."""
+        code = INVALID_PARAMS if self.error.code in ("invalid_argument", "not_found") else INTERNAL_ERROR
+        return MCPError(code=code, message=self.error.message, data=self.error.to_payload())
+
+
+def _domain_error(exc: BaseException, arg_model: str | None) -> CardMcpError:
     """What a failed call tells the client; anything unexpected is logged here with its traceback."""
-    cause = exc.__cause__ if isinstance(exc, ToolError) and exc.__cause__ is not None else exc
-    if isinstance(cause, CardMcpError):
+    cause: BaseException | None = exc
+    while cause is not None and not isinstance(cause, CardMcpError):  # the SDK wraps what a body raises
+        cause = cause.__cause__
+    if cause is not None:
         return cause
+    cause = exc.__cause__ if isinstance(exc, ToolError) and exc.__cause__ is not None else exc
     # The SDK raises the arguments' ValidationError as a ToolError; one from inside a tool body is a bug.
     if type(exc) is ToolError and isinstance(cause, ValidationError) and cause.title == arg_model:
         return _invalid_arguments(cause)
@@ -189,6 +213,38 @@ class CardServer(MCPServer[AppState]):
         tool = self._tool_manager.get_tool(name)
         if tool is None:
             raise MCPError(code=INVALID_PARAMS, message=f"Unknown tool: {name}")
+        try:
+            async with self._recorded(name, context, arg_model=tool.fn_metadata.arg_model.__name__):
+                result = await super().call_tool(name, arguments, context)
+        except CallFailed as failed:
+            return _error_result(failed.error)
+        return result
+
+    async def read_resource(self, uri: Any, context: Any = None) -> Any:
+        """A card resource, read like a tool call: in the tenant's transaction, with its usage row
+        (``resource:card``); failures are JSON-RPC errors (resources have no error results)."""
+        scheme = str(uri).split("://", 1)[0]
+        try:
+            async with self._recorded(f"resource:{scheme}", context):
+                return await super().read_resource(uri, context)
+        except CallFailed as failed:
+            raise failed.as_mcp_error() from None
+
+    async def get_prompt(self, name: str, arguments: dict[str, Any] | None = None, context: Any = None) -> Any:
+        """A prompt, rendered like a tool call: in the tenant's transaction, with its usage row (``prompt:NAME``)."""
+        if self._prompt_manager.get_prompt(name) is None:
+            raise MCPError(code=INVALID_PARAMS, message=f"Unknown prompt: {name}")
+        try:
+            async with self._recorded(f"prompt:{name}", context):
+                return await super().get_prompt(name, arguments, context)
+        except CallFailed as failed:
+            raise failed.as_mcp_error() from None
+
+    @asynccontextmanager
+    async def _recorded(self, name: str, context: Any, *, arg_model: str | None = None) -> AsyncIterator[CallScope]:
+        """The one edge every call of a tool, resource or prompt passes: the tenant's transaction around the body,
+        the usage row in that transaction on success, or in one of its own after the rollback on failure, which
+        leaves as CallFailed carrying the domain error."""
         state: AppState = context.request_context.lifespan_context
         tenant_id, key_id = _caller(state)
         entry = _usage_entry(name, context, state.settings)
@@ -199,14 +255,15 @@ class CardServer(MCPServer[AppState]):
                 async with db.tenant_transaction(
                     state.pool, tenant_id, state.settings.statement_timeout_ms, on_commit=entry.mark_recorded
                 ) as conn:
-                    token = _scope.set(CallScope(conn, entry, state, tenant_id))
+                    scope = CallScope(conn, entry, state, tenant_id)
+                    token = _scope.set(scope)
                     try:
-                        result = await super().call_tool(name, arguments, context)
+                        yield scope
                     finally:
                         _scope.reset(token)
                     entry.duration_ms = (time.perf_counter() - started) * 1000
                     await usage.record(conn, tenant_id, entry)
-            return result
+            return
         except MCPError:
             raise
         except anyio.get_cancelled_exc_class():
@@ -217,15 +274,15 @@ class CardServer(MCPServer[AppState]):
                 entry.duration_ms = (time.perf_counter() - started) * 1000
                 await _record_failure(state, tenant_id, entry)
             raise
-        except Exception as exc:  # the one edge where every failure becomes a tool error
+        except Exception as exc:  # every failure becomes a domain error here
             if entry.recorded:  # committed with its usage row; only handing the connection back failed
                 logger.warning("a committed call's connection could not be returned: %r", exc)
-                return result
-            error = _domain_error(exc, tool.fn_metadata.arg_model.__name__)
+                return
+            error = _domain_error(exc, arg_model)
         entry.status, entry.error_code = "error", error.code
         entry.duration_ms = (time.perf_counter() - started) * 1000
         await _record_failure(state, tenant_id, entry)
-        return _error_result(error)
+        raise CallFailed(error)
 
     async def run_stdio_async(self) -> None:
         """Serve over stdin/stdout, reading stdin without a worker thread where it can: a thread blocked in
@@ -374,7 +431,7 @@ async def _lifespan(server: CardServer) -> AsyncIterator[AppState]:
 
 def build_server(settings: Settings) -> CardServer:
     """The card-mcp MCP server for ``settings``; nothing connects until its lifespan starts."""
-    from . import tools  # the tool functions, registered on this server
+    from . import prompts, resources, tools  # what the server offers, registered on it
 
     verifier = KeyVerifier() if settings.transport == "http" else None
     server = CardServer(
@@ -389,6 +446,8 @@ def build_server(settings: Settings) -> CardServer:
         log_level=settings.log_level.upper(),
     )
     tools.register(server)
+    resources.register(server)
+    prompts.register(server)
     if verifier is not None:
         server.custom_route("/healthz", methods=["GET"])(partial(_healthz, server))
     return server

@@ -1,0 +1,116 @@
+-- Ranked search: a stored full-text document (weights: title A, tags B, content strings C) and a stored list of
+-- the card's distinct words (unstemmed, lower case) for trigram similarity (typos, partial words), each with a
+-- GIN index that leads with tenant_id (btree_gin), so one tenant's matches are found without reading the rest.
+--
+-- Row-level security and these indexes: the operators @@ and <% are not LEAKPROOF, so under a policy PostgreSQL
+-- must not evaluate them before the policy's condition, and an index on them goes unused: a query with words
+-- would read every card of the tenant. card_mcp.search_cards therefore runs as card_mcp_admin (SECURITY DEFINER;
+-- the admin role's own policy lets it see rows, so no policy stands between the planner and the indexes) and
+-- filters by the tenant setting itself. It returns ids and scores only; the caller reads the cards with its own
+-- rights, under its own policy.
+
+CREATE EXTENSION IF NOT EXISTS pg_trgm WITH SCHEMA card_mcp;
+CREATE EXTENSION IF NOT EXISTS btree_gin WITH SCHEMA card_mcp;
+
+-- The words of a text[] joined by spaces. array_to_string is STABLE in the catalog (element output functions could
+-- in general depend on settings); for text[] it is immutable, which generated columns require.
+CREATE FUNCTION card_mcp.join_words(words text[]) RETURNS text
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE
+    RETURN pg_catalog.array_to_string(words, ' ');
+
+ALTER TABLE card_mcp.cards
+    ADD COLUMN search_doc tsvector GENERATED ALWAYS AS (
+        setweight(to_tsvector('english'::regconfig, title), 'A')
+        || setweight(to_tsvector('english'::regconfig, card_mcp.join_words(tags)), 'B')
+        || setweight(jsonb_to_tsvector('english'::regconfig, content, '["string"]'), 'C')
+    ) STORED,
+    ADD COLUMN search_words text GENERATED ALWAYS AS (
+        card_mcp.join_words(tsvector_to_array(
+            to_tsvector('simple'::regconfig, title)
+            || to_tsvector('simple'::regconfig, card_mcp.join_words(tags))
+            || jsonb_to_tsvector('simple'::regconfig, content, '["string"]')
+        ))
+    ) STORED;
+
+CREATE INDEX cards_search_doc_idx ON card_mcp.cards USING gin (tenant_id, search_doc) WHERE is_active;
+CREATE INDEX cards_search_words_idx ON card_mcp.cards USING gin (tenant_id, search_words card_mcp.gin_trgm_ops)
+    WHERE is_active;
+
+-- The active cards of the current tenant (app.current_tenant_id) that match p_query, best first, as (id, score):
+-- at most p_limit of them, after the position (p_after_score, p_after_id) of a previous page, filtered by type
+-- and by tags (all must match). A card matches when a word of the query, stemmed, starts a word of its text
+-- (full-text search, prefix match), or when a query word is similar to one of its words (trigrams: typos and
+-- partial words). The score, in [0, 1], depends only on the query and the card (never on the other cards), so
+-- keyset paging on (score, id) neither repeats nor skips a card when others are inserted or deleted meanwhile:
+--   0.7 x full-text rank (cover density, title 1.0 > tags 0.4 > content 0.2, scaled to [0, 1) by rank/(rank+1))
+-- + 0.3 x mean over the query's words of their best trigram word-similarity in the card.
+CREATE FUNCTION card_mcp.search_cards(
+    p_query text,
+    p_card_type text,
+    p_tags text[],
+    p_after_score double precision,
+    p_after_id uuid,
+    p_limit integer
+) RETURNS TABLE (id uuid, score double precision)
+    LANGUAGE plpgsql STABLE SECURITY DEFINER
+    ROWS 20
+    SET search_path = pg_catalog, card_mcp, pg_temp
+    SET pg_trgm.word_similarity_threshold = 0.5
+AS $$
+DECLARE
+    -- Worked out first, so the query below sees them as values and can look them up in the indexes.
+    v_tenant uuid := NULLIF(current_setting('app.current_tenant_id', true), '')::uuid;
+    v_words text[];   -- the query's distinct words, lower case, at most 16
+    v_ts tsquery;     -- each stemmed, non-stop word as a prefix, any of them
+BEGIN
+    IF v_tenant IS NULL THEN
+        RETURN;  -- fail closed, like the policies
+    END IF;
+    SELECT array_agg(w) INTO v_words
+      FROM (SELECT DISTINCT w
+              FROM regexp_split_to_table(lower(left(p_query, 500)), '[^[:alnum:]]+') AS w
+             WHERE w <> ''
+             LIMIT 16) AS distinct_words;
+    IF v_words IS NULL THEN
+        RETURN;
+    END IF;
+    SELECT to_tsquery('simple', string_agg(quote_literal(lexeme) || ':*', ' | ')) INTO v_ts
+      FROM unnest(tsvector_to_array(to_tsvector('english', array_to_string(v_words, ' ')))) AS lexeme;
+
+    RETURN QUERY
+    WITH candidates AS (
+        SELECT c.id
+          FROM card_mcp.cards AS c
+         WHERE c.tenant_id = v_tenant AND c.is_active AND c.search_doc @@ v_ts
+        UNION
+        SELECT similar_card.id
+          FROM unnest(v_words) AS w(word),
+               LATERAL (SELECT c.id
+                          FROM card_mcp.cards AS c
+                         WHERE c.tenant_id = v_tenant AND c.is_active AND c.search_words %> w.word) AS similar_card
+         WHERE length(w.word) >= 3
+    ), scored AS (
+        SELECT c.id,
+               0.7 * coalesce(ts_rank_cd('{0.1, 0.2, 0.4, 1.0}', c.search_doc, v_ts, 32), 0)
+               + 0.3 * (SELECT avg(word_similarity(w, c.search_words)) FROM unnest(v_words) AS w) AS score
+          FROM candidates AS m
+          JOIN card_mcp.cards AS c ON c.tenant_id = v_tenant AND c.id = m.id
+         WHERE (p_card_type IS NULL OR c.card_type = p_card_type)
+           AND (p_tags IS NULL OR c.tags @> p_tags)
+    )
+    SELECT s.id, s.score::double precision
+      FROM scored AS s
+     WHERE p_after_score IS NULL OR (s.score, s.id) < (p_after_score, p_after_id)
+     ORDER BY s.score DESC, s.id DESC
+     LIMIT p_limit;
+END
+$$;
+
+-- Owned by the admin role, whose policy lets it see every card, so the search indexes can be used; the function
+-- itself keeps to the tenant set in the caller's transaction (no tenant set: no rows).
+GRANT CREATE ON SCHEMA card_mcp TO card_mcp_admin;
+ALTER FUNCTION card_mcp.search_cards(text, text, text[], double precision, uuid, integer) OWNER TO card_mcp_admin;
+REVOKE CREATE ON SCHEMA card_mcp FROM card_mcp_admin;
+REVOKE ALL ON FUNCTION card_mcp.search_cards(text, text, text[], double precision, uuid, integer) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION card_mcp.search_cards(text, text, text[], double precision, uuid, integer)
+    TO card_mcp_app, card_mcp_admin;
