@@ -39,11 +39,13 @@ CREATE INDEX cards_search_words_idx ON card_mcp.cards USING gin (tenant_id, sear
 -- The active cards of the current tenant (app.current_tenant_id) that match p_query, best first, as (id, score):
 -- at most p_limit of them, after the position (p_after_score, p_after_id) of a previous page, filtered by type
 -- and by tags (all must match). A card matches when a word of the query, stemmed, starts a word of its text
--- (full-text search, prefix match), or when a query word is similar to one of its words (trigrams: typos and
--- partial words). The score, in [0, 1], depends only on the query and the card (never on the other cards), so
--- keyset paging on (score, id) neither repeats nor skips a card when others are inserted or deleted meanwhile:
+-- (full-text search, prefix match), or, for a query word that no card of the tenant matches that way (a typo, a
+-- partial word), when one of its words is similar to it (trigrams). The score, in [0, 1], depends only on the
+-- query and the card, never on the other cards, so keyset paging on (score, id) neither repeats nor skips a card
+-- while others are inserted (unless an insert makes a query's unmatched word match, which stops its trigram
+-- lookup):
 --   0.7 x full-text rank (cover density, title 1.0 > tags 0.4 > content 0.2, scaled to [0, 1) by rank/(rank+1))
--- + 0.3 x mean over the query's words of their best trigram word-similarity in the card.
+-- + 0.3 x the share of the query's words the card has (a similar word counts its trigram word-similarity).
 CREATE FUNCTION card_mcp.search_cards(
     p_query text,
     p_card_type text,
@@ -55,13 +57,14 @@ CREATE FUNCTION card_mcp.search_cards(
     LANGUAGE plpgsql STABLE SECURITY DEFINER
     ROWS 20
     SET search_path = pg_catalog, card_mcp, pg_temp
-    SET pg_trgm.word_similarity_threshold = 0.5
+    SET pg_trgm.word_similarity_threshold = 0.6
 AS $$
 DECLARE
-    -- Worked out first, so the query below sees them as values and can look them up in the indexes.
     v_tenant uuid := NULLIF(current_setting('app.current_tenant_id', true), '')::uuid;
-    v_words text[];   -- the query's distinct words, lower case, at most 16
-    v_ts tsquery;     -- each stemmed, non-stop word as a prefix, any of them
+    v_words text[];        -- the query's distinct words, lower case, at most 16
+    v_word_ts tsquery[];   -- per word: its stemmed lexemes as prefixes; NULL for a stop word
+    v_ts tsquery;          -- all of them, any may match
+    v_fuzzy text[];        -- the words looked up by trigrams too: 4 letters or more, not stop words
 BEGIN
     IF v_tenant IS NULL THEN
         RETURN;  -- fail closed, like the policies
@@ -74,25 +77,44 @@ BEGIN
     IF v_words IS NULL THEN
         RETURN;
     END IF;
-    SELECT to_tsquery('simple', string_agg(quote_literal(lexeme) || ':*', ' | ')) INTO v_ts
-      FROM unnest(tsvector_to_array(to_tsvector('english', array_to_string(v_words, ' ')))) AS lexeme;
+    SELECT array_agg(q ORDER BY n), array_agg(w ORDER BY n) FILTER (WHERE q IS NOT NULL AND length(w) >= 4)
+      INTO v_word_ts, v_fuzzy
+      FROM unnest(v_words) WITH ORDINALITY AS x(w, n),
+           LATERAL (SELECT to_tsquery('simple', string_agg(quote_literal(l) || ':*', ' | ')) AS q
+                      FROM unnest(tsvector_to_array(to_tsvector('english', w))) AS l) AS per_word;
+    -- Trigrams are for words the full-text search cannot place (typos, partial words): a word that some card of
+    -- this tenant matches as it is goes without, which keeps common words from dragging in thousands of cards.
+    SELECT array_agg(w) INTO v_fuzzy
+      FROM unnest(v_fuzzy) AS w
+     WHERE NOT EXISTS (SELECT FROM card_mcp.cards AS c
+                        WHERE c.tenant_id = v_tenant AND c.is_active
+                          AND c.search_doc @@ to_tsquery('simple', (SELECT string_agg(quote_literal(l) || ':*', ' | ')
+                                                                     FROM unnest(tsvector_to_array(to_tsvector('english', w))) AS l)));
+    SELECT tsquery_or_all INTO v_ts
+      FROM (SELECT to_tsquery('simple', string_agg(quote_literal(l) || ':*', ' | ')) AS tsquery_or_all
+              FROM unnest(tsvector_to_array(to_tsvector('english', array_to_string(v_words, ' ')))) AS l) AS t;
 
     RETURN QUERY
-    WITH candidates AS (
+    WITH fts AS (
         SELECT c.id
           FROM card_mcp.cards AS c
          WHERE c.tenant_id = v_tenant AND c.is_active AND c.search_doc @@ v_ts
-        UNION
-        SELECT similar_card.id
-          FROM unnest(v_words) AS w(word),
-               LATERAL (SELECT c.id
+    ), fuzzy AS (  -- (card, word) for a word the card lacks but has a similar word to (a typo, a partial word)
+        SELECT m.id, w.word, word_similarity(w.word, m.search_words) AS similarity
+          FROM unnest(v_fuzzy) AS w(word),
+               LATERAL (SELECT c.id, c.search_words
                           FROM card_mcp.cards AS c
-                         WHERE c.tenant_id = v_tenant AND c.is_active AND c.search_words %> w.word) AS similar_card
-         WHERE length(w.word) >= 3
+                         WHERE c.tenant_id = v_tenant AND c.is_active AND c.search_words %> w.word) AS m
+    ), fuzzy_by_card AS (
+        SELECT f.id, sum(f.similarity) AS similarity FROM fuzzy AS f GROUP BY f.id
+    ), candidates AS (
+        SELECT coalesce(fts.id, f.id) AS id, coalesce(f.similarity, 0) AS fuzzy
+          FROM fts FULL JOIN fuzzy_by_card AS f ON f.id = fts.id
     ), scored AS (
         SELECT c.id,
                0.7 * coalesce(ts_rank_cd('{0.1, 0.2, 0.4, 1.0}', c.search_doc, v_ts, 32), 0)
-               + 0.3 * (SELECT avg(word_similarity(w, c.search_words)) FROM unnest(v_words) AS w) AS score
+               + 0.3 * ((SELECT count(*) FROM unnest(v_word_ts) AS q WHERE c.search_doc @@ q) + m.fuzzy)
+                     / cardinality(v_words) AS score
           FROM candidates AS m
           JOIN card_mcp.cards AS c ON c.tenant_id = v_tenant AND c.id = m.id
          WHERE (p_card_type IS NULL OR c.card_type = p_card_type)

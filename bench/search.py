@@ -1,0 +1,190 @@
+"""search_cards among 1,000,000 cards (one tenant of 100,000, the rest in tenants of 1,000): p50 and p95 of the
+relevance set's queries (tests/data/relevance.json) as the application role runs them (row-level security on),
+against the same statement run by a superuser (to whom row-level security does not apply), as a ratio; and,
+to show the trap this design avoids, the same ranking run as a plain SECURITY INVOKER function under the
+policies, where no index on the search columns may be used. Prints the table and the plans.
+
+    python bench/search.py [--cards 1000000] [--big 100000] [--per-tenant 1000] [--database-url SUPERUSER_URL]
+
+The cards are the relevance set's 212 cards, repeated with a number in each title and content, loaded by the
+superuser with INSERT ... SELECT (the search indexes dropped during the load and built after, as one would for
+a bulk load), then VACUUM ANALYZE. Database creation as in bench/batch.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import anyio
+import asyncpg
+from batch import fresh_database, postgres, with_database, with_user
+
+from card_mcp import cards, db
+
+RELEVANCE = Path(__file__).resolve().parent.parent / "tests" / "data" / "relevance.json"
+
+_LOAD = """
+INSERT INTO card_mcp.cards (tenant_id, card_type, title, content, tags, content_hash)
+SELECT CASE WHEN g <= $5 THEN $6::uuid ELSE ($7::uuid[])[1 + (g - $5 - 1) / $8] END,
+       t.card_type[1 + g % cardinality(t.card_type)],
+       left(t.title[1 + g % cardinality(t.title)] || ' ' || g, 200),
+       t.content[1 + g % cardinality(t.content)] || jsonb_build_object('n', g),
+       ARRAY(SELECT jsonb_array_elements_text(t.tags[1 + g % cardinality(t.tags)])),
+       md5(g::text) || md5('card' || g)
+  FROM (SELECT $1::text[] AS card_type, $2::text[] AS title, $3::jsonb[] AS content, $4::jsonb[] AS tags) AS t,
+       generate_series(1, $9) AS g
+"""
+
+_INDEXES = (
+    "CREATE INDEX cards_search_doc_idx ON card_mcp.cards USING gin (tenant_id, search_doc) WHERE is_active",
+    "CREATE INDEX cards_search_words_idx ON card_mcp.cards USING gin (tenant_id, search_words card_mcp.gin_trgm_ops)"
+    " WHERE is_active",
+)
+
+
+async def load(superuser: asyncpg.Connection, args: argparse.Namespace, big: uuid.UUID, small: list[uuid.UUID]) -> None:
+    data = json.loads(RELEVANCE.read_text())
+    templates = [c for brand in data["brands"] for c in brand["cards"]]
+    await superuser.execute("DROP INDEX card_mcp.cards_search_doc_idx, card_mcp.cards_search_words_idx")
+    await superuser.execute(
+        _LOAD,
+        [c["card_type"] for c in templates],
+        [c["title"] for c in templates],
+        [json.dumps(c["content"]) for c in templates],
+        [json.dumps(c["tags"]) for c in templates],
+        args.big,
+        big,
+        small,
+        args.per_tenant,
+        args.cards,
+    )
+    for statement in _INDEXES:
+        await superuser.execute(statement)
+    await superuser.execute("VACUUM ANALYZE card_mcp.cards")
+
+
+async def naive_copy(superuser: asyncpg.Connection) -> None:
+    """card_mcp.search_cards_invoker: the same function, but SECURITY INVOKER (so the policies apply inside)."""
+    definition: str = await superuser.fetchval(
+        "SELECT pg_get_functiondef('card_mcp.search_cards(text, text, text[], double precision, uuid, integer)'"
+        "::regprocedure)"
+    )
+    copy = definition.replace("card_mcp.search_cards(", "card_mcp.search_cards_invoker(", 1).replace(
+        "SECURITY DEFINER", "SECURITY INVOKER"
+    )
+    await superuser.execute(copy)
+    await superuser.execute("GRANT EXECUTE ON FUNCTION card_mcp.search_cards_invoker TO card_mcp_app")
+
+
+async def timings(conn: asyncpg.Connection, tenant: uuid.UUID, queries: list[str], statement: str) -> list[float]:
+    times = []
+    async with conn.transaction():
+        await conn.execute("SELECT set_config('app.current_tenant_id', $1, true)", str(tenant))
+        for query in queries:
+            started = time.perf_counter()
+            await conn.fetch(statement, query, None, None, None, None, 11)
+            times.append((time.perf_counter() - started) * 1000)
+    return times
+
+
+def p95(values: list[float]) -> float:
+    return statistics.quantiles(values, n=20, method="inclusive")[18]
+
+
+async def main(args: argparse.Namespace) -> None:
+    queries = [q["query"] for q in json.loads(RELEVANCE.read_text())["queries"]]
+    async with postgres(args.database_url) as superuser_url, fresh_database(superuser_url) as name:
+        admin_url = with_user(superuser_url, db.ADMIN_ROLE, name)
+        app_url = with_user(superuser_url, db.APP_ROLE, name)
+        big = await db.tenant_id_for(admin_url, "big")
+        count = (args.cards - args.big + args.per_tenant - 1) // args.per_tenant
+        small = [await db.tenant_id_for(admin_url, f"small-{n:04d}") for n in range(count)]
+        superuser = await asyncpg.connect(with_database(superuser_url, name))
+        app = await db.connect(app_url)
+        try:
+            started = time.perf_counter()
+            await load(superuser, args, big, small)
+            load_s = time.perf_counter() - started
+            await naive_copy(superuser)
+            total = await superuser.fetchval("SELECT count(*) FROM card_mcp.cards")
+            version = await superuser.fetchval("SHOW server_version")
+            naive = cards._RANKED.replace("card_mcp.search_cards(", "card_mcp.search_cards_invoker(")
+            rows: list[tuple[str, str, list[float]]] = []
+            plans: dict[str, list[str]] = {}
+            for label, tenant in (("100,000-card tenant", big), ("1,000-card tenant", small[len(small) // 2])):
+                for conn in (app, superuser):  # warm both: caches, plans
+                    await timings(conn, tenant, queries, cards._RANKED)
+                rows.append((label, "application role (RLS on)", await timings(app, tenant, queries, cards._RANKED)))
+                rows.append((label, "superuser (no RLS)", await timings(superuser, tenant, queries, cards._RANKED)))
+                rows.append(
+                    (label, "naive: invoker function under RLS", await timings(app, tenant, queries[:10], naive))
+                )
+                plans[label] = await explain(superuser, tenant, queries[0])
+        finally:
+            await app.close()
+            await superuser.close()
+
+    print(
+        f"PostgreSQL {version} ({'external' if args.database_url else 'embedded'}); {total:,} cards, one tenant of "
+        f"{args.big:,} and {len(small)} of up to {args.per_tenant:,} (loaded and indexed in {load_s:.0f} s); "
+        f"{len(queries)} queries of the relevance set, 11 hits each"
+    )
+    print()
+    print("| tenant | run as | p50 ms | p95 ms | ratio to superuser (p50) |")
+    print("|---|---|---:|---:|---:|")
+    floor: dict[str, float] = {label: statistics.median(t) for label, who, t in rows if who.startswith("superuser")}
+    for label, who, times in rows:
+        median = statistics.median(times)
+        print(f"| {label} | {who} | {median:.1f} | {p95(times):.1f} | {median / floor[label]:.2f}x |")
+    for label, plan in plans.items():
+        print()
+        print(f"Plan inside card_mcp.search_cards for {queries[0]!r}, {label} (auto_explain, nested statements):")
+        print()
+        for line in plan:
+            print("    " + line)
+
+
+async def explain(superuser: asyncpg.Connection, tenant: uuid.UUID, query: str) -> list[str]:
+    """The nested plan of the search as the application role runs it (SET ROLE), via auto_explain."""
+    messages: list[str] = []
+
+    def listen(_conn: Any, message: Any) -> None:
+        messages.append(message.message)
+
+    superuser.add_log_listener(listen)
+    try:
+        await superuser.execute("LOAD 'auto_explain'")
+        await superuser.execute(
+            "SET auto_explain.log_min_duration = 0; SET auto_explain.log_nested_statements = on;"
+            " SET auto_explain.log_level = notice; SET auto_explain.log_analyze = on;"
+            " SET auto_explain.log_timing = off; SET client_min_messages = notice"
+        )
+        async with superuser.transaction():
+            await superuser.execute(f"SET LOCAL ROLE {db.APP_ROLE}")
+            await superuser.execute("SELECT set_config('app.current_tenant_id', $1, true)", str(tenant))
+            await superuser.fetch(cards._RANKED, query, None, None, None, None, 11)
+        await superuser.execute("SET auto_explain.log_min_duration = -1; SET client_min_messages = warning")
+    finally:
+        superuser.remove_log_listener(listen)
+    inner = [m for m in messages if "RETURN QUERY" in m or "WITH candidates" in m]
+    return (inner[-1] if inner else "\n".join(messages)).splitlines()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cards", type=int, default=1_000_000)
+    parser.add_argument("--big", type=int, default=100_000, help="cards of the one big tenant")
+    parser.add_argument("--per-tenant", type=int, default=1000, help="cards of each small tenant")
+    parser.add_argument("--database-url", help="a superuser URL of an external server (default: embedded)")
+    arguments = parser.parse_args()
+    if not 0 < arguments.big < arguments.cards or arguments.per_tenant < 1:
+        parser.error("--big must be between 0 and --cards, and --per-tenant at least 1")
+    anyio.run(main, arguments)
+    sys.exit(0)
