@@ -29,7 +29,7 @@ async def read_card(card_id: str) -> str:
     try:
         parsed = UUID(card_id)
     except ValueError:
-        raise NotFound(f"no card with id {card_id[:64]!r}") from None
+        raise NotFound("no card with that id") from None  # the client's text is not echoed
     card = await card_store.get_card(scope.conn, parsed)
     scope.entry.card_ids.append(card.id)
     return card.model_dump_json()
@@ -39,7 +39,7 @@ async def read_cards_of_type(card_type: str) -> str:
     """This brand's newest-updated cards of one type (at most 50) as a JSON list."""
     scope = current_scope()
     if card_type not in CARD_TYPES:
-        raise NotFound(f"no card type {card_type[:32]!r}", hint="Use company, audience, voice or insight.")
+        raise NotFound("no such card type", hint="Use company, audience, voice or insight.")
     hits, _ = await card_store.search_cards(scope.conn, card_type=card_type, limit=LISTING_LIMIT)
     listed = [Card.model_validate(hit.model_dump(exclude={"score"})) for hit in hits[:LISTING_LIMIT]]
     scope.entry.card_ids.extend(card.id for card in listed)
