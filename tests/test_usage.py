@@ -7,7 +7,6 @@ import csv
 import io
 import json
 import math
-import os
 import subprocess
 import uuid
 from collections import defaultdict
@@ -23,7 +22,7 @@ import pytest
 from card_mcp import db
 from card_mcp.config import Settings
 from tests.conftest import TestDatabase
-from tests.test_http import CARD_MCP
+from tests.test_http import run_cli
 from tests.test_server import connect, error_code, ok
 
 GROUPINGS = ("tool", "card", "day", "client")
@@ -137,19 +136,7 @@ async def test_usage_stats_tool_matches_the_raw_rows_and_only_its_tenant(
 
 
 def usage_cli(database: TestDatabase, mix: Mix, *args: str) -> subprocess.CompletedProcess[str]:
-    window = ["--since", mix.since.isoformat(), "--until", mix.until.isoformat()]
-    return subprocess.run(
-        [CARD_MCP, "usage", *window, *args],
-        env={
-            **os.environ,
-            "CARD_MCP_DATABASE_URL": database.app_url,
-            "CARD_MCP_ADMIN_DATABASE_URL": database.owner_url,
-        },
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    return run_cli(database, "usage", "--since", mix.since.isoformat(), "--until", mix.until.isoformat(), *args)
 
 
 def parse(output: str, fmt: str) -> list[dict[str, Any]]:
