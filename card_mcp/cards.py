@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -20,6 +21,7 @@ import asyncpg
 from .db import Connection
 from .errors import Conflict, DuplicateContent, InvalidArgument, NotFound
 from .models import DEFAULT_MAX_CONTENT_BYTES, Card, CardType, NewCard, ScoredCard, content_hash, encode_content
+from .usage import UsageEntry
 
 CreateStatus = Literal["created", "existing"]
 
@@ -77,6 +79,37 @@ async def get_card(conn: Connection, card_id: UUID) -> Card:
     if row is None:
         raise _not_found(card_id)
     return _card(row)
+
+
+# The same read as a whole call: sets the tenant, reads, and writes the usage row (schema/0005_calls.sql).
+_GET_RECORDED = "SELECT * FROM card_mcp.get_card_call($1, $2, $3, $4, $5, $6, $7, $8)"
+
+
+async def get_card_recorded(
+    conn: Connection, tenant_id: UUID, card_id: UUID, entry: UsageEntry, started: float, limit_s: float | None
+) -> Card:
+    """get_card as a call's only statement, outside any transaction: one round trip that also commits the call's
+    usage row (``ok``, or ``not_found`` before NotFound is raised); ``entry`` is marked recorded. ``started`` is
+    the call's perf_counter start; ``limit_s`` (seconds) cancels the statement from here, since a statement
+    timeout set inside the statement would not apply to it."""
+    elapsed_ms = (time.perf_counter() - started) * 1000
+    rows = await conn.fetch(
+        _GET_RECORDED,
+        tenant_id,
+        card_id,
+        entry.tool,
+        entry.client_name,
+        entry.client_version,
+        entry.transport,
+        entry.api_key_id,
+        elapsed_ms,
+        timeout=limit_s,
+    )
+    entry.mark_recorded()
+    if not rows:
+        entry.status, entry.error_code = "error", "not_found"
+        raise _not_found(card_id)
+    return _card(rows[0])
 
 
 # No words: the newest-updated first, keyset-paged on (updated_at, id); every card scores 0.

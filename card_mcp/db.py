@@ -31,10 +31,19 @@ OWNER_ROLE = "card_mcp_owner"
 # A call waits this long for a free pooled connection before it answers `unavailable`.
 ACQUIRE_TIMEOUT = 10.0
 
-# Both transaction-local: a pooled (or pgbouncer) connection carries neither into its next transaction.
-_SET_TENANT = (
-    "SELECT set_config('app.current_tenant_id', $1::text, true), set_config('statement_timeout', $2::text, true)"
+# A call's transaction starts with one simple-protocol message: BEGIN and the call's settings, all transaction-local
+# (a pooled or pgbouncer connection carries none of them into its next transaction). Parameters would need the
+# extended protocol, a round trip per statement, so the values are written in: they are the server's own (a UUID
+# object's text and an int), never a client's.
+_BEGIN = (
+    "BEGIN; SELECT set_config('app.current_tenant_id', '{tenant}', true), "
+    "set_config('statement_timeout', '{timeout}', true)"
 )
+# A call that only reads commits without waiting for the WAL flush: the only row it writes is its usage row, which
+# a crash of the database itself could lose; a card or an acknowledged write never rides on such a commit.
+_READ_ONLY = ", set_config('synchronous_commit', 'off', true)"
+# A statement of its own (one implicit transaction: a multi-statement simple query commits as one).
+_ALONE = "SELECT set_config('app.current_tenant_id', '{tenant}', true); {statement}"
 _TENANT_ID_FOR = "SELECT card_mcp.tenant_id_for($1)"
 
 # Why the application role could escape row-level security, if it could.
@@ -132,6 +141,13 @@ async def _init_connection(conn: Connection) -> None:
         await conn.set_type_codec(type_name, encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
 
 
+async def _keep_session(conn: Connection) -> None:
+    """What a connection needs when it goes back to the pool, beyond the rollback of an open transaction that
+    asyncpg always does: nothing. card-mcp sets nothing session-level (every setting is transaction-local, every
+    advisory lock transaction-scoped, no LISTEN, no cursors), so asyncpg's default reset query (RESET ALL, UNLISTEN
+    *, CLOSE ALL, pg_advisory_unlock_all) would cost a round trip per call to undo nothing."""
+
+
 async def create_pool(url: str, settings: Settings) -> asyncpg.Pool:
     """The application role's pool, after checking that the role cannot bypass row-level security."""
     try:
@@ -142,6 +158,7 @@ async def create_pool(url: str, settings: Settings) -> asyncpg.Pool:
             statement_cache_size=settings.statement_cache_size,
             command_timeout=settings.command_timeout,
             init=_init_connection,
+            reset=_keep_session,
         )
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         raise SetupError(f"cannot connect to PostgreSQL: {exc}", hint="Check CARD_MCP_DATABASE_URL.") from exc
@@ -169,6 +186,7 @@ async def create_admin_pool(url: str, settings: Settings) -> asyncpg.Pool:
             statement_cache_size=settings.statement_cache_size,
             command_timeout=settings.command_timeout,
             init=_init_connection,
+            reset=_keep_session,  # key lookups set nothing either
         )
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         raise SetupError(
@@ -250,36 +268,59 @@ async def tenant_transaction(
     tenant_id: UUID,
     statement_timeout_ms: int = 0,
     *,
+    read_only: bool = False,
     on_commit: Callable[[], None] | None = None,
 ) -> AsyncIterator[Connection]:
-    """The one way tenant queries run: one transaction whose first statement sets the tenant (and the statement
+    """The one way tenant queries run: one transaction whose first message sets the tenant (and the statement
     timeout, 0 for none), transaction-locally, so the pooled connection carries nothing into its next use.
     ``on_commit`` runs once the COMMIT has succeeded, even if the caller is cancelled right after it."""
     with translate_errors():
         async with pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn:
-            transaction = conn.transaction()
-            await transaction.start()
             try:
-                await conn.execute(_SET_TENANT, str(tenant_id), str(statement_timeout_ms))
+                await begin(conn, tenant_id, statement_timeout_ms, read_only=read_only)
                 yield conn
             except BaseException:
-                # Shielded: a cancelled call (client gone, server stopping) still rolls back here, at once,
-                # rather than leaving the pool to find an open transaction on the connection.
-                with anyio.CancelScope(shield=True):
-                    await _rollback(conn, transaction)
+                await rollback(conn)
                 raise
-            with anyio.CancelScope(shield=True):  # a COMMIT once sent finishes, so its outcome is known
-                await transaction.commit()
+            await commit(conn)
             if on_commit is not None:
                 on_commit()
 
 
-async def _rollback(conn: Connection, transaction: Any) -> None:
-    try:
-        if not conn.is_closed():  # else the backend is gone, and its transaction with it
-            await transaction.rollback()
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        logger.info("no rollback on a broken connection (the pool discards it): %r", exc)
+async def begin(conn: Connection, tenant_id: UUID, statement_timeout_ms: int, *, read_only: bool = False) -> None:
+    """Start the tenant's transaction on ``conn``: one round trip."""
+    sql = _BEGIN.format(tenant=UUID(str(tenant_id)), timeout=int(statement_timeout_ms))
+    await conn.execute(sql + _READ_ONLY if read_only else sql)
+
+
+async def commit(conn: Connection, last_statement: str = "") -> None:
+    """Run ``last_statement`` (text of the server's own making, see usage.record_statement) and COMMIT, as one
+    message: one round trip. Shielded from cancellation: a COMMIT once sent finishes, so its outcome is known.
+    If the statement fails, the transaction is rolled back and the error raised."""
+    with anyio.CancelScope(shield=True):
+        try:
+            await conn.execute(f"{last_statement};\nCOMMIT" if last_statement else "COMMIT")
+        except BaseException:
+            await rollback(conn)
+            raise
+
+
+async def rollback(conn: Connection) -> None:
+    """Roll back the open transaction, if any; shielded (a cancelled call still rolls back here, at once, rather
+    than leaving the pool to find an open transaction), and quiet on a broken connection."""
+    with anyio.CancelScope(shield=True):
+        try:
+            if not conn.is_closed() and conn.is_in_transaction():  # else the backend is gone, or nothing is open
+                await conn.execute("ROLLBACK")
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            logger.info("no rollback on a broken connection (the pool discards it): %r", exc)
+
+
+async def run_alone(conn: Connection, tenant_id: UUID, statement: str) -> None:
+    """``statement`` (of the server's own making) in a transaction of its own for ``tenant_id``: one round trip.
+    Shielded from cancellation, so its outcome is known."""
+    with anyio.CancelScope(shield=True):
+        await conn.execute(_ALONE.format(tenant=UUID(str(tenant_id)), statement=statement))
 
 
 async def tenant_id_for(admin_url: str, name: str) -> UUID:

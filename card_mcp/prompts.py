@@ -67,7 +67,9 @@ async def brand_brief(
 
 
 async def _best(card_type: CardType, query: str | None) -> list[Card]:
-    hits, _ = await card_store.search_cards(current_scope().conn, query=query, card_type=card_type, limit=_PER_TYPE)
+    hits, _ = await card_store.search_cards(
+        await current_scope().transaction(), query=query, card_type=card_type, limit=_PER_TYPE
+    )
     return [Card.model_validate(hit.model_dump(exclude={"score"})) for hit in hits[:_PER_TYPE]]
 
 

@@ -30,8 +30,7 @@ async def read_card(card_id: str) -> str:
         parsed = UUID(card_id)
     except ValueError:
         raise NotFound("no card with that id") from None  # the client's text is not echoed
-    card = await card_store.get_card(scope.conn, parsed)
-    scope.entry.card_ids.append(card.id)
+    card = await scope.read_card(parsed)
     return card.model_dump_json()
 
 
@@ -40,7 +39,7 @@ async def read_cards_of_type(card_type: str) -> str:
     scope = current_scope()
     if card_type not in CARD_TYPES:
         raise NotFound("no such card type", hint="Use company, audience, voice or insight.")
-    hits, _ = await card_store.search_cards(scope.conn, card_type=card_type, limit=LISTING_LIMIT)
+    hits, _ = await card_store.search_cards(await scope.transaction(), card_type=card_type, limit=LISTING_LIMIT)
     listed = [Card.model_validate(hit.model_dump(exclude={"score"})) for hit in hits[:LISTING_LIMIT]]
     scope.entry.card_ids.extend(card.id for card in listed)
     return "[" + ",".join(card.model_dump_json() for card in listed) + "]"

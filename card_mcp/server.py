@@ -46,9 +46,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from . import __version__, db, idempotency, usage
+from . import cards as card_store
 from .config import Settings
 from .errors import CardMcpError, Internal, InvalidArgument, LimitExceeded
 from .keys import KeyToken, KeyVerifier
+from .models import Card
 from .usage import UsageEntry
 
 logger = logging.getLogger(__name__)
@@ -104,12 +106,42 @@ class AppState:
 
 @dataclass
 class CallScope:
-    """The running call's transaction, tenant and usage entry, for the tool body to use."""
+    """The running call: its pooled connection, tenant and usage entry, for the tool body to use. The tenant's
+    transaction starts at the body's first ``transaction()``; a call whose whole work is one statement that sets
+    the tenant and records the call itself (``read_card``) needs none."""
 
-    conn: db.Connection
+    pooled: db.Connection
     entry: UsageEntry
     state: AppState
     tenant_id: UUID
+    read_only: bool
+    started: float
+    begun: bool = False
+
+    async def transaction(self) -> db.Connection:
+        """The connection, inside the tenant's transaction (started now, on first use: one round trip)."""
+        if self.entry.recorded:
+            raise RuntimeError("this call was recorded by its single statement; it has no transaction")
+        if not self.begun:
+            self.begun = True  # before the await: a failed or cancelled BEGIN is rolled back all the same
+            await db.begin(
+                self.pooled, self.tenant_id, self.state.settings.statement_timeout_ms, read_only=self.read_only
+            )
+        return self.pooled
+
+    async def read_card(self, card_id: UUID) -> Card:
+        """The active card ``card_id`` (NotFound otherwise). As the call's first statement, one round trip that
+        sets the tenant, reads the card and writes the call's usage row (card_mcp.get_card_call)."""
+        if self.begun:
+            card = await card_store.get_card(self.pooled, card_id)
+        else:
+            limit_s = self.state.settings.statement_timeout_ms / 1000 or None
+            with anyio.CancelScope(shield=True):  # the statement commits: its outcome must be known
+                card = await card_store.get_card_recorded(
+                    self.pooled, self.tenant_id, card_id, self.entry, self.started, limit_s
+                )
+        self.entry.card_ids.append(card.id)
+        return card
 
 
 _scope: ContextVar[CallScope] = ContextVar("card_mcp_call_scope")
@@ -214,7 +246,9 @@ class CardServer(MCPServer[AppState]):
         if tool is None:
             raise MCPError(code=INVALID_PARAMS, message=f"Unknown tool: {name}")
         try:
-            async with self._recorded(name, context, arg_model=tool.fn_metadata.arg_model.__name__):
+            read_only = bool(tool.annotations and tool.annotations.read_only_hint)
+            arg_model = tool.fn_metadata.arg_model.__name__
+            async with self._recorded(name, context, arg_model=arg_model, read_only=read_only):
                 result = await super().call_tool(name, arguments, context)
         except CallFailed as failed:
             return _error_result(failed.error)
@@ -225,7 +259,7 @@ class CardServer(MCPServer[AppState]):
         (``resource:card``); failures are JSON-RPC errors (resources have no error results)."""
         scheme = str(uri).split("://", 1)[0]
         try:
-            async with self._recorded(f"resource:{scheme}", context):
+            async with self._recorded(f"resource:{scheme}", context, read_only=True):
                 return await super().read_resource(uri, context)
         except CallFailed as failed:
             raise failed.as_mcp_error() from None
@@ -235,34 +269,47 @@ class CardServer(MCPServer[AppState]):
         if self._prompt_manager.get_prompt(name) is None:
             raise MCPError(code=INVALID_PARAMS, message=f"Unknown prompt: {name}")
         try:
-            async with self._recorded(f"prompt:{name}", context):
+            async with self._recorded(f"prompt:{name}", context, read_only=True):
                 return await super().get_prompt(name, arguments, context)
         except CallFailed as failed:
             raise failed.as_mcp_error() from None
 
     @asynccontextmanager
-    async def _recorded(self, name: str, context: Any, *, arg_model: str | None = None) -> AsyncIterator[CallScope]:
-        """The one edge every call of a tool, resource or prompt passes: the tenant's transaction around the body,
-        the usage row in that transaction on success, or in one of its own after the rollback on failure, which
-        leaves as CallFailed carrying the domain error."""
+    async def _recorded(
+        self, name: str, context: Any, *, arg_model: str | None = None, read_only: bool = False
+    ) -> AsyncIterator[CallScope]:
+        """The one edge every call of a tool, resource or prompt passes: the tenant's transaction around the body
+        (started by the body's first query), the usage row in that transaction on success, or in one of its own
+        after the rollback on failure, which leaves as CallFailed carrying the domain error. A body whose one
+        statement recorded the call itself (CallScope.read_card) leaves nothing to record."""
         state: AppState = context.request_context.lifespan_context
         tenant_id, key_id = _caller(state)
         entry = _usage_entry(name, context, state.settings)
         entry.api_key_id = key_id
         started = time.perf_counter()
+        finished = False
         try:
-            with state.limiter.slot(key_id):
-                async with db.tenant_transaction(
-                    state.pool, tenant_id, state.settings.statement_timeout_ms, on_commit=entry.mark_recorded
-                ) as conn:
-                    scope = CallScope(conn, entry, state, tenant_id)
+            with state.limiter.slot(key_id), db.translate_errors():
+                async with state.pool.acquire(timeout=db.ACQUIRE_TIMEOUT) as conn:
+                    scope = CallScope(conn, entry, state, tenant_id, read_only, started)
                     token = _scope.set(scope)
                     try:
                         yield scope
+                    except BaseException:
+                        if scope.begun:
+                            await db.rollback(conn)
+                        raise
                     finally:
                         _scope.reset(token)
-                    entry.duration_ms = (time.perf_counter() - started) * 1000
-                    await usage.record(conn, tenant_id, entry)
+                    if not entry.recorded:
+                        entry.duration_ms = (time.perf_counter() - started) * 1000
+                        statement = usage.record_statement(tenant_id, entry)
+                        if scope.begun:  # the usage row and COMMIT: one round trip
+                            await db.commit(conn, statement)
+                        else:
+                            await db.run_alone(conn, tenant_id, statement)
+                        entry.mark_recorded()
+                    finished = True
             return
         except MCPError:
             raise
@@ -275,10 +322,14 @@ class CardServer(MCPServer[AppState]):
                 await _record_failure(state, tenant_id, entry)
             raise
         except Exception as exc:  # every failure becomes a domain error here
-            if entry.recorded:  # committed with its usage row; only handing the connection back failed
+            if finished:  # committed with its usage row; only handing the connection back failed
                 logger.warning("a committed call's connection could not be returned: %r", exc)
                 return
             error = _domain_error(exc, arg_model)
+        if entry.recorded:  # the body's one statement recorded the call, failure included (read_card)
+            if entry.status == "ok":
+                logger.error("a call recorded as ok failed afterwards with %s", error.code)
+            raise CallFailed(error)
         entry.status, entry.error_code = "error", error.code
         entry.duration_ms = (time.perf_counter() - started) * 1000
         await _record_failure(state, tenant_id, entry)
@@ -368,15 +419,15 @@ def _usage_entry(tool: str, context: Any, settings: Settings) -> UsageEntry:
     entry = UsageEntry(tool=tool, transport=settings.transport)
     params = getattr(getattr(context, "session", None), "client_params", None)
     if params is not None and params.client_info is not None:
-        entry.client_name = _printable(params.client_info.name) or "unknown"
-        entry.client_version = _printable(params.client_info.version) or None
+        entry.client_name = _printable(params.client_info.name)[:200] or "unknown"
+        entry.client_version = _printable(params.client_info.version)[:100] or None
         return entry
     request = getattr(getattr(context, "request_context", None), "request", None)
     agent = request.headers.get("user-agent") if request is not None else None
     if agent:
         name, _, version = agent.split(" ", 1)[0].partition("/")
-        entry.client_name = _printable(name) or "unknown"
-        entry.client_version = _printable(version) or None
+        entry.client_name = _printable(name)[:200] or "unknown"
+        entry.client_version = _printable(version)[:100] or None
     return entry
 
 
@@ -386,13 +437,15 @@ def _printable(text: str | None) -> str:
 
 
 async def _record_failure(state: AppState, tenant_id: UUID, entry: UsageEntry) -> None:
-    """A failed call's usage row, in a transaction of its own after the rollback; shielded from cancellation
-    (a call cancelled now still leaves its row) and bounded in time."""
+    """A failed call's usage row, in a transaction of its own after the rollback (one round trip); shielded from
+    cancellation (a call cancelled now still leaves its row) and bounded in time."""
+    entry.card_ids = []  # nothing was read or written
     with anyio.move_on_after(_RECORD_TIMEOUT, shield=True) as bound:
         try:
-            async with db.tenant_transaction(state.pool, tenant_id, state.settings.statement_timeout_ms) as conn:
-                entry.card_ids = []  # nothing was read or written
-                await usage.record(conn, tenant_id, entry)
+            with db.translate_errors():
+                async with state.pool.acquire(timeout=_RECORD_TIMEOUT) as conn:
+                    await db.run_alone(conn, tenant_id, usage.record_statement(tenant_id, entry))
+            entry.mark_recorded()
         except Exception:  # the caller still gets its error in the fixed shape
             logger.exception("could not record the failed call of %s (%s)", entry.tool, entry.error_code)
     if bound.cancelled_caught:

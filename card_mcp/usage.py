@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from typing import Literal
@@ -32,29 +33,63 @@ class UsageEntry:
         self.recorded = True
 
 
-_RECORD = """
-INSERT INTO card_mcp.card_usage
-       (tenant_id, tool, status, error_code, card_ids, duration_ms, client_name, client_version, transport,
-        api_key_id)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
-"""
+_RECORD = "SELECT card_mcp.record_call($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+
+# The same call with its values written in, to go in one message with COMMIT (db.commit, db.run_alone): a
+# parameter would need a round trip of its own. Text is sent as hex (client names are a client's words), so no
+# value can end the literal it is in.
+_RECORD_INLINE = (
+    "SELECT card_mcp.record_call({tenant}, {tool}, {status}, {error_code}, {card_ids}, {duration_ms}, "
+    "{client_name}, {client_version}, {transport}, {api_key_id})"
+)
 
 
-async def record(conn: Connection, tenant_id: UUID, entry: UsageEntry) -> None:
-    """Write ``entry`` in the caller's transaction (the effect's, or a transaction of its own on failure)."""
-    await conn.execute(
-        _RECORD,
+def _values(tenant_id: UUID, entry: UsageEntry) -> tuple[object, ...]:
+    return (
         tenant_id,
         entry.tool,
         entry.status,
         entry.error_code,
         list(dict.fromkeys(entry.card_ids)),
         entry.duration_ms,
-        entry.client_name[:200],
-        entry.client_version[:100] if entry.client_version else None,
+        entry.client_name,
+        entry.client_version,
         entry.transport,
         entry.api_key_id,
     )
+
+
+async def record(conn: Connection, tenant_id: UUID, entry: UsageEntry) -> None:
+    """Write ``entry`` in the caller's transaction (the effect's, or a transaction of its own on failure)."""
+    await conn.execute(_RECORD, *_values(tenant_id, entry))
+
+
+def record_statement(tenant_id: UUID, entry: UsageEntry) -> str:
+    """The statement that writes ``entry``, with its values written in (see _RECORD_INLINE)."""
+    tenant, tool, status, error_code, card_ids, duration, name, version, transport, key = _values(tenant_id, entry)
+    assert isinstance(card_ids, list) and isinstance(duration, float | int)
+    return _RECORD_INLINE.format(
+        tenant=_uuid(tenant),
+        tool=_text(tool),
+        status=_text(status),
+        error_code=_text(error_code),
+        card_ids="ARRAY[" + ", ".join(_uuid(i) for i in card_ids) + "]::uuid[]" if card_ids else "'{}'::uuid[]",
+        duration_ms=f"{float(duration):.3f}" if math.isfinite(duration) else "0",
+        client_name=_text(name),
+        client_version=_text(version),
+        transport=_text(transport),
+        api_key_id=_uuid(key),
+    )
+
+
+def _uuid(value: object) -> str:
+    return "NULL::uuid" if value is None else f"'{UUID(str(value))}'::uuid"
+
+
+def _text(value: object) -> str:
+    if value is None:
+        return "NULL::text"
+    return f"convert_from(decode('{str(value).encode().hex()}', 'hex'), 'UTF8')"
 
 
 # Calls, errors, p50/p95 duration and last call per group, in the window [$1, $2), grouped by $3, at most $5

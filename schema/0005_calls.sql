@@ -1,0 +1,91 @@
+-- Tool calls in fewer round trips. Each message to PostgreSQL and its answer cost a round trip; a call used to
+-- make five (BEGIN, setting the tenant, the query, the usage row, COMMIT). The server now sends BEGIN with the
+-- settings as one message and the usage row with COMMIT as another (card_mcp/db.py), and a read of one card
+-- is a single statement: card_mcp.get_card_call below sets the tenant, reads and records in one implicit
+-- transaction.
+
+-- The one way a usage row is written (SPEC section 5), from Python and from the functions below.
+CREATE FUNCTION card_mcp.record_call(
+    p_tenant_id uuid,
+    p_tool text,
+    p_status text,
+    p_error_code text,
+    p_card_ids uuid[],
+    p_duration_ms double precision,
+    p_client_name text,
+    p_client_version text,
+    p_transport text,
+    p_api_key_id uuid
+) RETURNS void
+    LANGUAGE sql
+    SECURITY INVOKER
+BEGIN ATOMIC
+    INSERT INTO card_mcp.card_usage
+           (tenant_id, tool, status, error_code, card_ids, duration_ms, client_name, client_version, transport,
+            api_key_id)
+    VALUES (p_tenant_id, p_tool, p_status, p_error_code, p_card_ids, p_duration_ms, p_client_name,
+            p_client_version, p_transport, p_api_key_id);
+END;
+
+-- get_card (and the card:// resource) as one statement: the tenant set transaction-locally first, so every
+-- statement after it runs under the caller's row-level security for that tenant; the active card (no row when
+-- there is none for this tenant); its usage row, `ok` with the card's id or `not_found`, committed with the
+-- statement. SECURITY INVOKER: the caller's policies apply, as to any tool query. The call only reads, so its
+-- commit does not wait for the WAL flush (synchronous_commit off, for this transaction only): a crash of the
+-- database itself can lose the newest usage rows of reads, never a card or an acknowledged write.
+-- p_elapsed_ms is the call's time before this statement; the statement adds its own.
+CREATE FUNCTION card_mcp.get_card_call(
+    p_tenant_id uuid,
+    p_card_id uuid,
+    p_tool text,
+    p_client_name text,
+    p_client_version text,
+    p_transport text,
+    p_api_key_id uuid,
+    p_elapsed_ms double precision
+) RETURNS TABLE (
+    id uuid,
+    card_type text,
+    title text,
+    content jsonb,
+    tags text[],
+    version integer,
+    content_hash text,
+    created_at timestamptz,
+    updated_at timestamptz
+)
+    LANGUAGE plpgsql
+    SECURITY INVOKER
+AS $$
+DECLARE
+    found_card boolean;
+BEGIN
+    PERFORM pg_catalog.set_config('app.current_tenant_id', p_tenant_id::text, true),
+            pg_catalog.set_config('synchronous_commit', 'off', true);
+    RETURN QUERY
+        SELECT c.id, c.card_type, c.title, c.content, c.tags, c.version, c.content_hash, c.created_at, c.updated_at
+          FROM card_mcp.cards AS c
+         WHERE c.id = p_card_id AND c.is_active;
+    found_card := FOUND;
+    PERFORM card_mcp.record_call(
+        p_tenant_id,
+        p_tool,
+        CASE WHEN found_card THEN 'ok' ELSE 'error' END,
+        CASE WHEN found_card THEN NULL ELSE 'not_found' END,
+        CASE WHEN found_card THEN ARRAY[p_card_id] ELSE '{}'::uuid[] END,
+        p_elapsed_ms + 1000 * extract(epoch FROM pg_catalog.clock_timestamp() - pg_catalog.statement_timestamp()),
+        p_client_name,
+        p_client_version,
+        p_transport,
+        p_api_key_id
+    );
+END
+$$;
+
+REVOKE ALL ON FUNCTION card_mcp.record_call(uuid, text, text, text, uuid[], double precision, text, text, text, uuid)
+    FROM PUBLIC;
+REVOKE ALL ON FUNCTION card_mcp.get_card_call(uuid, uuid, text, text, text, text, uuid, double precision) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION card_mcp.record_call(uuid, text, text, text, uuid[], double precision, text, text, text, uuid)
+    TO card_mcp_app;
+GRANT EXECUTE ON FUNCTION card_mcp.get_card_call(uuid, uuid, text, text, text, text, uuid, double precision)
+    TO card_mcp_app;
