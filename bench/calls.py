@@ -62,8 +62,10 @@ from batch import fresh_database, make_cards, postgres, with_database, with_user
 from mcp import Client, StdioServerParameters
 from mcp.client.streamable_http import streamable_http_client
 
-from card_mcp import db, keys, server
+from card_mcp import cards as card_store
+from card_mcp import db, keys, usage
 from card_mcp.config import Settings
+from card_mcp.models import NewCard
 
 CARD_MCP = str(Path(sys.executable).parent / "card-mcp")
 
@@ -200,9 +202,6 @@ async def target(superuser_url: str, cards: int) -> AsyncIterator[Target]:
         settings = Settings(database_url=with_user(superuser_url, db.APP_ROLE, name), log_level="WARNING")
         pool = await db.create_pool(settings.database_url or "", settings)
         try:
-            from card_mcp import cards as card_store
-            from card_mcp.models import NewCard
-
             for card in made:
                 async with db.tenant_transaction(pool, tenant_id) as tx:
                     _, stored = await card_store.create_card(
@@ -413,38 +412,58 @@ async def round_trips(t: Target, out: Results, calls: int = 200) -> None:
 
 
 async def in_process(t: Target, out: Results, calls: int) -> None:
-    """card-mcp's call edge for get_card without MCP, against one primary-key SELECT, on one warm pool."""
+    """The database work of a call without MCP, on one warm connection of the application role: get_card's single
+    statement (tenant, read, usage row, commit) and the general tenant transaction of the other tools (BEGIN
+    with the settings; the read; the usage row with COMMIT), against one primary-key SELECT."""
     settings = Settings(database_url=t.app_url, admin_database_url=t.owner_url, log_level="WARNING")
     pool = await db.create_pool(t.app_url, settings)
     rng = random.Random(4)
+    select = (
+        "SELECT id, card_type, title, content, tags, version, content_hash, created_at, updated_at"
+        " FROM card_mcp.cards WHERE id = $1"
+    )
     try:
-        async with pool.acquire() as conn:  # the floor reads as the application role with a tenant set, as a
-            await conn.execute(  # session setting: one statement, one round trip
-                "SELECT set_config('app.current_tenant_id', $1, false)", str(t.tenant_id)
-            )
-            select = "SELECT id, title, content FROM card_mcp.cards WHERE id = $1"
+        async with pool.acquire() as conn:
 
-            async def floor() -> None:
+            async def floor() -> None:  # as the application role with the tenant set once, for the session
                 await conn.fetchrow(select, rng.choice(t.card_ids))
 
-            async def edge() -> None:
-                await server.run_card_call(pool, settings, t.tenant_id, rng.choice(t.card_ids))
+            async def single() -> None:
+                entry = usage.UsageEntry(tool="get_card", transport="stdio")
+                await card_store.get_card_recorded(conn, t.tenant_id, rng.choice(t.card_ids), entry, 0.0, None)
 
-            for _ in range(200):
-                await floor()
-            mine: list[float] = []
-            base: list[float] = []
-            # run_card_call takes its own connection from the pool; the floor keeps its one.
-            for _ in range(10):
-                base.extend(await latencies(floor, calls // 10))
-                mine.extend(await latencies(edge, calls // 10))
+            async def transaction() -> None:
+                entry = usage.UsageEntry(tool="get_card", transport="stdio")
+                await db.begin(conn, t.tenant_id, 15000, read_only=True)
+                card = await card_store.get_card(conn, rng.choice(t.card_ids))
+                entry.card_ids.append(card.id)
+                await db.commit(conn, usage.record_statement(t.tenant_id, entry))
+
+            await conn.execute("SELECT set_config('app.current_tenant_id', $1, false)", str(t.tenant_id))
+            await latencies(floor, 200)
             await conn.execute("RESET app.current_tenant_id")
+            await latencies(single, 200)
+            await latencies(transaction, 200)
+            times: dict[str, list[float]] = {"floor": [], "single": [], "transaction": []}
+            for _ in range(10):
+                await conn.execute("SELECT set_config('app.current_tenant_id', $1, false)", str(t.tenant_id))
+                times["floor"] += await latencies(floor, calls // 10)
+                await conn.execute("RESET app.current_tenant_id")
+                times["single"] += await latencies(single, calls // 10)
+                times["transaction"] += await latencies(transaction, calls // 10)
     finally:
         await pool.close()
+    base = 1000 * statistics.median(times["floor"])
     out.add(
-        "get_card's tenant transaction vs one PK SELECT, p50",
-        1000 * statistics.median(mine),
-        1000 * statistics.median(base),
+        "get_card's database work (one statement) vs one PK SELECT, p50",
+        1000 * statistics.median(times["single"]),
+        base,
+        "ms",
+    )
+    out.add(
+        "a tenant transaction (BEGIN+settings, read, usage+COMMIT) vs one PK SELECT, p50",
+        1000 * statistics.median(times["transaction"]),
+        base,
         "ms",
     )
 

@@ -16,7 +16,7 @@ import stat
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager, suppress
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from functools import partial
@@ -336,10 +336,16 @@ class CardServer(MCPServer[AppState]):
         raise CallFailed(error)
 
     async def run_stdio_async(self) -> None:
-        """Serve over stdin/stdout, reading stdin without a worker thread where it can: a thread blocked in
-        read() cannot be cancelled, so SIGTERM would otherwise wait for the client to close stdin."""
+        """Serve over stdin/stdout through the event loop where it can, without the SDK's worker threads: a thread
+        blocked in read() cannot be cancelled, so SIGTERM would otherwise wait for the client to close stdin; and
+        the SDK writes and flushes each message through a thread, two hand-offs per answer."""
         stdin = await _pipe_lines(sys.stdin.fileno())
-        async with stdio_server(stdin=cast("anyio.AsyncFile[str] | None", stdin)) as (read, write):
+        async with (
+            _pipe_stdout() as stdout,
+            stdio_server(
+                stdin=cast("anyio.AsyncFile[str] | None", stdin), stdout=cast("anyio.AsyncFile[str] | None", stdout)
+            ) as (read, write),
+        ):
             await self._lowlevel_server.run(read, write, self._lowlevel_server.create_initialization_options())
 
 
@@ -383,16 +389,65 @@ class _PipeLines:
         return line.decode("utf-8", errors="replace")
 
 
+def _pollable(fd: int) -> bool:
+    """A pipe, socket or terminal (which the event loop can poll), not a regular file."""
+    mode = os.fstat(fd).st_mode
+    return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or os.isatty(fd)
+
+
 async def _pipe_lines(fd: int) -> _PipeLines | None:
     """stdin as a _PipeLines, or None (the SDK's threaded reader) when it is a regular file, which the event
     loop cannot poll."""
-    if not stat.S_ISFIFO(os.fstat(fd).st_mode) and not os.isatty(fd) and not stat.S_ISSOCK(os.fstat(fd).st_mode):
+    if not _pollable(fd):
         return None
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(limit=_MAX_MESSAGE_BYTES)
     pipe = os.fdopen(os.dup(fd), "rb", buffering=0)
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), pipe)
     return _PipeLines(reader)
+
+
+class _PipeWriter:
+    """Protocol messages written by the event loop, in the shape the SDK's stdio transport writes to."""
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self._writer = writer
+
+    async def write(self, text: str) -> None:
+        self._writer.write(text.encode())
+
+    async def flush(self) -> None:
+        await self._writer.drain()
+
+
+@asynccontextmanager
+async def _pipe_stdout() -> AsyncIterator[_PipeWriter | None]:
+    """stdout as a _PipeWriter, or None (the SDK's threaded writer) when it is a regular file. As the SDK does for
+    its own writer, fd 1 points at stderr meanwhile, so stray output (a print, a library) never lands among the
+    protocol messages; it is restored on exit."""
+    fd = sys.stdout.fileno()
+    if not _pollable(fd):
+        yield None
+        return
+    sys.stdout.flush()
+    protocol_fd, saved_fd = os.dup(fd), os.dup(fd)
+    os.dup2(sys.stderr.fileno(), fd)
+    try:
+        loop = asyncio.get_running_loop()
+        pipe = os.fdopen(protocol_fd, "wb", buffering=0)
+        transport, protocol = await loop.connect_write_pipe(
+            lambda: asyncio.StreamReaderProtocol(asyncio.StreamReader()), pipe
+        )
+        writer = asyncio.StreamWriter(transport, protocol, None, loop)
+        try:
+            yield _PipeWriter(writer)
+        finally:
+            with anyio.CancelScope(shield=True), suppress(OSError):
+                await writer.drain()
+            transport.close()
+    finally:
+        os.dup2(saved_fd, fd)
+        os.close(saved_fd)
 
 
 # How long a cancelled call may take to write its usage row before it lets go.

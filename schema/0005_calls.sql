@@ -17,15 +17,17 @@ CREATE FUNCTION card_mcp.record_call(
     p_transport text,
     p_api_key_id uuid
 ) RETURNS void
-    LANGUAGE sql
+    LANGUAGE plpgsql  -- not sql: PL/pgSQL keeps the INSERT's plan for the session (PostgreSQL 15 would re-plan it)
     SECURITY INVOKER
-BEGIN ATOMIC
+AS $$
+BEGIN
     INSERT INTO card_mcp.card_usage
            (tenant_id, tool, status, error_code, card_ids, duration_ms, client_name, client_version, transport,
             api_key_id)
     VALUES (p_tenant_id, p_tool, p_status, p_error_code, p_card_ids, p_duration_ms, p_client_name,
             p_client_version, p_transport, p_api_key_id);
-END;
+END
+$$;
 
 -- get_card (and the card:// resource) as one statement: the tenant set transaction-locally first, so every
 -- statement after it runs under the caller's row-level security for that tenant; the active card (no row when
