@@ -430,7 +430,8 @@ def report(times: dict[str, list[float]], environment: str) -> bool:
     return met
 
 
-async def main(args: argparse.Namespace) -> bool:
+async def measure(args: argparse.Namespace) -> tuple[dict[str, list[float]], str]:
+    """Seconds per run of each measure (keys as in report), and a line describing the environment."""
     cards = make_cards(args.cards, args.seed)
     new_cards = [NewCard.model_validate(c) for c in cards]
     async with postgres(args.database_url) as superuser_url, fresh_database(superuser_url) as name:
@@ -458,7 +459,11 @@ async def main(args: argparse.Namespace) -> bool:
         f"{statistics.mean(sizes):.0f}), Python {platform.python_version()}, mcp {version('mcp')}, "
         f"asyncpg {version('asyncpg')}, pydantic {version('pydantic')}"
     )
-    return report(bench.times, environment)
+    return bench.times, environment
+
+
+async def main(args: argparse.Namespace) -> bool:
+    return report(*await measure(args))
 
 
 if __name__ == "__main__":

@@ -32,7 +32,6 @@ What each row measures:
 from __future__ import annotations
 
 import argparse
-import asyncio
 import gc
 import os
 import platform
@@ -53,7 +52,6 @@ from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
 import anyio
 import asyncpg
@@ -66,6 +64,9 @@ from card_mcp import cards as card_store
 from card_mcp import db, keys, usage
 from card_mcp.config import Settings
 from card_mcp.models import NewCard
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for tests.wire
+from tests.wire import TurnCounter
 
 CARD_MCP = str(Path(sys.executable).parent / "card-mcp")
 
@@ -97,58 +98,6 @@ FLOOR_HTTP = textwrap.dedent(
     uvicorn.Server(config).run()
     """
 )
-
-
-# -- counting round trips on the wire ----------------------------------------------------------------------------
-
-
-class TurnCounter:
-    """A proxy in front of PostgreSQL (listening on a Unix socket of its own) that counts round trips: one each
-    time a client speaks after the server has spoken (or first, on a new connection)."""
-
-    def __init__(self, target_url: str) -> None:
-        parts = urlsplit(target_url)
-        host = parse_qs(parts.query).get("host", [parts.hostname or "127.0.0.1"])[0]
-        self.port = parts.port or 5432
-        self.target_unix = f"{host}/.s.PGSQL.{self.port}" if host.startswith("/") else None
-        self.target_host = host
-        self.folder = tempfile.mkdtemp(prefix="card-mcp-turns-")
-        self.turns = 0
-        self._server: asyncio.AbstractServer | None = None
-
-    def url(self, user: str, database: str) -> str:
-        return f"postgresql://{user}@/{database}?host={self.folder}&port={self.port}"
-
-    async def __aenter__(self) -> TurnCounter:
-        path = f"{self.folder}/.s.PGSQL.{self.port}"
-        self._server = await asyncio.start_unix_server(self._serve, path)
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._server is not None
-        self._server.close()
-
-    async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
-        if self.target_unix:
-            server_r, server_w = await asyncio.open_unix_connection(self.target_unix)
-        else:
-            server_r, server_w = await asyncio.open_connection(self.target_host, self.port)
-        last = ["server"]
-
-        async def pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter, side: str) -> None:
-            try:
-                while data := await source.read(1 << 16):
-                    if side == "client" and last[0] != "client":
-                        self.turns += 1
-                    last[0] = side
-                    sink.write(data)
-                    await sink.drain()
-            except ConnectionError:
-                pass
-            finally:
-                sink.close()
-
-        await asyncio.gather(pump(client_r, server_w, "client"), pump(server_r, client_w, "server"))
 
 
 # -- servers -----------------------------------------------------------------------------------------------------
@@ -582,14 +531,24 @@ async def memory(t: Target, out: Results, calls: int, in_flight: int = 16) -> No
                     tg.start_soon(worker, total // in_flight)
 
         await run(1000)
-        warm = rss_mib(pid)
+        curve = [rss_mib(pid)]
         started = time.perf_counter()
-        await run(calls)
+        for _ in range(10):
+            await run(calls // 10)
+            curve.append(rss_mib(pid))
         elapsed = time.perf_counter() - started
-        after = rss_mib(pid)
-    out.rows.append(Row("RSS of an idle server (after start-up)", idle, float("nan"), "MiB"))
-    out.add(f"RSS after {calls:,} calls vs after 1,000 (warm)", after, warm, "MiB", "no growth")
+    print(f"  RSS every {calls // 10:,} calls (MiB): {' '.join(f'{v:.1f}' for v in curve)}", file=sys.stderr)
     print(f"  {calls} calls in {elapsed:.0f} s ({calls / elapsed:.0f}/s, {in_flight} in flight)", file=sys.stderr)
+    out.rows.append(Row("RSS of an idle server (after start-up)", idle, float("nan"), "MiB"))
+    out.add(f"RSS after {calls:,} calls vs after 1,000 (warm)", curve[-1], curve[0], "MiB")
+    half = len(curve) // 2
+    out.add(
+        f"RSS after {calls:,} calls vs after {calls // 2:,} (growth after warm-up)",
+        curve[-1],
+        curve[half],
+        "MiB",
+        "no growth",
+    )
 
 
 def table(rows: list[Row]) -> str:

@@ -48,7 +48,8 @@ def data_dir() -> Path:
     return path
 
 
-async def main(runs: int) -> None:
+async def measure(runs: int) -> dict[str, list[float]]:
+    """Seconds to the first tools/list answer, per run: the floor, a fresh data dir, an existing one."""
     floor_file = Path(tempfile.mkdtemp()) / "floor.py"
     floor_file.write_text(FLOOR_SERVER)
     floor = [
@@ -62,6 +63,12 @@ async def main(runs: int) -> None:
         fresh.append(await until_tools_listed(params))
         warm.append(await until_tools_listed(params))
         shutil.rmtree(folder, ignore_errors=True)
+    return {"floor": floor, "fresh": fresh, "warm": warm}
+
+
+async def main(runs: int) -> None:
+    times = await measure(runs)
+    floor, fresh, warm = times["floor"], times["fresh"], times["warm"]
     base = statistics.median(floor)
     print(f"{'what':<44} {'median s':>9} {'max s':>7} {'floor s':>8} {'ratio':>6}")
     for name, values in (

@@ -59,6 +59,11 @@ class Settings(BaseSettings):
     # A batch the contract allows (1000 cards of 64 KiB) is about 64 MiB of JSON.
     max_request_bytes: int = Field(default=80 * 1024 * 1024, ge=64 * 1024, description="HTTP: largest request body.")
     # Below the pool's size, so one key cannot hold every connection.
+    key_cache_seconds: float = Field(
+        default=30.0,
+        ge=0,
+        description="HTTP: seconds a verified API key is kept, while revocations are known to arrive (0: never).",
+    )
     max_calls_per_key: int = Field(default=5, ge=1, description="HTTP: tool calls one API key may run at once.")
     statement_timeout_ms: int = Field(
         default=15_000, ge=0, description="Milliseconds a tool's SQL statement may run (0: no limit)."

@@ -527,6 +527,8 @@ async def _lifespan(server: CardServer) -> AsyncIterator[AppState]:
             logger.info("card-mcp %s serving tenant %r over %s", __version__, settings.tenant, settings.transport)
         async with anyio.create_task_group() as background:
             background.start_soon(idempotency.expire_periodically, admin_url)
+            if server.verifier is not None:
+                background.start_soon(server.verifier.follow_revocations, admin_url)
             server.state = state
             try:
                 yield state
@@ -541,7 +543,7 @@ def build_server(settings: Settings) -> CardServer:
     """The card-mcp MCP server for ``settings``; nothing connects until its lifespan starts."""
     from . import prompts, resources, tools  # what the server offers, registered on it
 
-    verifier = KeyVerifier() if settings.transport == "http" else None
+    verifier = KeyVerifier(settings.key_cache_seconds) if settings.transport == "http" else None
     server = CardServer(
         settings,
         verifier,

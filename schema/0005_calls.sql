@@ -91,3 +91,22 @@ GRANT EXECUTE ON FUNCTION card_mcp.record_call(uuid, text, text, text, uuid[], d
     TO card_mcp_app;
 GRANT EXECUTE ON FUNCTION card_mcp.get_card_call(uuid, uuid, text, text, text, text, uuid, double precision)
     TO card_mcp_app;
+
+-- HTTP servers keep a verified API key for a short while instead of looking it up on every request (a round trip
+-- on the admin pool), and forget it the moment it is revoked: a revocation (or a deleted key) is announced on
+-- channel card_mcp_api_keys with the key's id, which the servers LISTEN to (card_mcp/keys.py). A server caches
+-- keys only while it has proven that it receives these notifications.
+CREATE FUNCTION card_mcp.announce_api_key_change() RETURNS trigger
+    LANGUAGE plpgsql
+AS $$
+BEGIN
+    IF TG_OP = 'DELETE' OR NEW.revoked_at IS DISTINCT FROM OLD.revoked_at THEN
+        PERFORM pg_catalog.pg_notify('card_mcp_api_keys', OLD.key_id::text);
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER api_keys_announce_change
+    AFTER UPDATE OR DELETE ON card_mcp.api_keys
+    FOR EACH ROW EXECUTE FUNCTION card_mcp.announce_api_key_change();

@@ -30,6 +30,7 @@ from card_mcp import db, keys
 from tests.conftest import TestDatabase
 from tests.test_batch import Blocker, batch_waiting_on_a_lock, make_cards, superuser
 from tests.test_server import error_code, ok, usage_rows
+from tests.wire import TurnCounter
 
 CARD_MCP = str(Path(sys.executable).parent / "card-mcp")
 PGBOUNCER_URL = os.environ.get("CARD_MCP_TEST_PGBOUNCER_URL")  # e.g. postgresql://127.0.0.1:6432
@@ -151,11 +152,8 @@ async def test_no_key_a_wrong_key_and_a_revoked_key_get_401_and_leave_no_usage_r
     key_id, key = await new_key(database, tenant)
     async with mcp_client(server.url, key) as client:
         ok(await client.call_tool("create_card", make_cards(1)[0]))
-    conn = await db.connect(database.admin_url)
-    try:
-        await keys.revoke_key(conn, str(key_id))
-    finally:
-        await conn.close()
+    await revoke(database, key_id)
+    await refused_within(server.url, key, seconds=5)
     headers = {"Accept": "application/json, text/event-stream"}
     async with httpx2.AsyncClient(timeout=30) as http:
         for authorization in (None, "Bearer cmk_not-a-key", f"Bearer {key}x", f"Bearer {key}", f"Basic {key}"):
@@ -168,6 +166,47 @@ async def test_no_key_a_wrong_key_and_a_revoked_key_get_401_and_leave_no_usage_r
         metadata = (await http.get(f"{server.base}/.well-known/oauth-protected-resource/mcp")).json()
     assert metadata["resource"] == server.url
     assert [r["tool"] for r in await usage_rows(database.admin_url, tenant)] == ["create_card"]
+
+
+async def revoke(database: TestDatabase, key_id: uuid.UUID) -> None:
+    conn = await db.connect(database.admin_url)
+    try:
+        await keys.revoke_key(conn, str(key_id))
+    finally:
+        await conn.close()
+
+
+async def refused_within(url: str, key: str, *, seconds: float) -> None:
+    """Wait until the server refuses ``key``: a revocation reaches it by notification, within milliseconds."""
+    headers = {"Accept": "application/json, text/event-stream", "Authorization": f"Bearer {key}"}
+    async with httpx2.AsyncClient(timeout=30) as http:
+        with anyio.fail_after(seconds):
+            while (await http.post(url, json=INITIALIZE, headers=headers)).status_code != 401:  # noqa: ASYNC110
+                await anyio.sleep(0.01)
+
+
+async def test_a_used_key_is_not_looked_up_again_until_it_is_revoked(database: TestDatabase) -> None:
+    tenant = name()
+    key_id, key = await new_key(database, tenant)
+    with (
+        TurnCounter.threaded(database.owner_url) as admin,
+        http_server(database, CARD_MCP_ADMIN_DATABASE_URL=admin.url(db.OWNER_ROLE, database.name)) as running,
+    ):
+        with anyio.fail_after(30):  # the server caches keys once it has proven that revocations reach it
+            while not any("caching API keys" in line for line in running.log):  # noqa: ASYNC110 - another process
+                await anyio.sleep(0.05)
+        async with mcp_client(running.url, key) as client:
+            ok(await client.call_tool("search_cards", {}))
+            before = admin.turns
+            for _ in range(10):
+                ok(await client.call_tool("search_cards", {}))
+            admin_round_trips = admin.turns - before
+            await revoke(database, key_id)
+            await refused_within(running.url, key, seconds=5)
+            with pytest.raises(MCPError):
+                await client.call_tool("search_cards", {})
+    # 10 calls, each several authenticated HTTP requests, and no lookup: at most a probe of the notifications
+    assert admin_round_trips <= 2
 
 
 async def test_a_tenants_key_never_reaches_another_tenants_cards(database: TestDatabase, server: HttpServer) -> None:
@@ -426,6 +465,7 @@ async def test_keys_are_shown_once_listed_without_the_key_and_revoked_at_once(
         used = json.loads(run_cli(database, "keys", "list", "--tenant", tenant, "--format", "json").stdout)["keys"]
         assert used[0]["last_used_at"] is not None
         assert run_cli(database, "keys", "revoke", entry["key_id"]).returncode == 0
+        await refused_within(server.url, key, seconds=5)
         with pytest.raises(MCPError):  # the SDK reports the 401 as an MCPError
             await client.call_tool("search_cards", {})
     missing = run_cli(database, "keys", "create", "--tenant", "no-such-tenant")
