@@ -29,12 +29,17 @@ _STORED = """
 SELECT request_hash, response FROM card_mcp.idempotency_store
  WHERE idempotency_key = $1 AND tool = $2 AND expires_at > now()
 """
+_STORED_EXACTLY = """
+SELECT response FROM card_mcp.idempotency_store
+ WHERE idempotency_key = $1 AND tool = $2 AND arguments_hash = $3 AND expires_at > now()
+"""
 _STORE = """
-INSERT INTO card_mcp.idempotency_store (tenant_id, idempotency_key, tool, request_hash, response, expires_at)
-VALUES ($1, $2, $3, $4, $5, now() + $6::interval)
+INSERT INTO card_mcp.idempotency_store
+       (tenant_id, idempotency_key, tool, request_hash, arguments_hash, response, expires_at)
+VALUES ($1, $2, $3, $4, $5, $6, now() + $7::interval)
 ON CONFLICT (tenant_id, idempotency_key) DO UPDATE
-   SET tool = EXCLUDED.tool, request_hash = EXCLUDED.request_hash, response = EXCLUDED.response,
-       created_at = now(), expires_at = EXCLUDED.expires_at
+   SET tool = EXCLUDED.tool, request_hash = EXCLUDED.request_hash, arguments_hash = EXCLUDED.arguments_hash,
+       response = EXCLUDED.response, created_at = now(), expires_at = EXCLUDED.expires_at
  WHERE card_mcp.idempotency_store.expires_at <= now()
 """
 
@@ -44,6 +49,19 @@ def request_hash(cards: Sequence[NewCard], content_hashes: Sequence[str]) -> str
     alike however the JSON was spelled, without serializing the contents a second time."""
     fields = [[c.card_type, c.title, c.tags, digest] for c, digest in zip(cards, content_hashes, strict=True)]
     return hashlib.sha256(json.dumps(fields, separators=(",", ":")).encode()).hexdigest()
+
+
+def arguments_hash(arguments: dict[str, Any]) -> str:
+    """SHA-256 of a call's arguments as sent (keys sorted): equal for a retry that resends the same call."""
+    text = json.dumps(arguments, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+async def replay_exactly(conn: Connection, key: str, tool: str, sent: str) -> dict[str, Any] | None:
+    """The stored response for ``key`` if it answered a call with exactly these arguments (``sent``, their
+    arguments_hash); None otherwise, and then the call takes the full path (validation, replay or claim)."""
+    response: dict[str, Any] | None = await conn.fetchval(_STORED_EXACTLY, key, tool, sent)
+    return response
 
 
 async def replay(conn: Connection, key: str, tool: str, digest: str) -> dict[str, Any] | None:
@@ -80,9 +98,11 @@ async def store(
     digest: str,
     response: dict[str, Any],
     ttl: timedelta = DEFAULT_TTL,
+    sent: str | None = None,
 ) -> None:
-    """Keep ``response`` under ``key`` in the caller's transaction: it exists exactly when the effect does."""
-    await conn.execute(_STORE, tenant_id, key, tool, digest, response, ttl)
+    """Keep ``response`` under ``key`` in the caller's transaction: it exists exactly when the effect does.
+    ``sent`` is the arguments_hash of the call, for replay_exactly."""
+    await conn.execute(_STORE, tenant_id, key, tool, digest, sent, response, ttl)
 
 
 async def delete_expired(admin_url: str) -> int:

@@ -50,7 +50,7 @@ from . import cards as card_store
 from .config import Settings
 from .errors import CardMcpError, Internal, InvalidArgument, LimitExceeded
 from .keys import KeyToken, KeyVerifier
-from .models import Card
+from .models import BatchCreateResult, Card
 from .usage import UsageEntry
 
 logger = logging.getLogger(__name__)
@@ -117,6 +117,7 @@ class CallScope:
     read_only: bool
     started: float
     begun: bool = False
+    arguments_hash: str | None = None  # batch_create_cards with an idempotency key: see idempotency.replay_exactly
 
     async def transaction(self) -> db.Connection:
         """The connection, inside the tenant's transaction (started now, on first use: one round trip)."""
@@ -248,7 +249,10 @@ class CardServer(MCPServer[AppState]):
         try:
             read_only = bool(tool.annotations and tool.annotations.read_only_hint)
             arg_model = tool.fn_metadata.arg_model.__name__
-            async with self._recorded(name, context, arg_model=arg_model, read_only=read_only):
+            async with self._recorded(name, context, arg_model=arg_model, read_only=read_only) as scope:
+                replayed = await _replay_exactly(tool, arguments, scope)
+                if replayed is not None:
+                    return replayed
                 result = await super().call_tool(name, arguments, context)
         except CallFailed as failed:
             return _error_result(failed.error)
@@ -347,6 +351,22 @@ class CardServer(MCPServer[AppState]):
             ) as (read, write),
         ):
             await self._lowlevel_server.run(read, write, self._lowlevel_server.create_initialization_options())
+
+
+async def _replay_exactly(tool: Any, arguments: dict[str, Any], scope: CallScope) -> Any:
+    """A retried batch_create_cards answered from its idempotency key before its cards are validated again (the
+    SDK validates arguments before any tool body runs: 1000 cards cost more than the rest of a replay). Only a
+    call whose arguments are exactly those of the stored answer's call is answered here; None for any other."""
+    key = arguments.get("idempotency_key")
+    if tool.name != "batch_create_cards" or not isinstance(key, str) or not 1 <= len(key) <= 255:
+        return None
+    scope.arguments_hash = idempotency.arguments_hash(arguments)
+    stored = await idempotency.replay_exactly(await scope.transaction(), key, tool.name, scope.arguments_hash)
+    if stored is None:
+        return None
+    result = BatchCreateResult.model_validate({**stored, "replayed": True})
+    scope.entry.card_ids.extend(item.card_id for item in result.results)
+    return tool.fn_metadata.convert_result(result)  # the SDK's own shape: text and structured content
 
 
 def _inline_refs(schema: dict[str, Any]) -> dict[str, Any]:

@@ -110,3 +110,9 @@ $$;
 CREATE TRIGGER api_keys_announce_change
     AFTER UPDATE OR DELETE ON card_mcp.api_keys
     FOR EACH ROW EXECUTE FUNCTION card_mcp.announce_api_key_change();
+
+-- A retried batch is answered before its 1000 cards are validated again: the stored answer is found by the key
+-- and the hash of the arguments exactly as they were sent (keys sorted), which only a request that was valid and
+-- answered can have. Any other request takes the full path, where request_hash (over the validated cards)
+-- decides between a replay and idempotency_conflict, as before.
+ALTER TABLE card_mcp.idempotency_store ADD COLUMN arguments_hash text;

@@ -13,7 +13,7 @@ from typing import Any
 import anyio
 import asyncpg
 import pytest
-from mcp.types import CallToolResult
+from mcp.types import CallToolResult, TextContent
 from pydantic import ValidationError
 
 from card_mcp import cards, db
@@ -403,4 +403,8 @@ async def test_a_retry_spelling_the_same_cards_differently_replays(settings: Set
     async with connect(settings, tenant) as client:
         first = ok(await client.call_tool("batch_create_cards", {"cards": batch, "idempotency_key": "spelled"}))
         again = ok(await client.call_tool("batch_create_cards", {"cards": respelled, "idempotency_key": "spelled"}))
+        # Sent exactly as the first time: answered from the key before the cards are validated again, alike.
+        exact = await client.call_tool("batch_create_cards", {"cards": batch, "idempotency_key": "spelled"})
     assert again == {**first, "replayed": True}
+    assert ok(exact) == again
+    assert isinstance(exact.content[0], TextContent) and json.loads(exact.content[0].text) == again
