@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import importlib.util
 import json
 import logging
 import signal
@@ -92,6 +93,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # The SDK's HTTP transport logs every session's end at INFO, and in stateless mode every request is a session.
+    logging.getLogger("mcp.server.streamable_http").setLevel(logging.WARNING)
     handler: Callable[[argparse.Namespace, Settings], Awaitable[int]] = {
         "serve": _serve,
         "migrate": _migrate,
@@ -101,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "db": _db,
     }[args.command]
     try:
-        return anyio.run(handler, args, settings)
+        return anyio.run(handler, args, settings, backend_options={"use_uvloop": _has_uvloop()})
     except CardMcpError as exc:
         hint = f" ({exc.hint})" if exc.hint else ""
         print(f"card-mcp: {exc.message}{hint}", file=sys.stderr)
@@ -309,6 +312,11 @@ def _print_rows(rows: list[dict[str, Any]], fmt: str, *, key: str) -> None:
     print("  ".join(c.ljust(widths[c]) for c in columns).rstrip())
     for row in cells:
         print("  ".join(row[c].ljust(widths[c]) for c in columns).rstrip())
+
+
+def _has_uvloop() -> bool:
+    """uvloop, a faster event loop, is a dependency on the platforms it supports; elsewhere asyncio's own runs."""
+    return importlib.util.find_spec("uvloop") is not None
 
 
 if __name__ == "__main__":
