@@ -490,6 +490,7 @@ async def http_throughput(t: Target, out: Results, seconds: float, clients: int 
     rng = random.Random(5)
     kinds = tool_calls(t, rng)
     mix = ["get_card"] * 7 + ["search_cards"] * 2 + ["create_card"]
+    kinds.pop("update_card")
 
     def mixed(client: Client) -> Awaitable[Any]:
         return kinds[rng.choice(mix)](client)
@@ -501,6 +502,7 @@ async def http_throughput(t: Target, out: Results, seconds: float, clients: int 
         base = await throughput(floor_url, None, lambda c: c.call_tool("noop", {}), clients, seconds, pid)
     async with http_process(ours_args, t.env()) as (url, pid):
         mine = await throughput(url, t.key, mixed, clients, seconds, pid)
+        alone = {name: await throughput(url, t.key, kinds[name], clients, seconds / 2, pid) for name in kinds}
     out.add(
         f"throughput, {clients} HTTP clients, mixed calls",
         mine.calls_per_s,
@@ -510,7 +512,10 @@ async def http_throughput(t: Target, out: Results, seconds: float, clients: int 
         better="higher",
     )
     for party in ("clients", "server", "PostgreSQL"):
-        out.add(f"CPU per call during that run: {party}", mine.cpu_ms[party], base.cpu_ms[party], "ms")
+        out.add(f"CPU per mixed call during that run: {party}", mine.cpu_ms[party], base.cpu_ms[party], "ms")
+    for name, run in alone.items():
+        cpu = ", ".join(f"{party} {ms:.2f}" for party, ms in run.cpu_ms.items())
+        out.add(f"throughput, {name} alone (CPU ms per call: {cpu})", run.calls_per_s, base.calls_per_s, "calls/s")
 
 
 def rss_mib(pid: int) -> float:
