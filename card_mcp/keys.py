@@ -171,8 +171,9 @@ class KeyVerifier:
 
     async def follow_revocations(self, admin_url: str) -> None:
         """For the server's lifetime: LISTEN for revoked keys on a connection of its own, and cache keys only while
-        a probe (a NOTIFY sent through the admin pool, as a revocation is) comes back on it within seconds. A
-        connection behind a transaction-pooling proxy, or one that silently died, fails the probe: no caching."""
+        a probe (a NOTIFY sent through the admin pool, as a revocation is) comes back on it within seconds. When
+        that connection closes, caching stops at once; a connection behind a transaction-pooling proxy, or one
+        that silently stopped delivering, fails the next probe (at most 15 s later): no caching either."""
         if self.cache_seconds <= 0:
             return
         while True:
@@ -195,6 +196,13 @@ class KeyVerifier:
             else:
                 self.forget(payload)
 
+        lost = anyio.Event()
+
+        def closed(_conn: db.Connection) -> None:  # at once, not at the next probe: announcements may be missed
+            self._stop_caching()
+            lost.set()
+
+        conn.add_termination_listener(closed)
         try:
             await conn.add_listener(CHANNEL, announced)
             while True:
@@ -213,7 +221,10 @@ class KeyVerifier:
                     logger.info("caching API keys for %ss; revocations arrive at once", self.cache_seconds)
                     self._listening = True
                     self._changes += 1
-                await anyio.sleep(_PROBE_EVERY)
+                with anyio.move_on_after(_PROBE_EVERY):
+                    await lost.wait()
+                if lost.is_set():
+                    raise ConnectionError("the connection that listens for revoked keys closed")
         finally:
             conn.terminate()  # no goodbye needed: LISTEN ends with the session
 

@@ -185,6 +185,32 @@ async def refused_within(url: str, key: str, *, seconds: float) -> None:
                 await anyio.sleep(0.01)
 
 
+async def logged(server: HttpServer, text: str, seconds: float = 30) -> None:
+    with anyio.fail_after(seconds):
+        while not any(text in line for line in server.log):  # noqa: ASYNC110 - another process's log
+            await anyio.sleep(0.05)
+
+
+async def test_when_the_server_stops_hearing_revocations_it_stops_trusting_kept_keys(database: TestDatabase) -> None:
+    tenant = name()
+    key_id, key = await new_key(database, tenant)
+    with http_server(database) as running:
+        await logged(running, "caching API keys")
+        async with mcp_client(running.url, key) as client:
+            ok(await client.call_tool("search_cards", {}))  # verified, and kept
+            async with superuser(database) as conn:
+                listeners = await conn.fetchval(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                    " WHERE datname = $1 AND query LIKE 'LISTEN %'",
+                    database.name,
+                )
+            assert listeners >= 1  # this server's, and the module's server's if it runs (it listens again)
+            await logged(running, "not caching API keys")
+            await revoke(database, key_id)  # announced to nobody: the listener is gone
+            with pytest.raises(MCPError):  # refused at once all the same: the kept key was dropped with it
+                await client.call_tool("search_cards", {})
+
+
 async def test_a_used_key_is_not_looked_up_again_until_it_is_revoked(database: TestDatabase) -> None:
     tenant = name()
     key_id, key = await new_key(database, tenant)
@@ -192,9 +218,7 @@ async def test_a_used_key_is_not_looked_up_again_until_it_is_revoked(database: T
         TurnCounter.threaded(database.owner_url) as admin,
         http_server(database, CARD_MCP_ADMIN_DATABASE_URL=admin.url(db.OWNER_ROLE, database.name)) as running,
     ):
-        with anyio.fail_after(30):  # the server caches keys once it has proven that revocations reach it
-            while not any("caching API keys" in line for line in running.log):  # noqa: ASYNC110 - another process
-                await anyio.sleep(0.05)
+        await logged(running, "caching API keys")  # once it has proven that revocations reach it
         async with mcp_client(running.url, key) as client:
             ok(await client.call_tool("search_cards", {}))
             before = admin.turns
