@@ -59,6 +59,8 @@ import httpx2
 from batch import fresh_database, make_cards, postgres, with_database, with_user
 from mcp import Client, StdioServerParameters
 from mcp.client.streamable_http import streamable_http_client
+from startup import FLOOR_SERVER as FLOOR_STDIO
+from startup import FLOOR_TOOL
 
 from card_mcp import cards as card_store
 from card_mcp import db, keys, usage
@@ -70,29 +72,9 @@ from tests.wire import TurnCounter
 
 CARD_MCP = str(Path(sys.executable).parent / "card-mcp")
 
-FLOOR_STDIO = textwrap.dedent(
+FLOOR_HTTP = FLOOR_TOOL + textwrap.dedent(
     """
-    from mcp.server import MCPServer
-    server = MCPServer("floor")
-
-    @server.tool()
-    async def noop() -> str:
-        return "ok"
-
-    server.run("stdio")
-    """
-)
-FLOOR_HTTP = textwrap.dedent(
-    """
-    import sys
     import uvicorn
-    from mcp.server import MCPServer
-    server = MCPServer("floor")
-
-    @server.tool()
-    async def noop() -> str:
-        return "ok"
-
     app = server.streamable_http_app(stateless_http=True, host="127.0.0.1")
     config = uvicorn.Config(app, host="127.0.0.1", port=int(sys.argv[1]), log_config=None, access_log=False)
     uvicorn.Server(config).run()

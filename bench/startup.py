@@ -20,18 +20,19 @@ import anyio
 from mcp import Client, StdioServerParameters
 
 CARD_MCP = str(Path(sys.executable).parent / "card-mcp")
-FLOOR_SERVER = textwrap.dedent(
+# A bare MCPServer with one no-op tool: the floor of every benchmark of calls (bench/calls.py serves it over HTTP).
+FLOOR_TOOL = textwrap.dedent(
     """
+    import sys
     from mcp.server import MCPServer
     server = MCPServer("floor")
 
     @server.tool()
     async def noop() -> str:
         return "ok"
-
-    server.run("stdio")
     """
 )
+FLOOR_SERVER = FLOOR_TOOL + 'server.run("stdio")\n'
 
 
 async def until_tools_listed(params: StdioServerParameters) -> float:
