@@ -86,12 +86,11 @@ _GET_RECORDED = "SELECT * FROM card_mcp.get_card_call($1, $2, $3, $4, $5, $6, $7
 
 
 async def get_card_recorded(
-    conn: Connection, tenant_id: UUID, card_id: UUID, entry: UsageEntry, started: float, limit_s: float | None
+    conn: Connection, tenant_id: UUID, card_id: UUID, entry: UsageEntry, started: float
 ) -> Card:
     """get_card as a call's only statement, outside any transaction: one round trip that also commits the call's
     usage row (``ok``, or ``not_found`` before NotFound is raised); ``entry`` is marked recorded. ``started`` is
-    the call's perf_counter start; ``limit_s`` (seconds) cancels the statement from here, since a statement
-    timeout set inside the statement would not apply to it."""
+    the call's perf_counter start. Its time limit is the pool's command timeout, as for a COMMIT."""
     elapsed_ms = (time.perf_counter() - started) * 1000
     rows = await conn.fetch(
         _GET_RECORDED,
@@ -103,7 +102,6 @@ async def get_card_recorded(
         entry.transport,
         entry.api_key_id,
         elapsed_ms,
-        timeout=limit_s,
     )
     entry.mark_recorded()
     if not rows:

@@ -31,19 +31,14 @@ OWNER_ROLE = "card_mcp_owner"
 # A call waits this long for a free pooled connection before it answers `unavailable`.
 ACQUIRE_TIMEOUT = 10.0
 
-# A call's transaction starts with one simple-protocol message: BEGIN and the call's settings, all transaction-local
-# (a pooled or pgbouncer connection carries none of them into its next transaction). Parameters would need the
-# extended protocol, a round trip per statement, so the values are written in: they are the server's own (a UUID
-# object's text and an int), never a client's.
-_BEGIN = (
-    "BEGIN; SELECT set_config('app.current_tenant_id', '{tenant}', true), "
-    "set_config('statement_timeout', '{timeout}', true)"
+# A call's transaction starts by setting the tenant and the statement timeout, both transaction-locally (a pooled
+# or pgbouncer connection carries neither into its next transaction).
+_SET_CALL = (
+    "SELECT set_config('app.current_tenant_id', $1::text, true), set_config('statement_timeout', $2::text, true)"
 )
-# A call that only reads commits without waiting for the WAL flush: the only row it writes is its usage row, which
-# a crash of the database itself could lose; a card or an acknowledged write never rides on such a commit.
-_READ_ONLY = ", set_config('synchronous_commit', 'off', true)"
-# A statement of its own (one implicit transaction: a multi-statement simple query commits as one).
-_ALONE = "SELECT set_config('app.current_tenant_id', '{tenant}', true); {statement}"
+# A call that only reads also commits without waiting for the WAL flush: the only row it writes is its usage row,
+# which only a crash of the database itself could lose; a card or an acknowledged write never rides on it.
+_SET_READ_CALL = _SET_CALL + ", set_config('synchronous_commit', 'off', true)"
 _TENANT_ID_FOR = "SELECT card_mcp.tenant_id_for($1)"
 
 # Why the application role could escape row-level security, if it could.
@@ -271,9 +266,10 @@ async def tenant_transaction(
     read_only: bool = False,
     on_commit: Callable[[], None] | None = None,
 ) -> AsyncIterator[Connection]:
-    """The one way tenant queries run: one transaction whose first message sets the tenant (and the statement
-    timeout, 0 for none), transaction-locally, so the pooled connection carries nothing into its next use.
-    ``on_commit`` runs once the COMMIT has succeeded, even if the caller is cancelled right after it."""
+    """Tenant queries outside a tool call (the call edge, server.CardServer._recorded, does the same with its usage
+    row): one transaction that first sets the tenant (and the statement timeout, 0 for none), transaction-locally,
+    so the pooled connection carries nothing into its next use. ``on_commit`` runs once the COMMIT has succeeded,
+    even if the caller is cancelled right after it."""
     with translate_errors():
         async with pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn:
             try:
@@ -288,18 +284,17 @@ async def tenant_transaction(
 
 
 async def begin(conn: Connection, tenant_id: UUID, statement_timeout_ms: int, *, read_only: bool = False) -> None:
-    """Start the tenant's transaction on ``conn``: one round trip."""
-    sql = _BEGIN.format(tenant=UUID(str(tenant_id)), timeout=int(statement_timeout_ms))
-    await conn.execute(sql + _READ_ONLY if read_only else sql)
+    """Start the tenant's transaction on ``conn``."""
+    await conn.execute("BEGIN")
+    await conn.execute(_SET_READ_CALL if read_only else _SET_CALL, str(tenant_id), str(statement_timeout_ms))
 
 
-async def commit(conn: Connection, last_statement: str = "") -> None:
-    """Run ``last_statement`` (text of the server's own making, see usage.record_statement) and COMMIT, as one
-    message: one round trip. Shielded from cancellation: a COMMIT once sent finishes, so its outcome is known.
-    If the statement fails, the transaction is rolled back and the error raised."""
+async def commit(conn: Connection) -> None:
+    """COMMIT, shielded from cancellation: a COMMIT once sent finishes, so its outcome is known. If it fails, the
+    transaction is rolled back and the error raised."""
     with anyio.CancelScope(shield=True):
         try:
-            await conn.execute(f"{last_statement};\nCOMMIT" if last_statement else "COMMIT")
+            await conn.execute("COMMIT")
         except BaseException:
             await rollback(conn)
             raise
@@ -314,13 +309,6 @@ async def rollback(conn: Connection) -> None:
                 await conn.execute("ROLLBACK")
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             logger.info("no rollback on a broken connection (the pool discards it): %r", exc)
-
-
-async def run_alone(conn: Connection, tenant_id: UUID, statement: str) -> None:
-    """``statement`` (of the server's own making) in a transaction of its own for ``tenant_id``: one round trip.
-    Shielded from cancellation, so its outcome is known."""
-    with anyio.CancelScope(shield=True):
-        await conn.execute(_ALONE.format(tenant=UUID(str(tenant_id)), statement=statement))
 
 
 async def tenant_id_for(admin_url: str, name: str) -> UUID:

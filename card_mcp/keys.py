@@ -134,14 +134,16 @@ class KeyVerifier:
         self.cache_seconds = cache_seconds
         self._cache: dict[bytes, tuple[UUID, UUID, float]] = {}  # key hash -> tenant, key id, good until
         self._listening = False  # revocations are known to arrive: caching is safe
+        self._proven_until = 0.0  # monotonic time until which the last probe vouches for the listener
         self._changes = 0  # bumped by every revocation and every change of _listening
 
     async def verify_token(self, token: str) -> AccessToken | None:
         if self.pool is None or not _KEY_SHAPE.fullmatch(token):
             return None
         digest = key_hash(token)
-        cached = self._cache.get(digest) if self._listening else None
-        if cached is not None and cached[2] > time.monotonic():
+        now = time.monotonic()
+        cached = self._cache.get(digest) if self._listening and now < self._proven_until else None
+        if cached is not None and cached[2] > now:
             return _key_token(token, cached[0], cached[1])
         changes = self._changes
         with db.translate_errors():  # an unreachable database is `unavailable`, not a wrong key
@@ -173,7 +175,8 @@ class KeyVerifier:
         """For the server's lifetime: LISTEN for revoked keys on a connection of its own, and cache keys only while
         a probe (a NOTIFY sent through the admin pool, as a revocation is) comes back on it within seconds. When
         that connection closes, caching stops at once; a connection behind a transaction-pooling proxy, or one
-        that silently stopped delivering, fails the next probe (at most 15 s later): no caching either."""
+        that silently stopped delivering, fails the next probe, and a probe older than 15 s vouches for nothing:
+        no caching either."""
         if self.cache_seconds <= 0:
             return
         while True:
@@ -210,13 +213,15 @@ class KeyVerifier:
                 probes[probe] = anyio.Event()
                 if self.pool is None:
                     raise TimeoutError("no admin pool")
-                async with self.pool.acquire(timeout=db.ACQUIRE_TIMEOUT) as sender:
-                    await sender.execute("SELECT pg_notify($1, $2)", CHANNEL, probe)
                 try:
-                    with anyio.fail_after(_PROBE_WAIT):
+                    with anyio.fail_after(_PROBE_WAIT):  # sent and come back, or caching stops
+                        async with self.pool.acquire() as sender:
+                            await sender.execute("SELECT pg_notify($1, $2)", CHANNEL, probe)
                         await probes[probe].wait()
                 finally:
                     del probes[probe]
+                # Vouches until the next probe is due and has had its time: never longer, even if this loop stalls.
+                self._proven_until = time.monotonic() + _PROBE_EVERY + _PROBE_WAIT
                 if not self._listening:
                     logger.info("caching API keys for %ss; revocations arrive at once", self.cache_seconds)
                     self._listening = True

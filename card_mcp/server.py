@@ -136,10 +136,9 @@ class CallScope:
         if self.begun:
             card = await card_store.get_card(self.pooled, card_id)
         else:
-            limit_s = self.state.settings.statement_timeout_ms / 1000 or None
             with anyio.CancelScope(shield=True):  # the statement commits: its outcome must be known
                 card = await card_store.get_card_recorded(
-                    self.pooled, self.tenant_id, card_id, self.entry, self.started, limit_s
+                    self.pooled, self.tenant_id, card_id, self.entry, self.started
                 )
         self.entry.card_ids.append(card.id)
         return card
@@ -307,11 +306,16 @@ class CardServer(MCPServer[AppState]):
                         _scope.reset(token)
                     if not entry.recorded:
                         entry.duration_ms = (time.perf_counter() - started) * 1000
-                        statement = usage.record_statement(tenant_id, entry)
-                        if scope.begun:  # the usage row and COMMIT: one round trip
-                            await db.commit(conn, statement)
-                        else:
-                            await db.run_alone(conn, tenant_id, statement)
+                        if scope.begun:
+                            try:
+                                await usage.record(conn, tenant_id, entry)
+                            except BaseException:
+                                await db.rollback(conn)
+                                raise
+                            await db.commit(conn)
+                        else:  # the body read and wrote nothing: the row in a transaction of its own
+                            with anyio.CancelScope(shield=True):  # it commits: its outcome must be known
+                                await usage.record_alone(conn, tenant_id, entry)
                         entry.mark_recorded()
                     finished = True
             return
@@ -445,13 +449,21 @@ async def _pipe_stdout() -> AsyncIterator[_PipeWriter | None]:
     """stdout as a _PipeWriter, or None (the SDK's threaded writer) when it is a regular file. As the SDK does for
     its own writer, fd 1 points at stderr meanwhile, so stray output (a print, a library) never lands among the
     protocol messages; it is restored on exit."""
-    fd = sys.stdout.fileno()
-    if not _pollable(fd):
+    try:
+        fd, err = sys.stdout.fileno(), sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # replaced or captured streams: the SDK copes
+        yield None
+        return
+    out_stat, err_stat = os.fstat(fd), os.fstat(err)
+    shared = (out_stat.st_dev, out_stat.st_ino) == (err_stat.st_dev, err_stat.st_ino)
+    # Only a pipe or socket of its own: the loop makes the file non-blocking, which logging to a shared one
+    # (a terminal, `2>&1`) would not survive.
+    if shared or os.isatty(fd) or not (stat.S_ISFIFO(out_stat.st_mode) or stat.S_ISSOCK(out_stat.st_mode)):
         yield None
         return
     sys.stdout.flush()
     protocol_fd, saved_fd = os.dup(fd), os.dup(fd)
-    os.dup2(sys.stderr.fileno(), fd)
+    os.dup2(err, fd)
     try:
         loop = asyncio.get_running_loop()
         pipe = os.fdopen(protocol_fd, "wb", buffering=0)
@@ -462,13 +474,19 @@ async def _pipe_stdout() -> AsyncIterator[_PipeWriter | None]:
         try:
             yield _PipeWriter(writer)
         finally:
-            with anyio.CancelScope(shield=True), suppress(OSError):
+            # Every answer out before the pipe closes, unless the client stopped reading: then not for long.
+            transport.set_write_buffer_limits(0)
+            with anyio.move_on_after(_FLUSH_TIMEOUT, shield=True), suppress(OSError):
                 await writer.drain()
             transport.close()
     finally:
         os.dup2(saved_fd, fd)
+        os.set_blocking(saved_fd, True)  # the description is shared with whoever started us
         os.close(saved_fd)
 
+
+# How long a stopping server waits for a client to read its last answers.
+_FLUSH_TIMEOUT = 5.0
 
 # How long a cancelled call may take to write its usage row before it lets go.
 _RECORD_TIMEOUT = 5.0
@@ -512,14 +530,14 @@ def _printable(text: str | None) -> str:
 
 
 async def _record_failure(state: AppState, tenant_id: UUID, entry: UsageEntry) -> None:
-    """A failed call's usage row, in a transaction of its own after the rollback (one round trip); shielded from
+    """A failed call's usage row, in a transaction of its own after the rollback (one statement); shielded from
     cancellation (a call cancelled now still leaves its row) and bounded in time."""
     entry.card_ids = []  # nothing was read or written
     with anyio.move_on_after(_RECORD_TIMEOUT, shield=True) as bound:
         try:
             with db.translate_errors():
                 async with state.pool.acquire(timeout=_RECORD_TIMEOUT) as conn:
-                    await db.run_alone(conn, tenant_id, usage.record_statement(tenant_id, entry))
+                    await usage.record_alone(conn, tenant_id, entry)
             entry.mark_recorded()
         except Exception:  # the caller still gets its error in the fixed shape
             logger.exception("could not record the failed call of %s (%s)", entry.tool, entry.error_code)

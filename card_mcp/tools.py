@@ -189,7 +189,16 @@ async def batch_create_cards(
     if idempotency_key is not None:
         response = result.model_dump(mode="json")
         ttl = timedelta(hours=state.settings.idempotency_ttl_hours)
-        await idempotency.store(conn, scope.tenant_id, idempotency_key, "batch_create_cards", digest, response, ttl)
+        await idempotency.store(
+            conn,
+            scope.tenant_id,
+            idempotency_key,
+            "batch_create_cards",
+            digest,
+            response,
+            ttl,
+            sent=scope.arguments_hash,
+        )
     scope.entry.card_ids.extend(i.card_id for i in items)
     return result
 

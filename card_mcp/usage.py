@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from typing import Literal
@@ -35,13 +34,7 @@ class UsageEntry:
 
 _RECORD = "SELECT card_mcp.record_call($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
 
-# The same call with its values written in, to go in one message with COMMIT (db.commit, db.run_alone): a
-# parameter would need a round trip of its own. Text is sent as hex (client names are a client's words), so no
-# value can end the literal it is in.
-_RECORD_INLINE = (
-    "SELECT card_mcp.record_call({tenant}, {tool}, {status}, {error_code}, {card_ids}, {duration_ms}, "
-    "{client_name}, {client_version}, {transport}, {api_key_id})"
-)
+_RECORD_ALONE = "SELECT card_mcp.record_call_alone($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
 
 
 def _values(tenant_id: UUID, entry: UsageEntry) -> tuple[object, ...]:
@@ -60,36 +53,13 @@ def _values(tenant_id: UUID, entry: UsageEntry) -> tuple[object, ...]:
 
 
 async def record(conn: Connection, tenant_id: UUID, entry: UsageEntry) -> None:
-    """Write ``entry`` in the caller's transaction (the effect's, or a transaction of its own on failure)."""
+    """Write ``entry`` in the caller's transaction (the effect's)."""
     await conn.execute(_RECORD, *_values(tenant_id, entry))
 
 
-def record_statement(tenant_id: UUID, entry: UsageEntry) -> str:
-    """The statement that writes ``entry``, with its values written in (see _RECORD_INLINE)."""
-    tenant, tool, status, error_code, card_ids, duration, name, version, transport, key = _values(tenant_id, entry)
-    assert isinstance(card_ids, list) and isinstance(duration, float | int)
-    return _RECORD_INLINE.format(
-        tenant=_uuid(tenant),
-        tool=_text(tool),
-        status=_text(status),
-        error_code=_text(error_code),
-        card_ids="ARRAY[" + ", ".join(_uuid(i) for i in card_ids) + "]::uuid[]" if card_ids else "'{}'::uuid[]",
-        duration_ms=f"{float(duration):.3f}" if math.isfinite(duration) else "0",
-        client_name=_text(name),
-        client_version=_text(version),
-        transport=_text(transport),
-        api_key_id=_uuid(key),
-    )
-
-
-def _uuid(value: object) -> str:
-    return "NULL::uuid" if value is None else f"'{UUID(str(value))}'::uuid"
-
-
-def _text(value: object) -> str:
-    if value is None:
-        return "NULL::text"
-    return f"convert_from(decode('{str(value).encode().hex()}', 'hex'), 'UTF8')"
+async def record_alone(conn: Connection, tenant_id: UUID, entry: UsageEntry) -> None:
+    """Write ``entry`` in a transaction of its own (a failed call's row, after the rollback): one statement."""
+    await conn.execute(_RECORD_ALONE, *_values(tenant_id, entry))
 
 
 # Calls, errors, p50/p95 duration and last call per group, in the window [$1, $2), grouped by $3, at most $5

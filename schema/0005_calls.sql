@@ -1,8 +1,6 @@
--- Tool calls in fewer round trips. Each message to PostgreSQL and its answer cost a round trip; a call used to
--- make five (BEGIN, setting the tenant, the query, the usage row, COMMIT). The server now sends BEGIN with the
--- settings as one message and the usage row with COMMIT as another (card_mcp/db.py), and a read of one card
--- is a single statement: card_mcp.get_card_call below sets the tenant, reads and records in one implicit
--- transaction.
+-- Tool calls in fewer round trips. Each statement and its answer cost a round trip; a read of one card is now a
+-- single statement (card_mcp.get_card_call sets the tenant, reads and records in one implicit transaction), and
+-- so is the usage row of a failed call (card_mcp.record_call_alone). Values always arrive as bind parameters.
 
 -- The one way a usage row is written (SPEC section 5), from Python and from the functions below.
 CREATE FUNCTION card_mcp.record_call(
@@ -84,8 +82,36 @@ BEGIN
 END
 $$;
 
+-- The usage row of a call that wrote nothing (a failed call, after its rollback), as one statement: sets the tenant
+-- transaction-locally, then records; the implicit transaction commits it.
+CREATE FUNCTION card_mcp.record_call_alone(
+    p_tenant_id uuid,
+    p_tool text,
+    p_status text,
+    p_error_code text,
+    p_card_ids uuid[],
+    p_duration_ms double precision,
+    p_client_name text,
+    p_client_version text,
+    p_transport text,
+    p_api_key_id uuid
+) RETURNS void
+    LANGUAGE plpgsql
+    SECURITY INVOKER
+AS $$
+BEGIN
+    PERFORM pg_catalog.set_config('app.current_tenant_id', p_tenant_id::text, true);
+    PERFORM card_mcp.record_call(p_tenant_id, p_tool, p_status, p_error_code, p_card_ids, p_duration_ms,
+                                 p_client_name, p_client_version, p_transport, p_api_key_id);
+END
+$$;
+
 REVOKE ALL ON FUNCTION card_mcp.record_call(uuid, text, text, text, uuid[], double precision, text, text, text, uuid)
     FROM PUBLIC;
+REVOKE ALL ON FUNCTION card_mcp.record_call_alone(uuid, text, text, text, uuid[], double precision, text, text, text,
+    uuid) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION card_mcp.record_call_alone(uuid, text, text, text, uuid[], double precision, text, text,
+    text, uuid) TO card_mcp_app;
 REVOKE ALL ON FUNCTION card_mcp.get_card_call(uuid, uuid, text, text, text, text, uuid, double precision) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION card_mcp.record_call(uuid, text, text, text, uuid[], double precision, text, text, text, uuid)
     TO card_mcp_app;

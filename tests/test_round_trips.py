@@ -25,12 +25,16 @@ async def test_get_card_is_one_round_trip_and_other_calls_two_plus_their_queries
         async with Client(build_server(routed), mode="legacy") as client:
             made = await client.call_tool("create_card", CARD)
             card_id = made.structured_content["card"]["id"] if made.structured_content else ""
+            batch = [{**CARD, "content": {"summary": f"batch {i}"}} for i in range(3)]
+            respelled = [{**card, "title": f" {card['title']} "} for card in batch]  # the same, once trimmed
             calls: dict[str, tuple[str, dict[str, Any]]] = {
                 "get_card": ("get_card", {"card_id": card_id}),
                 "get_card of no card": ("get_card", {"card_id": str(uuid.uuid4())}),
                 "search_cards": ("search_cards", {"query": "plain"}),
                 "create_card": ("create_card", {**CARD, "content": {"summary": "new"}}),
                 "create_card of invalid arguments": ("create_card", {**CARD, "title": ""}),
+                "batch retried exactly": ("batch_create_cards", {"cards": batch, "idempotency_key": "k"}),
+                "batch retried respelled": ("batch_create_cards", {"cards": respelled, "idempotency_key": "k"}),
             }
             for tool, arguments in calls.values():  # every statement prepared on the pooled connection
                 await client.call_tool(tool, arguments)
@@ -39,12 +43,16 @@ async def test_get_card_is_one_round_trip_and_other_calls_two_plus_their_queries
                 if tool == "create_card" and "summary" in arguments["content"]:
                     arguments = {**arguments, "content": {"summary": uuid.uuid4().hex}}  # a new card each time
                 before = wire.turns
-                await client.call_tool(tool, arguments)
+                result = await client.call_tool(tool, arguments)
                 counted[what] = wire.turns - before
+                if tool == "batch_create_cards":
+                    assert result.structured_content and result.structured_content["replayed"] is True
     assert counted == {
         "get_card": 1,  # one statement: tenant, read, usage row, commit
         "get_card of no card": 1,
-        "search_cards": 3,  # BEGIN with the settings; the search; the usage row with COMMIT
-        "create_card": 3,  # the same, with the insert
-        "create_card of invalid arguments": 1,  # nothing to read or write: the usage row in one statement
+        "search_cards": 5,  # BEGIN; the settings; the search; the usage row; COMMIT
+        "create_card": 5,  # the same, with the insert
+        "create_card of invalid arguments": 1,  # nothing read or written: the usage row in one statement
+        "batch retried exactly": 5,  # answered from the key and the arguments' hash, before validation
+        "batch retried respelled": 6,  # validated, then found by the hash of the validated cards
     }
