@@ -361,7 +361,7 @@ async def in_process(t: Target, out: Results, calls: int) -> None:
 
             async def single() -> None:
                 entry = usage.UsageEntry(tool="get_card", transport="stdio")
-                await card_store.get_card_recorded(conn, t.tenant_id, rng.choice(t.card_ids), entry, 0.0, None)
+                await card_store.get_card_recorded(conn, t.tenant_id, rng.choice(t.card_ids), entry, 0.0)
 
             async def transaction() -> None:
                 entry = usage.UsageEntry(tool="get_card", transport="stdio")
