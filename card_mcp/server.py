@@ -120,7 +120,7 @@ class CallScope:
     arguments_hash: str | None = None  # batch_create_cards with an idempotency key: see idempotency.replay_exactly
 
     async def transaction(self) -> db.Connection:
-        """The connection, inside the tenant's transaction (started now, on first use: one round trip)."""
+        """The connection, inside the tenant's transaction (started on first use: BEGIN, then the settings)."""
         if self.entry.recorded:
             raise RuntimeError("this call was recorded by its single statement; it has no transaction")
         if not self.begun:
