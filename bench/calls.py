@@ -257,7 +257,6 @@ class Row:
     floor: float
     unit: str
     target: str = ""
-    better: str = "lower"  # or "higher"
 
     @property
     def ratio(self) -> float:
@@ -400,27 +399,22 @@ async def in_process(t: Target, out: Results, calls: int) -> None:
     )
 
 
-def postgres_cpu() -> float:
-    """CPU seconds used so far by every PostgreSQL process on this machine (the shared server's and ours)."""
-    total = 0
-    ticks = os.sysconf("SC_CLK_TCK")
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        name = stat[stat.index("(") + 1 : stat.rindex(")")]
-        if name.startswith("postgres"):
-            fields = stat[stat.rindex(")") + 2 :].split()
-            total += int(fields[11]) + int(fields[12])
-    return total / ticks
-
-
 def process_cpu(pid: int) -> float:
+    """CPU seconds (user and system) used so far by process ``pid``."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def postgres_cpu() -> float:
+    """CPU seconds used so far by every PostgreSQL process on this machine (the shared server's and ours)."""
+    total = 0.0
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and (entry / "comm").read_text().startswith("postgres"):
+                total += process_cpu(int(entry.name))
+        except OSError:  # the process ended meanwhile
+            continue
+    return total
 
 
 @dataclass
@@ -492,7 +486,6 @@ async def http_throughput(t: Target, out: Results, seconds: float, clients: int 
         base.calls_per_s,
         "calls/s",
         "≥ 0.7",
-        better="higher",
     )
     for party in ("clients", "server", "PostgreSQL"):
         out.add(f"CPU per mixed call during that run: {party}", mine.cpu_ms[party], base.cpu_ms[party], "ms")

@@ -263,7 +263,6 @@ async def tenant_transaction(
     tenant_id: UUID,
     statement_timeout_ms: int = 0,
     *,
-    read_only: bool = False,
     on_commit: Callable[[], None] | None = None,
 ) -> AsyncIterator[Connection]:
     """Tenant queries outside a tool call (the call edge, server.CardServer._recorded, does the same with its usage
@@ -273,7 +272,7 @@ async def tenant_transaction(
     with translate_errors():
         async with pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn:
             try:
-                await begin(conn, tenant_id, statement_timeout_ms, read_only=read_only)
+                await begin(conn, tenant_id, statement_timeout_ms)
                 yield conn
             except BaseException:
                 await rollback(conn)
