@@ -299,6 +299,34 @@ async def commit(conn: Connection) -> None:
             raise
 
 
+# Errors that leave a COMMIT's outcome unknown: the connection went away before PostgreSQL's answer arrived. (An
+# error PostgreSQL sent in answer to the COMMIT means it did not commit.)
+_LOST = (OSError, asyncpg.InterfaceError, asyncpg.ConnectionDoesNotExistError, TimeoutError)
+_OUTCOME = "SELECT pg_xact_status($1::text::xid8)"
+
+
+def lost_connection(exc: BaseException) -> bool:
+    """Whether ``exc`` means the connection was lost, leaving what it last sent undecided."""
+    return isinstance(exc, _LOST)
+
+
+async def committed(pool: asyncpg.Pool, xid: str, *, seconds: float = 10.0) -> bool | None:
+    """Whether transaction ``xid``, whose COMMIT lost its connection, committed: asked on another connection, and
+    asked again while PostgreSQL is still finishing it. None when that cannot be known (the database is
+    unreachable too, or the id is older than PostgreSQL's commit log keeps)."""
+    try:
+        with anyio.CancelScope(shield=True), anyio.fail_after(seconds):  # a cancelled call must learn it too
+            while True:
+                async with pool.acquire() as conn:
+                    status = await conn.fetchval(_OUTCOME, xid)
+                if status != "in progress":
+                    return {"committed": True, "aborted": False}.get(status)
+                await anyio.sleep(0.05)
+    except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        logger.warning("could not learn whether transaction %s committed: %r", xid, exc)
+        return None
+
+
 async def rollback(conn: Connection) -> None:
     """Roll back the open transaction, if any; shielded (a cancelled call still rolls back here, at once, rather
     than leaving the pool to find an open transaction), and quiet on a broken connection."""

@@ -308,11 +308,17 @@ class CardServer(MCPServer[AppState]):
                         entry.duration_ms = (time.perf_counter() - started) * 1000
                         if scope.begun:
                             try:
-                                await usage.record(conn, tenant_id, entry)
+                                xid = await usage.record(conn, tenant_id, entry)
                             except BaseException:
                                 await db.rollback(conn)
                                 raise
-                            await db.commit(conn)
+                            try:
+                                await db.commit(conn)
+                            except Exception as exc:
+                                # Lost on the way back: the COMMIT may have happened. If it did, so did the call.
+                                if not db.lost_connection(exc) or not await db.committed(state.pool, xid):
+                                    raise
+                                logger.warning("the connection was lost after COMMIT; transaction %s committed", xid)
                         else:  # the body read and wrote nothing: the row in a transaction of its own
                             with anyio.CancelScope(shield=True):  # it commits: its outcome must be known
                                 await usage.record_alone(conn, tenant_id, entry)

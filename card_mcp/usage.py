@@ -32,7 +32,9 @@ class UsageEntry:
         self.recorded = True
 
 
-_RECORD = "SELECT card_mcp.record_call($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+# The row, and the id of the transaction it commits in (in the same round trip): if the connection is lost during
+# the COMMIT, that id tells whether the call happened (db.committed).
+_RECORD = "SELECT pg_current_xact_id()::text FROM card_mcp.record_call($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
 
 _RECORD_ALONE = "SELECT card_mcp.record_call_alone($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
 
@@ -52,9 +54,10 @@ def _values(tenant_id: UUID, entry: UsageEntry) -> tuple[object, ...]:
     )
 
 
-async def record(conn: Connection, tenant_id: UUID, entry: UsageEntry) -> None:
-    """Write ``entry`` in the caller's transaction (the effect's)."""
-    await conn.execute(_RECORD, *_values(tenant_id, entry))
+async def record(conn: Connection, tenant_id: UUID, entry: UsageEntry) -> str:
+    """Write ``entry`` in the caller's transaction (the effect's); returns that transaction's id."""
+    xid: str = await conn.fetchval(_RECORD, *_values(tenant_id, entry))
+    return xid
 
 
 async def record_alone(conn: Connection, tenant_id: UUID, entry: UsageEntry) -> None:
