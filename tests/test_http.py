@@ -48,8 +48,11 @@ class HttpServer:
 
 
 @contextmanager
-def http_server(database: TestDatabase, *, app_url: str | None = None, **env: str) -> Iterator[HttpServer]:
-    """`card-mcp serve --transport http` on a free port, against the test database; stopped with SIGTERM."""
+def http_server(
+    database: TestDatabase, *, app_url: str | None = None, exit_code: int = 0, **env: str
+) -> Iterator[HttpServer]:
+    """`card-mcp serve --transport http` on a free port, against the test database; stopped with SIGTERM, after
+    which it must exit with ``exit_code`` (a test that kills it says how)."""
     environment = {
         **os.environ,
         "CARD_MCP_DATABASE_URL": app_url or database.app_url,
@@ -99,7 +102,7 @@ def http_server(database: TestDatabase, *, app_url: str | None = None, **env: st
             for pipe in (process.stdout, process.stderr):
                 if pipe is not None:
                     pipe.close()
-    assert process.returncode == 0, "".join(log)
+    assert process.returncode == exit_code, "".join(log)
     assert output == ""  # nothing but logs, and those on stderr
 
 

@@ -11,10 +11,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from urllib.parse import parse_qs, urlsplit
 
+_COMMIT = b"Q\x00\x00\x00\x0bCOMMIT\x00"  # the simple-protocol message a client sends to commit
+
 
 class TurnCounter:
     """A proxy in front of PostgreSQL (listening on a Unix socket of its own) that counts round trips: one each
-    time a client speaks after the server has spoken (or first, on a new connection)."""
+    time a client speaks after the server has spoken (or first, on a new connection). Set ``cut_after_commit`` to
+    N and the next N connections that send COMMIT lose their connection once PostgreSQL has answered it, before
+    the answer reaches the client: a commit the client cannot know happened."""
 
     def __init__(self, target_url: str) -> None:
         parts = urlsplit(target_url)
@@ -24,6 +28,7 @@ class TurnCounter:
         self.target_host = host
         self.folder = tempfile.mkdtemp(prefix="card-mcp-turns-")
         self.turns = 0
+        self.cut_after_commit = 0
         self._server: asyncio.AbstractServer | None = None
 
     def url(self, user: str, database: str) -> str:
@@ -70,6 +75,7 @@ class TurnCounter:
         else:
             server_r, server_w = await asyncio.open_connection(self.target_host, self.port)
         last = ["server"]
+        cutting = [False]
 
         async def pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter, side: str) -> None:
             try:
@@ -77,6 +83,13 @@ class TurnCounter:
                     if side == "client" and last[0] != "client":
                         self.turns += 1
                     last[0] = side
+                    if side == "client" and self.cut_after_commit > 0 and data.endswith(_COMMIT):
+                        self.cut_after_commit -= 1
+                        cutting[0] = True
+                    elif side == "server" and cutting[0]:  # PostgreSQL answered the COMMIT: drop the answer
+                        client_w.close()
+                        server_w.close()
+                        return
                     sink.write(data)
                     await sink.drain()
             except ConnectionError:
