@@ -245,6 +245,12 @@ async def test_a_batch_whose_backend_is_killed_mid_write_leaves_nothing_and_its_
     assert (retry["created"], retry["replayed"]) == (100, False)
     assert again == {**retry, "replayed": True}
     assert await counts(database, tenant) == (100, 1)
+    rows = await usage_rows(database.admin_url, tenant)  # one per call, the killed one's after its rollback
+    assert [(r["tool"], r["error_code"]) for r in rows] == [
+        ("batch_create_cards", "unavailable"),
+        ("batch_create_cards", None),
+        ("batch_create_cards", None),
+    ]
 
 
 async def test_a_cancelled_batch_rolls_back_and_leaves_its_usage_row(
