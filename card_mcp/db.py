@@ -324,7 +324,7 @@ async def committed(pool: asyncpg.Pool, xid: str, *, seconds: float = 10.0) -> b
                 await anyio.sleep(0.05)
     except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         logger.warning("could not learn whether transaction %s committed: %r", xid, exc)
-        return None
+    return None
 
 
 async def rollback(conn: Connection) -> None:
