@@ -175,7 +175,7 @@ def _decode_cursor(cursor: str, pinned: dict[str, Any]) -> tuple[float, datetime
         data = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
         score, stamp, card_id = data.pop("after")
         position = float(score), datetime.fromisoformat(stamp), UUID(card_id)
-    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+    except (ValueError, TypeError, KeyError, AttributeError, OverflowError, RecursionError) as exc:
         raise InvalidArgument(
             "the cursor is not one this server made", hint="Pass next_cursor exactly as returned, or omit it."
         ) from exc

@@ -51,10 +51,15 @@ def request_hash(cards: Sequence[NewCard], content_hashes: Sequence[str]) -> str
     return hashlib.sha256(json.dumps(fields, separators=(",", ":")).encode()).hexdigest()
 
 
-def arguments_hash(arguments: dict[str, Any]) -> str:
-    """SHA-256 of a call's arguments as sent (keys sorted): equal for a retry that resends the same call."""
-    text = json.dumps(arguments, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(text.encode()).hexdigest()
+def arguments_hash(arguments: dict[str, Any]) -> str | None:
+    """SHA-256 of a call's arguments as sent (keys sorted): equal for a retry that resends the same call. None
+    for arguments that are no JSON text (an unpaired surrogate, nesting too deep to serialize), which no stored
+    call can have had: their validation refuses them."""
+    try:
+        text = json.dumps(arguments, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        return hashlib.sha256(text.encode()).hexdigest()
+    except (ValueError, TypeError, RecursionError):
+        return None
 
 
 async def replay_exactly(conn: Connection, key: str, tool: str, sent: str) -> dict[str, Any] | None:

@@ -8,7 +8,8 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
+from pydantic_core import PydanticCustomError
 
 from .errors import InvalidArgument
 
@@ -30,6 +31,24 @@ Title = Annotated[
     Field(description="A short, specific title (1-200 characters, no control characters)."),
 ]
 Tag = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_TAG, pattern=_NO_CONTROL)]
+
+
+def _json_integer(value: Any) -> Any:
+    if isinstance(value, bool | str):  # pydantic's lax mode reads true as 1 and "10" as 10
+        raise PydanticCustomError("int_type", "Input should be a valid integer")
+    return value
+
+
+def _json_date_time(value: Any) -> Any:
+    if not isinstance(value, str | datetime):  # pydantic's lax mode reads a number as Unix time
+        raise PydanticCustomError("datetime_type", "Input should be a valid ISO 8601 date-time string")
+    return value
+
+
+# Tool arguments take what their inputSchema allows: a JSON integer (10 or 10.0), a date-time string. JsonInteger
+# goes after an integer's bounds (Annotated[int, Field(ge=1), JsonInteger]): before them, the schema loses them.
+JsonInteger = BeforeValidator(_json_integer)
+DateTime = Annotated[datetime, BeforeValidator(_json_date_time)]
 
 
 def _unique_in_order(tags: list[str]) -> list[str]:

@@ -20,24 +20,30 @@ from contextlib import AsyncExitStack, asynccontextmanager, contextmanager, supp
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, cast
+from types import UnionType
+from typing import Annotated, Any, Union, cast, get_args, get_origin
 from uuid import UUID
 
 import anyio
 import asyncpg
+from anyio.abc import ObjectReceiveStream, ObjectSendStream
 from mcp import MCPError
 from mcp.server import MCPServer
 from mcp.server.auth.middleware.auth_context import get_access_token
 from mcp.server.auth.settings import AuthSettings
 from mcp.server.mcpserver.exceptions import ToolError
-from mcp.server.mcpserver.utilities.func_metadata import ArgModelBase
+from mcp.server.mcpserver.utilities.func_metadata import ArgModelBase, FuncMetadata
 from mcp.server.stdio import stdio_server
+from mcp.shared.message import SessionMessage
 from mcp.types import (
     INTERNAL_ERROR,
     INVALID_PARAMS,
     INVALID_REQUEST,
+    PARSE_ERROR,
     CallToolResult,
+    ErrorData,
     Icon,
+    JSONRPCError,
     TextContent,
     ToolAnnotations,
 )
@@ -187,6 +193,31 @@ class CallFailed(Exception):
         return MCPError(code=code, message=self.error.message, data=self.error.to_payload())
 
 
+class _Arguments(FuncMetadata):
+    """The SDK's argument handling with its pre-parsing narrowed. The SDK reads a string as the JSON it spells for
+    every parameter not typed plain ``str``, for clients that send objects and lists as JSON text (Claude Desktop
+    does). Kept where the inputSchema allows no string (content, tags, cards); where it allows one (a query, a new
+    title, an idempotency key) the string stays the string it is: "[1]" is a query, not a list."""
+
+    def pre_parse_json(self, data: dict[str, Any]) -> dict[str, Any]:
+        parsed = super().pre_parse_json(data)
+        fields = self.arg_model.model_fields
+        return {
+            key: data[key] if key in fields and _admits_text(fields[key].annotation) else value
+            for key, value in parsed.items()
+        }
+
+
+def _admits_text(annotation: Any) -> bool:
+    """Whether a parameter annotated ``annotation`` takes a string (str, an Annotated str, a union with str)."""
+    if annotation is str:
+        return True
+    args = get_args(annotation)
+    if get_origin(annotation) is Annotated:
+        return _admits_text(args[0])
+    return any(_admits_text(arg) for arg in args) if get_origin(annotation) in (Union, UnionType) else False
+
+
 def _domain_error(exc: BaseException, arg_model: str | None) -> CardMcpError:
     """What a failed call tells the client; anything unexpected is logged here with its traceback."""
     cause: BaseException | None = exc
@@ -226,20 +257,23 @@ class CardServer(MCPServer[AppState]):
         meta: dict[str, Any] | None = None,
         structured_output: bool | None = None,
     ) -> None:
-        """Register a tool whose arguments refuse unknown keys (additionalProperties: false in its schema)."""
+        """Register a tool whose arguments are read as its inputSchema says: unknown keys refused
+        (additionalProperties: false in its schema), and a string kept a string where one is allowed."""
         super().add_tool(fn, name, title, description, annotations, icons, meta, structured_output)
         # The SDK has no option for this; swap in a subclass of its argument model that forbids extras.
         tool = self._tool_manager.get_tool(name or fn.__name__)
         assert tool is not None
-        base = tool.fn_metadata.arg_model
+        sdk = tool.fn_metadata
+        base = sdk.arg_model
         strict = cast(
             "type[ArgModelBase]",
             type(base.__name__, (base,), {"model_config": ConfigDict(extra="forbid"), "__module__": __name__}),
         )
-        tool.fn_metadata.arg_model = strict
+        output_schema = None if sdk.output_schema is None else _inline_refs(sdk.output_schema)
+        tool.fn_metadata = _Arguments(
+            arg_model=strict, output_schema=output_schema, output_model=sdk.output_model, wrap_output=sdk.wrap_output
+        )
         tool.parameters = _inline_refs(strict.model_json_schema(by_alias=True))
-        if tool.fn_metadata.output_schema is not None:
-            tool.fn_metadata.output_schema = _inline_refs(tool.fn_metadata.output_schema)
 
     async def call_tool(self, name: str, arguments: dict[str, Any], context: Any = None) -> Any:
         tool = self._tool_manager.get_tool(name)
@@ -359,8 +393,39 @@ class CardServer(MCPServer[AppState]):
             stdio_server(
                 stdin=cast("anyio.AsyncFile[str] | None", stdin), stdout=cast("anyio.AsyncFile[str] | None", stdout)
             ) as (read, write),
+            anyio.create_task_group() as tasks,
         ):
-            await self._lowlevel_server.run(read, write, self._lowlevel_server.create_initialization_options())
+            readable, readable_stream = anyio.create_memory_object_stream[SessionMessage | Exception](0)
+            tasks.start_soon(_answer_unreadable, read, write, readable)
+            await self._lowlevel_server.run(
+                readable_stream, write, self._lowlevel_server.create_initialization_options()
+            )
+
+
+async def _answer_unreadable(
+    read: ObjectReceiveStream[SessionMessage | Exception],
+    write: ObjectSendStream[SessionMessage],
+    forward: ObjectSendStream[SessionMessage | Exception],
+) -> None:
+    """Pass stdin's messages on; answer each line that is no JSON-RPC message with the JSON-RPC error for it
+    (-32700 not JSON, -32600 JSON but no message; id null, since none can be read), where the SDK would drop it
+    and leave a client waiting for an answer. Blank lines are skipped. The line itself is never echoed."""
+    async with read, forward:
+        async for item in read:
+            if not isinstance(item, Exception):
+                await forward.send(item)
+                continue
+            details = item.errors() if isinstance(item, ValidationError) else []
+            if details and details[0]["type"] == "json_invalid" and not str(details[0].get("input", "")).strip():
+                continue
+            code, message = (
+                (PARSE_ERROR, "Parse error: a line on stdin is not JSON")
+                if details and details[0]["type"] == "json_invalid"
+                else (INVALID_REQUEST, "Invalid Request: a line on stdin is JSON but no JSON-RPC message")
+            )
+            logger.warning("%s (%s)", message, type(item).__name__)
+            error = JSONRPCError(jsonrpc="2.0", id=None, error=ErrorData(code=code, message=message))
+            await write.send(SessionMessage(error))
 
 
 async def _replay_exactly(tool: Any, arguments: dict[str, Any], scope: CallScope) -> Any:
@@ -371,6 +436,8 @@ async def _replay_exactly(tool: Any, arguments: dict[str, Any], scope: CallScope
     if tool.name != "batch_create_cards" or not isinstance(key, str) or not 1 <= len(key) <= 255:
         return None
     scope.arguments_hash = idempotency.arguments_hash(arguments)
+    if scope.arguments_hash is None:  # no JSON text: validation refuses the call
+        return None
     stored = await idempotency.replay_exactly(await scope.transaction(), key, tool.name, scope.arguments_hash)
     if stored is None:
         return None

@@ -13,6 +13,7 @@ from pydantic import Field, StringConstraints
 
 from . import cards as card_store
 from . import idempotency, usage
+from .errors import InvalidArgument
 from .models import (
     MAX_TAGS,
     BatchCreateResult,
@@ -21,7 +22,9 @@ from .models import (
     CardType,
     Content,
     CreateCardResult,
+    DateTime,
     DeleteCardResult,
+    JsonInteger,
     NewCard,
     SearchCardsResult,
     Tag,
@@ -80,7 +83,7 @@ async def search_cards(
     tags: Annotated[
         list[Tag] | None, Field(max_length=MAX_TAGS, description="Only cards that carry all of these tags.")
     ] = None,
-    limit: Annotated[int, Field(ge=1, le=50, description="Hits per page, 1-50.")] = 10,
+    limit: Annotated[int, Field(ge=1, le=50, description="Hits per page, 1-50."), JsonInteger] = 10,
     cursor: Annotated[
         str | None,
         Field(max_length=2000, description="next_cursor from the previous page, with the same other arguments."),
@@ -109,7 +112,8 @@ async def update_card(
     content: Annotated[Content | None, Field(description="New content, replacing the old whole; omit to keep.")] = None,
     tags: Annotated[Tags | None, Field(description="New tags replacing the old; [] clears them; omit to keep.")] = None,
     expected_version: Annotated[
-        int | None, Field(ge=1, description="The version you read; the update fails if the card changed since.")
+        Annotated[int, Field(ge=1), JsonInteger] | None,
+        Field(description="The version you read; the update fails if the card changed since."),
     ] = None,
 ) -> CardResult:
     """Change a card: only the fields you pass change; content is replaced as a whole. Pass the version you
@@ -204,14 +208,14 @@ async def batch_create_cards(
 
 
 async def usage_stats(
-    since: Annotated[datetime | None, Field(description="Start of the window (ISO 8601); default 30 days ago.")] = None,
+    since: Annotated[DateTime | None, Field(description="Start of the window (ISO 8601); default 30 days ago.")] = None,
     until: Annotated[
-        datetime | None, Field(description="End of the window (ISO 8601, exclusive); default now.")
+        DateTime | None, Field(description="End of the window (ISO 8601, exclusive); default now.")
     ] = None,
     group_by: Annotated[
         Literal["tool", "card", "day", "client"], Field(description="How to group the calls.")
     ] = "tool",
-    limit: Annotated[int, Field(ge=1, le=100, description="Rows to return, 1-100.")] = 20,
+    limit: Annotated[int, Field(ge=1, le=100, description="Rows to return, 1-100."), JsonInteger] = 20,
 ) -> UsageStatsResult:
     """How this brand's cards and tools are used: calls, errors, median and 95th-percentile duration and the
     last call, per tool, per card (card id), per day (UTC) or per client. Use it to see which cards agents
@@ -220,11 +224,15 @@ async def usage_stats(
     Returns {rows: [{key, calls, errors, p50_ms, p95_ms, last_at}]}. invalid_argument: since must be before
     until."""
     scope = current_scope()
-    end = _utc(until) if until else datetime.now(UTC)
-    start = _utc(since) if since else end - timedelta(days=30)
+    try:
+        end = _utc(until) if until else datetime.now(UTC)
+        start = _utc(since) if since else end - timedelta(days=30)
+    except OverflowError:  # e.g. 0001-01-01T00:00:00+14:00, which is before year 1 in UTC
+        raise InvalidArgument(
+            "the window reaches outside the years 1-9999 (UTC)",
+            hint="Pass since and until within those years, or omit them for the last 30 days.",
+        ) from None
     if start >= end:
-        from .errors import InvalidArgument
-
         raise InvalidArgument("since must be before until", hint="Swap them, or omit one for the default window.")
     figures = await usage.stats(
         await scope.transaction(), since=start, until=end, group_by=group_by, limit=limit, tenant_id=scope.tenant_id
@@ -233,7 +241,7 @@ async def usage_stats(
 
 
 def _utc(moment: datetime) -> datetime:
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
 def _hints(*, read_only: bool = False, destructive: bool = False) -> ToolAnnotations:
