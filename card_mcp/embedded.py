@@ -42,6 +42,19 @@ SUPERUSER = "postgres"
 SERVICE_USER = "card-mcp-pg"
 _SOCKET_PATH_MAX = 100
 
+# What only a superuser may do in card-mcp's database: create pgvector (not a trusted extension) for the optional
+# semantic search, in card-mcp's schema, where the bundled PostgreSQL has it. Run in that database; idempotent.
+VECTOR_SQL = """
+DO $$
+BEGIN
+    IF EXISTS (SELECT FROM pg_available_extensions WHERE name = 'vector') THEN
+        CREATE SCHEMA IF NOT EXISTS card_mcp AUTHORIZATION card_mcp_owner;
+        CREATE EXTENSION IF NOT EXISTS vector WITH SCHEMA card_mcp;
+    END IF;
+END
+$$;
+"""
+
 _CREATE_DATABASE_SQL = """;
 SELECT 'CREATE DATABASE card_mcp OWNER card_mcp_owner'
  WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = 'card_mcp') \\gexec
@@ -319,11 +332,16 @@ class EmbeddedPostgres:
         )
 
     def _bootstrap(self) -> None:
-        """Create the three roles and the database, once; idempotent, run under the control lock."""
+        """Create the three roles, the database and (where it exists) the vector extension in it; idempotent, run
+        under the control lock."""
         sql = BOOTSTRAP_ROLES_SQL + _CREATE_DATABASE_SQL
         self._run(
             [self._bin("psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", self.url(SUPERUSER, "postgres")],
             stdin=sql,
+        )
+        self._run(
+            [self._bin("psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", self.url(SUPERUSER, DATABASE)],
+            stdin=VECTOR_SQL,
         )
 
     def _run(self, args: list[str], *, stdin: str | None = None, new_session: bool = False) -> None:

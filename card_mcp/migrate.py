@@ -1,9 +1,14 @@
-"""Applies ``schema/*.sql`` in order, each file once, in its own transaction, under an advisory lock."""
+"""Applies ``schema/*.sql`` in order, each file once, in its own transaction, under an advisory lock.
+
+A file whose first line is ``-- requires extension: NAME`` is optional: it is applied only where that extension is
+installed in the database or can be created there, recorded as applied only when it ran, and tried again on every
+later run. It must stand alone: no later file may depend on it."""
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -32,6 +37,9 @@ CREATE TABLE IF NOT EXISTS card_mcp.schema_migrations (
 _APPLIED = "SELECT version, checksum FROM card_mcp.schema_migrations ORDER BY version"
 _RECORD = "INSERT INTO card_mcp.schema_migrations (version, checksum) VALUES ($1, $2)"
 _LEDGER_EXISTS = "SELECT to_regclass('card_mcp.schema_migrations') IS NOT NULL"
+_INSTALLED = "SELECT EXISTS (SELECT FROM pg_catalog.pg_extension WHERE extname = $1)"
+_AVAILABLE = "SELECT EXISTS (SELECT FROM pg_catalog.pg_available_extensions WHERE name = $1)"
+_REQUIRES = re.compile(r"\A-- requires extension: ([a-z0-9_]+)\s*$", re.MULTILINE)
 
 
 @dataclass(frozen=True)
@@ -44,6 +52,12 @@ class Migration:
     @property
     def checksum(self) -> str:
         return hashlib.sha256(self.sql.encode()).hexdigest()
+
+    @property
+    def requires(self) -> str | None:
+        """The extension an optional migration needs (its first line says), else None."""
+        found = _REQUIRES.search(self.sql)
+        return found.group(1) if found else None
 
 
 def schema_dir() -> Path:
@@ -66,13 +80,27 @@ def load_migrations(directory: Path | None = None) -> list[Migration]:
 async def pending(conn: Connection, migrations: list[Migration] | None = None) -> list[Migration]:
     """The migrations not yet applied to the database behind ``conn``."""
     migrations = migrations if migrations is not None else load_migrations()
-    if not await conn.fetchval(_LEDGER_EXISTS):
-        return migrations
-    applied = {row["version"]: row["checksum"] for row in await conn.fetch(_APPLIED)}
+    ledger = await conn.fetchval(_LEDGER_EXISTS)
+    applied = {row["version"]: row["checksum"] for row in await conn.fetch(_APPLIED)} if ledger else {}
     for migration in migrations:
         if migration.version in applied and applied[migration.version] != migration.checksum:
             logger.warning("migration %s changed since it was applied; it is not applied again", migration.version)
-    return [m for m in migrations if m.version not in applied]
+    # An optional migration is pending only where its extension is installed: elsewhere it waits, and the database
+    # is up to date without it.
+    return [
+        m
+        for m in migrations
+        if m.version not in applied and (m.requires is None or await conn.fetchval(_INSTALLED, m.requires))
+    ]
+
+
+async def missing_optional(conn: Connection, migrations: list[Migration] | None = None) -> list[Migration]:
+    """The optional migrations not applied to the database behind ``conn`` (their extension is missing)."""
+    migrations = migrations if migrations is not None else load_migrations()
+    if not await conn.fetchval(_LEDGER_EXISTS):
+        return [m for m in migrations if m.requires]
+    applied = {row["version"] for row in await conn.fetch(_APPLIED)}
+    return [m for m in migrations if m.requires and m.version not in applied]
 
 
 async def migrate(conn: Connection, migrations: list[Migration] | None = None) -> list[str]:
@@ -86,13 +114,32 @@ async def migrate(conn: Connection, migrations: list[Migration] | None = None) -
         except asyncpg.InsufficientPrivilegeError as exc:
             raise _privilege_error(exc) from exc
         done: list[str] = []
-        for migration in await pending(conn, migrations):
+        waiting = await pending(conn, migrations)
+        waiting += [m for m in await missing_optional(conn, migrations) if m not in waiting]
+        for migration in sorted(waiting, key=lambda m: m.version):
+            if migration.requires and not await conn.fetchval(_AVAILABLE, migration.requires):
+                logger.info(
+                    "migration %s needs the %s extension, which this PostgreSQL does not have: left out (it is "
+                    "tried again on every start)",
+                    migration.version,
+                    migration.requires,
+                )
+                continue
             logger.info("applying migration %s", migration.version)
             try:
                 async with conn.transaction():
                     await conn.execute(migration.sql)
                     await conn.execute(_RECORD, migration.version, migration.checksum)
             except asyncpg.InsufficientPrivilegeError as exc:
+                if migration.requires:  # the extension exists on the server, but only a superuser may create it
+                    logger.warning(
+                        "migration %s left out: the %s extension is not installed in this database and this role "
+                        "may not create it; a superuser can run: CREATE EXTENSION %s WITH SCHEMA card_mcp",
+                        migration.version,
+                        migration.requires,
+                        migration.requires,
+                    )
+                    continue
                 raise _privilege_error(exc) from exc
             except asyncpg.PostgresError as exc:
                 raise SetupError(

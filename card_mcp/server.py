@@ -51,12 +51,13 @@ from pydantic import AnyHttpUrl, ConfigDict, ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from . import __version__, db, idempotency, usage
+from . import __version__, db, idempotency, semantic, usage
 from . import cards as card_store
 from .config import Settings
 from .errors import CardMcpError, Internal, InvalidArgument, LimitExceeded
 from .keys import KeyToken, KeyVerifier
 from .models import BatchCreateResult, Card
+from .semantic import Semantic
 from .usage import UsageEntry
 
 logger = logging.getLogger(__name__)
@@ -108,6 +109,7 @@ class AppState:
     tenant_id: UUID | None
     admin_pool: asyncpg.Pool | None = None
     limiter: CallLimiter = field(default_factory=lambda: CallLimiter(1))
+    semantic: Semantic | None = None  # set once the embedding model has loaded, if semantic search is on
 
 
 @dataclass
@@ -638,6 +640,7 @@ async def _lifespan(server: CardServer) -> AsyncIterator[AppState]:
             logger.info("card-mcp %s serving tenant %r over %s", __version__, settings.tenant, settings.transport)
         async with anyio.create_task_group() as background:
             background.start_soon(idempotency.expire_periodically, admin_url)
+            background.start_soon(_semantic_search, state, admin_url)
             if server.verifier is not None:
                 background.start_soon(server.verifier.follow_revocations, admin_url)
             server.state = state
@@ -648,6 +651,29 @@ async def _lifespan(server: CardServer) -> AsyncIterator[AppState]:
                 if server.verifier is not None:
                     server.verifier.pool = None
                 background.cancel_scope.cancel()
+
+
+async def _semantic_search(state: AppState, admin_url: str) -> None:
+    """Turn semantic search on, if it can be (logged either way, once), and run its embedding worker. The model
+    loads here, in the background: until it has, searches are lexical."""
+    if state.settings.semantic == "off":
+        logger.info("semantic search is off (CARD_MCP_SEMANTIC=off): search is lexical")
+        return
+    try:
+        async with state.pool.acquire(timeout=db.ACQUIRE_TIMEOUT) as conn:
+            ready = await semantic.database_ready(conn)
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        logger.warning("semantic search is off: could not check the database (%r); search is lexical", exc)
+        return
+    if not ready:
+        logger.info("semantic search is off: the database has no vector extension (pgvector); search is lexical")
+        return
+    model = await anyio.to_thread.run_sync(semantic.load_model, state.settings.embed_threads)
+    if model is None:
+        return
+    state.semantic = Semantic(model, admin_url)
+    logger.info("semantic search is on: %s, %d thread(s)", model.id, state.settings.embed_threads)
+    await state.semantic.work()
 
 
 def build_server(settings: Settings) -> CardServer:

@@ -22,7 +22,7 @@ import pytest
 
 from card_mcp import db, migrate
 from card_mcp.config import Settings
-from card_mcp.embedded import BOOTSTRAP_ROLES_SQL, SUPERUSER, EmbeddedPostgres
+from card_mcp.embedded import BOOTSTRAP_ROLES_SQL, SUPERUSER, VECTOR_SQL, EmbeddedPostgres
 
 
 def with_user(url: str, user: str, database: str | None = None) -> str:
@@ -84,6 +84,11 @@ async def create_migrated_database(superuser_url: str, name: str) -> None:
         await conn.execute(f'CREATE DATABASE "{name}" OWNER card_mcp_owner')
     finally:
         await conn.close()
+    conn = await asyncpg.connect(with_user(superuser_url, urlsplit(superuser_url).username or SUPERUSER, name))
+    try:
+        await conn.execute(VECTOR_SQL)  # as the embedded PostgreSQL does: pgvector where the server has it
+    finally:
+        await conn.close()
     owner = await db.connect(with_user(superuser_url, db.OWNER_ROLE, name))
     try:
         await migrate.migrate(owner)
@@ -118,7 +123,11 @@ async def database(superuser_url: str) -> AsyncIterator[TestDatabase]:
 
 @pytest.fixture(scope="session")
 def settings(database: TestDatabase) -> Settings:
-    return Settings(database_url=database.app_url, admin_database_url=database.owner_url, pool_max_size=8)
+    # Semantic search off: the suite's answers must not depend on whether the semantic extra is installed
+    # (tests/test_semantic.py turns it on).
+    return Settings(
+        database_url=database.app_url, admin_database_url=database.owner_url, pool_max_size=8, semantic="off"
+    )
 
 
 @pytest.fixture(scope="session")

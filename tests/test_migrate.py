@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
+from urllib.parse import urlsplit
 
 import anyio
 import asyncpg
 import pytest
 
 from card_mcp import db, migrate
-from card_mcp.embedded import BOOTSTRAP_ROLES_SQL
+from card_mcp.embedded import BOOTSTRAP_ROLES_SQL, VECTOR_SQL
 from card_mcp.errors import SetupError
 from tests.conftest import drop_database, with_user
 
@@ -31,10 +32,15 @@ async def fresh_owner_url(superuser_url: str) -> AsyncIterator[str]:
         await drop_database(superuser_url, name)
 
 
+def required() -> list[str]:
+    """Every migration but the optional ones, whose extension a fresh database does not have installed."""
+    return [m.version for m in migrate.load_migrations() if m.requires is None]
+
+
 async def test_migrate_applies_every_file_once_and_then_nothing(fresh_owner_url: str) -> None:
     conn = await db.connect(fresh_owner_url)
     try:
-        everything = [m.version for m in migrate.load_migrations()]
+        everything = required()
         assert [m.version for m in await migrate.pending(conn)] == everything
         assert await migrate.migrate(conn) == everything
         assert await migrate.migrate(conn) == []
@@ -56,7 +62,7 @@ async def test_concurrent_migrate_runs_apply_each_file_exactly_once(fresh_owner_
     async with anyio.create_task_group() as group:
         for _ in range(4):
             group.start_soon(run)
-    everything = [m.version for m in migrate.load_migrations()]
+    everything = required()
     assert sorted(v for run_ in applied for v in run_) == sorted(everything)
     conn = await asyncpg.connect(fresh_owner_url)
     try:
@@ -83,3 +89,33 @@ async def test_a_failing_migration_leaves_nothing_of_itself(fresh_owner_url: str
 def test_migrations_are_numbered_without_gaps() -> None:
     versions = [m.version for m in migrate.load_migrations()]
     assert [int(v.split("_", 1)[0]) for v in versions] == list(range(1, len(versions) + 1))
+
+
+async def test_an_optional_migration_waits_for_its_extension_and_is_applied_on_a_later_run(
+    superuser_url: str, fresh_owner_url: str
+) -> None:
+    """0006_semantic needs pgvector, which only a superuser may create: without it the database is up to date and
+    the migration is not recorded; once a superuser has created the extension, the next run applies it."""
+    optional = [m.version for m in migrate.load_migrations() if m.requires == "vector"]
+    assert optional == ["0006_semantic"]
+    conn = await db.connect(fresh_owner_url)
+    try:
+        assert await migrate.migrate(conn) == required()
+        assert await migrate.pending(conn) == []  # up to date without it: servers start
+        recorded = "SELECT count(*) FROM card_mcp.schema_migrations WHERE version = '0006_semantic'"
+        assert not await conn.fetchval(recorded)
+        name = fresh_owner_url.rsplit("/", 1)[1].split("?")[0]
+        available = await conn.fetchval("SELECT count(*) FROM pg_available_extensions WHERE name = 'vector'")
+        if not available:
+            pytest.skip("this PostgreSQL has no pgvector: the rest needs it")
+        su = urlsplit(superuser_url).username or "postgres"
+        superuser = await asyncpg.connect(with_user(superuser_url, su, name))
+        try:
+            await superuser.execute(VECTOR_SQL)
+        finally:
+            await superuser.close()
+        assert [m.version for m in await migrate.pending(conn)] == optional  # now it can be applied
+        assert await migrate.migrate(conn) == optional
+        assert await migrate.migrate(conn) == []
+    finally:
+        await conn.close()
