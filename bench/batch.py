@@ -65,7 +65,7 @@ from mcp.types import CallToolResult
 from card_mcp import cards as card_store
 from card_mcp import db, idempotency, migrate, usage
 from card_mcp.config import Settings
-from card_mcp.embedded import BOOTSTRAP_ROLES_SQL, SUPERUSER, EmbeddedPostgres
+from card_mcp.embedded import BOOTSTRAP_ROLES_SQL, SUPERUSER, VECTOR_SQL, EmbeddedPostgres
 from card_mcp.models import CARD_TYPES, BatchCreateResult, BatchItemResult, NewCard, canonical_json, content_hash
 from card_mcp.server import build_server
 
@@ -248,6 +248,11 @@ async def fresh_database(superuser_url: str) -> AsyncIterator[str]:
     finally:
         await conn.close()
     try:
+        conn = await asyncpg.connect(with_database(superuser_url, name))
+        try:
+            await conn.execute(VECTOR_SQL)  # pgvector where the server has it, as the embedded PostgreSQL does
+        finally:
+            await conn.close()
         owner = await db.connect(with_user(superuser_url, db.OWNER_ROLE, name))
         try:
             await migrate.migrate(owner)
