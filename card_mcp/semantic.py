@@ -130,9 +130,9 @@ _REQUEUE = """
 INSERT INTO card_mcp.embedding_queue (card_id, tenant_id)
 SELECT c.id, c.tenant_id
   FROM card_mcp.cards AS c
-  LEFT JOIN card_mcp.card_vectors AS v ON v.card_id = c.id
+  LEFT JOIN card_mcp.card_vectors AS v ON v.tenant_id = c.tenant_id AND v.card_id = c.id
  WHERE c.is_active AND (v.card_id IS NULL OR v.model <> $1 OR v.card_version <> c.version)
-ON CONFLICT (card_id) DO NOTHING
+ON CONFLICT (tenant_id, card_id) DO NOTHING
 """
 
 
@@ -142,7 +142,7 @@ async def requeue_stale(conn: db.Connection, model_id: str, *, everything: bool 
     if everything:
         status = await conn.execute(
             "INSERT INTO card_mcp.embedding_queue (card_id, tenant_id)"
-            " SELECT id, tenant_id FROM card_mcp.cards WHERE is_active ON CONFLICT (card_id) DO NOTHING"
+            " SELECT id, tenant_id FROM card_mcp.cards WHERE is_active ON CONFLICT (tenant_id, card_id) DO NOTHING"
         )
     else:
         status = await conn.execute(_REQUEUE, model_id)
@@ -169,12 +169,16 @@ INSERT INTO card_mcp.card_vectors AS v (card_id, tenant_id, model, card_version,
 SELECT s.card_id, s.tenant_id, s.model, s.card_version, s.embedding::card_mcp.halfvec
   FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::int[], $5::text[])
        AS s(card_id, tenant_id, model, card_version, embedding)
-ON CONFLICT (card_id) DO UPDATE
+ON CONFLICT (tenant_id, card_id) DO UPDATE
    SET model = excluded.model, card_version = excluded.card_version, embedding = excluded.embedding,
        embedded_at = now()
  WHERE v.card_version <= excluded.card_version
 """
-_DONE = "DELETE FROM card_mcp.embedding_queue WHERE card_id = ANY($1::uuid[])"
+_DONE = """
+DELETE FROM card_mcp.embedding_queue AS q
+ USING unnest($1::uuid[], $2::uuid[]) AS d(tenant_id, card_id)
+ WHERE q.tenant_id = d.tenant_id AND q.card_id = d.card_id
+"""
 
 
 async def embed_batch(conn: db.Connection, model: Model, size: int = 16) -> int:
@@ -197,7 +201,7 @@ async def embed_batch(conn: db.Connection, model: Model, size: int = 16) -> int:
                 [r["version"] for r in rows],
                 [json.dumps(v) for v in vectors],
             )
-        await conn.execute(_DONE, taken)
+        await conn.execute(_DONE, [r["tenant_id"] for r in queue], taken)
     return len(taken)
 
 

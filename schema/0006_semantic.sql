@@ -11,12 +11,13 @@ CREATE EXTENSION IF NOT EXISTS vector WITH SCHEMA card_mcp;
 -- One row per card: the newest embedding of it. A card's vector is current while card_version equals the card's
 -- version and model the model in use; older ones are still searched until the worker replaces them.
 CREATE TABLE card_mcp.card_vectors (
-    card_id       uuid PRIMARY KEY,
     tenant_id     uuid NOT NULL,
+    card_id       uuid NOT NULL,
     model         text NOT NULL,
     card_version  integer NOT NULL,
     embedding     card_mcp.halfvec(384) NOT NULL,
     embedded_at   timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT card_vectors_pkey PRIMARY KEY (tenant_id, card_id),
     CONSTRAINT card_vectors_card_fkey FOREIGN KEY (tenant_id, card_id)
         REFERENCES card_mcp.cards (tenant_id, id) ON DELETE CASCADE
 );
@@ -29,9 +30,10 @@ CREATE INDEX card_vectors_embedding_idx ON card_mcp.card_vectors
 -- Cards waiting for an embedding. Rows are written by the triggers below as the writing role (the application
 -- role, under its tenant policy) and taken by the worker (the admin role) with FOR UPDATE SKIP LOCKED.
 CREATE TABLE card_mcp.embedding_queue (
-    card_id    uuid PRIMARY KEY,
     tenant_id  uuid NOT NULL,
+    card_id    uuid NOT NULL,
     queued_at  timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT embedding_queue_pkey PRIMARY KEY (tenant_id, card_id),
     CONSTRAINT embedding_queue_card_fkey FOREIGN KEY (tenant_id, card_id)
         REFERENCES card_mcp.cards (tenant_id, id) ON DELETE CASCADE
 );
@@ -66,7 +68,7 @@ AS $$
 BEGIN
     INSERT INTO card_mcp.embedding_queue (card_id, tenant_id)
     SELECT n.id, n.tenant_id FROM new_cards AS n WHERE n.is_active
-    ON CONFLICT (card_id) DO NOTHING;
+    ON CONFLICT (tenant_id, card_id) DO NOTHING;
     PERFORM pg_notify('card_mcp_embed', '');
     RETURN NULL;
 END
@@ -81,7 +83,7 @@ BEGIN
     SELECT n.id, n.tenant_id
       FROM new_cards AS n JOIN old_cards AS o ON o.id = n.id
      WHERE n.is_active AND (n.title, n.tags, n.content) IS DISTINCT FROM (o.title, o.tags, o.content)
-    ON CONFLICT (card_id) DO NOTHING;
+    ON CONFLICT (tenant_id, card_id) DO NOTHING;
     IF FOUND THEN
         PERFORM pg_notify('card_mcp_embed', '');
     END IF;
