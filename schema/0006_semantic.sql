@@ -28,7 +28,8 @@ CREATE INDEX card_vectors_embedding_idx ON card_mcp.card_vectors
     USING hnsw (embedding card_mcp.halfvec_cosine_ops);
 
 -- Cards waiting for an embedding. Rows are written by the triggers below as the writing role (the application
--- role, under its tenant policy) and taken by the worker (the admin role) with FOR UPDATE SKIP LOCKED.
+-- role, under its tenant policy) and taken by the worker (the admin role) with FOR UPDATE SKIP LOCKED. No NOTIFY:
+-- it would serialize every writer's commit on a database-wide lock; the worker looks every second instead.
 CREATE TABLE card_mcp.embedding_queue (
     tenant_id  uuid NOT NULL,
     card_id    uuid NOT NULL,
@@ -69,7 +70,6 @@ BEGIN
     INSERT INTO card_mcp.embedding_queue (card_id, tenant_id)
     SELECT n.id, n.tenant_id FROM new_cards AS n WHERE n.is_active
     ON CONFLICT (tenant_id, card_id) DO NOTHING;
-    PERFORM pg_notify('card_mcp_embed', '');
     RETURN NULL;
 END
 $$;
@@ -84,9 +84,6 @@ BEGIN
       FROM new_cards AS n JOIN old_cards AS o ON o.id = n.id
      WHERE n.is_active AND (n.title, n.tags, n.content) IS DISTINCT FROM (o.title, o.tags, o.content)
     ON CONFLICT (tenant_id, card_id) DO NOTHING;
-    IF FOUND THEN
-        PERFORM pg_notify('card_mcp_embed', '');
-    END IF;
     RETURN NULL;
 END
 $$;

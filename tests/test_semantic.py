@@ -125,6 +125,51 @@ async def test_a_card_is_embedded_in_the_background_and_found_by_other_words(
         await embedded(database, tenant, card["id"], version=updated["card"]["version"])
 
 
+async def test_hybrid_pages_serve_each_card_once_while_cards_are_written(
+    settings: Settings, database: TestDatabase
+) -> None:
+    tenant = f"sem-{uuid.uuid4().hex[:8]}"
+    async with semantic_client(settings, tenant) as client:
+        made = ok(
+            await client.call_tool(
+                "batch_create_cards",
+                {
+                    "cards": [
+                        {
+                            **READING_LEVEL,
+                            "title": f"Label rule {i}",
+                            "content": {"rule": f"Exhibit label rule number {i}"},
+                        }
+                        for i in range(12)
+                    ]
+                },
+            )
+        )
+        for item in made["results"]:
+            await embedded(database, tenant, item["card_id"])
+        seen: list[str] = []
+        page = ok(await client.call_tool("search_cards", {"query": PARAPHRASE, "limit": 3}))
+        while True:
+            seen += ids(page)
+            ok(
+                await client.call_tool(
+                    "create_card",
+                    {
+                        **READING_LEVEL,
+                        "title": f"New label {len(seen)}",
+                        "content": {"rule": f"A new exhibit label rule {len(seen)}"},
+                    },
+                )
+            )
+            if not page["next_cursor"]:
+                break
+            page = ok(
+                await client.call_tool("search_cards", {"query": PARAPHRASE, "limit": 3, "cursor": page["next_cursor"]})
+            )
+        assert len(seen) == len(set(seen))
+        assert {item["card_id"] for item in made["results"]} <= set(seen)
+
+
 async def test_vector_and_hybrid_search_never_cross_tenants(settings: Settings, database: TestDatabase) -> None:
     a, b = f"sem-a-{uuid.uuid4().hex[:8]}", f"sem-b-{uuid.uuid4().hex[:8]}"
     async with semantic_client(settings, a) as client_a, semantic_client(settings, b) as client_b:
@@ -258,7 +303,7 @@ async def test_semantic_search_finds_paraphrases_that_lexical_search_misses_on_t
     await semantic.backfill(database.admin_url, model, everything=False, progress=lambda done, total: None)
 
     async def nearest(query: str) -> cards.Nearest:
-        return cards.Nearest(model.id, await model.embed_query(query))
+        return cards.Nearest(model.id, await model.embed_query(query), model.floor, model.ceiling)
 
     lexical = rows(await relevance(data, ids, tenants, app_pool))
     hybrid = rows(await relevance(data, ids, tenants, app_pool, nearest))
