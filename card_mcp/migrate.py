@@ -1,8 +1,9 @@
 """Applies ``schema/*.sql`` in order, each file once, in its own transaction, under an advisory lock.
 
-A file whose first line is ``-- requires extension: NAME`` is optional: it is applied only where that extension is
-installed in the database or can be created there, recorded as applied only when it ran, and tried again on every
-later run. It must stand alone: no later file may depend on it."""
+A file whose first line is ``-- requires extension: NAME VERSION`` is optional: it is applied only where that
+extension (at least that version) is installed in the database or can be created there, recorded as applied only
+when it ran, and tried again on every later run; a database without it is up to date (``pending`` leaves it out),
+and its failure is logged, never raised. It must stand alone: no later file may depend on it."""
 
 from __future__ import annotations
 
@@ -37,9 +38,12 @@ CREATE TABLE IF NOT EXISTS card_mcp.schema_migrations (
 _APPLIED = "SELECT version, checksum FROM card_mcp.schema_migrations ORDER BY version"
 _RECORD = "INSERT INTO card_mcp.schema_migrations (version, checksum) VALUES ($1, $2)"
 _LEDGER_EXISTS = "SELECT to_regclass('card_mcp.schema_migrations') IS NOT NULL"
-_INSTALLED = "SELECT EXISTS (SELECT FROM pg_catalog.pg_extension WHERE extname = $1)"
-_AVAILABLE = "SELECT EXISTS (SELECT FROM pg_catalog.pg_available_extensions WHERE name = $1)"
-_REQUIRES = re.compile(r"\A-- requires extension: ([a-z0-9_]+)\s*$", re.MULTILINE)
+# The extension's version: the one installed in this database, else the one CREATE EXTENSION would install.
+_EXTENSION_VERSION = """
+SELECT coalesce((SELECT extversion FROM pg_catalog.pg_extension WHERE extname = $1),
+                (SELECT default_version FROM pg_catalog.pg_available_extensions WHERE name = $1))
+"""
+_REQUIRES = re.compile(r"\A-- requires extension: ([a-z0-9_]+) ([0-9.]+)\s*$", re.MULTILINE)
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,15 @@ class Migration:
         """The extension an optional migration needs (its first line says), else None."""
         found = _REQUIRES.search(self.sql)
         return found.group(1) if found else None
+
+    @property
+    def requires_version(self) -> tuple[int, ...]:
+        found = _REQUIRES.search(self.sql)
+        return _version(found.group(2)) if found else ()
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", text))
 
 
 def schema_dir() -> Path:
@@ -85,13 +98,8 @@ async def pending(conn: Connection, migrations: list[Migration] | None = None) -
     for migration in migrations:
         if migration.version in applied and applied[migration.version] != migration.checksum:
             logger.warning("migration %s changed since it was applied; it is not applied again", migration.version)
-    # An optional migration is pending only where its extension is installed: elsewhere it waits, and the database
-    # is up to date without it.
-    return [
-        m
-        for m in migrations
-        if m.version not in applied and (m.requires is None or await conn.fetchval(_INSTALLED, m.requires))
-    ]
+    # Optional migrations are never pending: the database is up to date without them (migrate tries them).
+    return [m for m in migrations if m.version not in applied and m.requires is None]
 
 
 async def missing_optional(conn: Connection, migrations: list[Migration] | None = None) -> list[Migration]:
@@ -117,13 +125,9 @@ async def migrate(conn: Connection, migrations: list[Migration] | None = None) -
         waiting = await pending(conn, migrations)
         waiting += [m for m in await missing_optional(conn, migrations) if m not in waiting]
         for migration in sorted(waiting, key=lambda m: m.version):
-            if migration.requires and not await conn.fetchval(_AVAILABLE, migration.requires):
-                logger.info(
-                    "migration %s needs the %s extension, which this PostgreSQL does not have: left out (it is "
-                    "tried again on every start)",
-                    migration.version,
-                    migration.requires,
-                )
+            if migration.requires:
+                if await _apply_optional(conn, migration):
+                    done.append(migration.version)
                 continue
             logger.info("applying migration %s", migration.version)
             try:
@@ -131,15 +135,6 @@ async def migrate(conn: Connection, migrations: list[Migration] | None = None) -
                     await conn.execute(migration.sql)
                     await conn.execute(_RECORD, migration.version, migration.checksum)
             except asyncpg.InsufficientPrivilegeError as exc:
-                if migration.requires:  # the extension exists on the server, but only a superuser may create it
-                    logger.warning(
-                        "migration %s left out: the %s extension is not installed in this database and this role "
-                        "may not create it; a superuser can run: CREATE EXTENSION %s WITH SCHEMA card_mcp",
-                        migration.version,
-                        migration.requires,
-                        migration.requires,
-                    )
-                    continue
                 raise _privilege_error(exc) from exc
             except asyncpg.PostgresError as exc:
                 raise SetupError(
@@ -149,6 +144,38 @@ async def migrate(conn: Connection, migrations: list[Migration] | None = None) -
         return done
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_KEY)
+
+
+async def _apply_optional(conn: Connection, migration: Migration) -> bool:
+    """Apply an optional migration if its extension allows; log why not otherwise (it is tried again next time)."""
+    assert migration.requires is not None
+    found = await conn.fetchval(_EXTENSION_VERSION, migration.requires)
+    wanted = ".".join(map(str, migration.requires_version))
+    if found is None or _version(found) < migration.requires_version:
+        logger.info(
+            "migration %s left out: it needs the %s extension %s or newer, and this PostgreSQL has %s (tried again "
+            "on every run)",
+            migration.version,
+            migration.requires,
+            wanted,
+            found or "none",
+        )
+        return False
+    logger.info("applying migration %s", migration.version)
+    try:
+        async with conn.transaction():
+            await conn.execute(migration.sql)
+            await conn.execute(_RECORD, migration.version, migration.checksum)
+    except asyncpg.PostgresError as exc:
+        logger.warning(
+            "migration %s left out (%s); a superuser can run CREATE EXTENSION %s WITH SCHEMA card_mcp in this "
+            "database (it must be in that schema), then migrate again",
+            migration.version,
+            exc,
+            migration.requires,
+        )
+        return False
+    return True
 
 
 def _privilege_error(exc: asyncpg.PostgresError) -> SetupError:

@@ -1,10 +1,11 @@
--- requires extension: vector
+-- requires extension: vector 0.8.0
 --
 -- Semantic search (the optional `semantic` extra): one embedding per active card, in pgvector, beside the model
 -- that made it and the card version it embeds; and a queue of cards to embed, filled by triggers in the writing
 -- transaction, drained by a background worker through the admin role. card-mcp applies this file only where the
 -- vector extension is installed (or can be: the embedded PostgreSQL creates it as its superuser), records it as
 -- applied only then, and tries again on every later start; without it, search is lexical and nothing else changes.
+-- pgvector 0.8.0 or newer: halfvec (0.7) and iterative index scans (0.8).
 
 CREATE EXTENSION IF NOT EXISTS vector WITH SCHEMA card_mcp;
 
