@@ -13,6 +13,7 @@ import shutil
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -104,9 +105,10 @@ async def drop_database(superuser_url: str, name: str) -> None:
         await conn.close()
 
 
-@pytest.fixture(scope="session")
-async def database(superuser_url: str) -> AsyncIterator[TestDatabase]:
-    name = f"card_mcp_test_{uuid.uuid4().hex[:12]}"
+@asynccontextmanager
+async def new_database(superuser_url: str, prefix: str = "card_mcp_test") -> AsyncIterator[TestDatabase]:
+    """A freshly migrated database of its own on the server at ``superuser_url``, dropped afterwards."""
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
     await create_migrated_database(superuser_url, name)
     try:
         yield TestDatabase(
@@ -119,6 +121,12 @@ async def database(superuser_url: str) -> AsyncIterator[TestDatabase]:
         )
     finally:
         await drop_database(superuser_url, name)
+
+
+@pytest.fixture(scope="session")
+async def database(superuser_url: str) -> AsyncIterator[TestDatabase]:
+    async with new_database(superuser_url) as created:
+        yield created
 
 
 @pytest.fixture(scope="session")

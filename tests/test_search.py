@@ -5,7 +5,6 @@ and no tenant ever sees another's card."""
 from __future__ import annotations
 
 import json
-import os
 import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -22,7 +21,7 @@ from mcp.types import EmbeddedResource, ResourceTemplateReference, TextContent, 
 from card_mcp import cards, db
 from card_mcp.config import Settings
 from card_mcp.models import NewCard
-from tests.conftest import TestDatabase, create_migrated_database, drop_database, with_user
+from tests.conftest import TestDatabase, new_database
 from tests.test_server import connect, ok, usage_rows
 
 # A card's content hash must be 64 hex digits; generated rows use two md5s of their text.
@@ -131,19 +130,8 @@ async def test_paging_through_1000_matches_while_cards_are_inserted_returns_each
 async def own_database(superuser_url: str) -> AsyncIterator[TestDatabase]:
     """A freshly migrated database for this test alone: a plan depends on the table's statistics, which the rest of
     the suite's cards would otherwise decide."""
-    name = f"card_mcp_plan_{uuid.uuid4().hex[:12]}"
-    await create_migrated_database(superuser_url, name)
-    try:
-        yield TestDatabase(
-            superuser_url=superuser_url,
-            name=name,
-            owner_url=with_user(superuser_url, db.OWNER_ROLE, name),
-            app_url=with_user(superuser_url, db.APP_ROLE, name),
-            admin_url=with_user(superuser_url, db.ADMIN_ROLE, name),
-            embedded="CARD_MCP_TEST_DATABASE_URL" not in os.environ,
-        )
-    finally:
-        await drop_database(superuser_url, name)
+    async with new_database(superuser_url, "card_mcp_plan") as created:
+        yield created
 
 
 async def test_searching_a_tenant_of_10000_cards_uses_the_indexes_not_a_scan_as_the_application_role(
