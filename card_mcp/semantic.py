@@ -96,8 +96,8 @@ class Semantic:
         """For the server's lifetime: embed queued cards, looking again every ``idle`` seconds when the queue is
         empty. At start and every ``sweep_every`` seconds, cards that lack a current vector are queued again: after
         a model change, a crash between taking cards and storing their vectors, or an update that committed while
-        its card was being taken. Failures are logged and retried with a growing pause, never raised: the server
-        serves on without semantic search's newest vectors."""
+        its card was being taken; and deleted cards' vectors are removed. Failures are logged and retried with a
+        growing pause, never raised: the server serves on without semantic search's newest vectors."""
         swept = -sweep_every
         pause = 1.0
         while True:
@@ -107,9 +107,14 @@ class Semantic:
                     while True:
                         if anyio.current_time() - swept >= sweep_every:
                             queued = await requeue_stale(conn, self.id)
+                            forgotten = await forget_deleted(conn)
                             swept = anyio.current_time()
-                            if queued:
-                                logger.info("embedding worker: %d cards queued for a vector", queued)
+                            if queued or forgotten:
+                                logger.info(
+                                    "embedding worker: %d cards queued for a vector, %d deleted cards' vectors removed",
+                                    queued,
+                                    forgotten,
+                                )
                         while await embed_batch(conn, self.model):
                             pause = 1.0
                         await anyio.sleep(idle)
@@ -146,6 +151,20 @@ async def requeue_stale(conn: db.Connection, model_id: str, *, everything: bool 
         )
     else:
         status = await conn.execute(_REQUEUE, model_id)
+    return int(status.rsplit(" ", 1)[1])
+
+
+# A deleted card is never found again: its vector only costs the index a row to step over.
+_FORGET = """
+DELETE FROM card_mcp.card_vectors AS v
+ USING card_mcp.cards AS c
+ WHERE c.tenant_id = v.tenant_id AND c.id = v.card_id AND NOT c.is_active
+"""
+
+
+async def forget_deleted(conn: db.Connection) -> int:
+    """Remove the vectors of deleted cards; returns how many."""
+    status = await conn.execute(_FORGET)
     return int(status.rsplit(" ", 1)[1])
 
 

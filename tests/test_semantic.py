@@ -123,6 +123,13 @@ async def test_a_card_is_embedded_in_the_background_and_found_by_other_words(
         assert 0 < found["cards"][0]["score"] <= 1
         updated = ok(await client.call_tool("update_card", {"card_id": card["id"], "tags": ["museum", "labels"]}))
         await embedded(database, tenant, card["id"], version=updated["card"]["version"])
+        ok(await client.call_tool("delete_card", {"card_id": other["id"]}))
+    async with semantic_client(settings, tenant):  # a starting worker's sweep removes deleted cards' vectors
+
+        async def forgotten() -> bool:
+            return other["id"] not in await vectors(database, tenant)
+
+        await until(forgotten, "the deleted card's vector to be removed")
 
 
 async def test_hybrid_pages_serve_each_card_once_while_cards_are_written(
