@@ -122,8 +122,7 @@ async def migrate(conn: Connection, migrations: list[Migration] | None = None) -
         except asyncpg.InsufficientPrivilegeError as exc:
             raise _privilege_error(exc) from exc
         done: list[str] = []
-        waiting = await pending(conn, migrations)
-        waiting += [m for m in await missing_optional(conn, migrations) if m not in waiting]
+        waiting = await pending(conn, migrations) + await missing_optional(conn, migrations)  # never overlapping
         for migration in sorted(waiting, key=lambda m: m.version):
             if migration.requires:
                 if await _apply_optional(conn, migration):
