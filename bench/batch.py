@@ -25,8 +25,8 @@ What each row times (wall clock, time.perf_counter; the same deterministic cards
 * of which the SDK client's outputSchema check (info): the Python SDK's client validates every structured
   result against the tool's outputSchema with jsonschema; that check of the batch's result, timed on its own.
 * same work without MCP (info): the tool body by hand on a warm pool: cards.encode_cards, idempotency.request_hash,
-  db.tenant_transaction, idempotency.replay (claim and lookup), cards.insert_cards, the response model,
-  idempotency.store and usage.record, commit included. The 1000 NewCard models are validated beforehand (not
+  the call edge (calls.Edge.call), idempotency.replay (claim and lookup), cards.insert_cards, the response model,
+  idempotency.store and the usage row, commit included. The 1000 NewCard models are validated beforehand (not
   timed): the difference to the MCP row is the SDK's work (argument validation, the client's outputSchema
   check, request and result serialization, message passing).
 * replay: the same call_tool again with the same key and cards, answered from the idempotency store; its ratio
@@ -63,7 +63,8 @@ from mcp import Client
 from mcp.types import CallToolResult
 
 from card_mcp import cards as card_store
-from card_mcp import db, idempotency, migrate, usage
+from card_mcp import db, idempotency, migrate
+from card_mcp.calls import Caller, Edge
 from card_mcp.config import Settings
 from card_mcp.embedded import BOOTSTRAP_ROLES_SQL, SUPERUSER, VECTOR_SQL, EmbeddedPostgres
 from card_mcp.models import CARD_TYPES, BatchCreateResult, BatchItemResult, NewCard, canonical_json, content_hash
@@ -366,11 +367,13 @@ async def without_mcp(bench: Bench) -> None:
     _, tenant_id = await bench.tenant()
     key = f"import-{uuid.uuid4()}"
     max_bytes = bench.settings.max_content_bytes
+    edge = Edge(bench.pool, bench.settings)
 
     async def body() -> BatchCreateResult:
         encoded = card_store.encode_cards(bench.new_cards, max_bytes=max_bytes)
         digest = idempotency.request_hash(bench.new_cards, [content_digest for _, content_digest in encoded])
-        async with db.tenant_transaction(bench.pool, tenant_id) as conn:
+        async with edge.call(Caller(tenant_id, "stdio"), TOOL, durable=True) as call:
+            conn = await call.transaction()
             assert await idempotency.replay(conn, key, TOOL, digest) is None
             items = await card_store.insert_cards(conn, tenant_id, bench.new_cards, encoded)
             result = BatchCreateResult(
@@ -380,8 +383,7 @@ async def without_mcp(bench: Bench) -> None:
                 replayed=False,
             )
             await idempotency.store(conn, tenant_id, key, TOOL, digest, result.model_dump(mode="json"))
-            entry = usage.UsageEntry(tool=TOOL, transport="stdio", card_ids=[i.card_id for i in items])
-            await usage.record(conn, tenant_id, entry)
+            call.touched(*(i.card_id for i in items))
         return result
 
     seconds, result = await timed(body)

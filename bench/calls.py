@@ -68,6 +68,7 @@ from card_mcp.config import Settings
 from card_mcp.models import NewCard
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for tests.wire
+from tests.helpers import tenant_transaction
 from tests.wire import TurnCounter
 
 CARD_MCP = str(Path(sys.executable).parent / "card-mcp")
@@ -134,7 +135,7 @@ async def target(superuser_url: str, cards: int) -> AsyncIterator[Target]:
         pool = await db.create_pool(settings.database_url or "", settings)
         try:
             for card in made:
-                async with db.tenant_transaction(pool, tenant_id) as tx:
+                async with tenant_transaction(pool, tenant_id) as tx:
                     _, stored = await card_store.create_card(
                         tx, tenant_id, NewCard.model_validate(card), max_bytes=65536
                     )
@@ -360,11 +361,21 @@ async def in_process(t: Target, out: Results, calls: int) -> None:
 
             async def single() -> None:
                 entry = usage.UsageEntry(tool="get_card", transport="stdio")
-                await card_store.get_card_recorded(conn, t.tenant_id, rng.choice(t.card_ids), entry, 0.0)
+                await conn.fetch(  # what calls.Call.fetch_recorded sends
+                    card_store.GET_CARD_CALL,
+                    t.tenant_id,
+                    rng.choice(t.card_ids),
+                    entry.tool,
+                    entry.client_name,
+                    entry.client_version,
+                    entry.transport,
+                    entry.api_key_id,
+                    0.0,
+                )
 
             async def transaction() -> None:
                 entry = usage.UsageEntry(tool="get_card", transport="stdio")
-                await db.begin(conn, t.tenant_id, 15000, read_only=True)
+                await db.begin(conn, t.tenant_id, 15000, durable=False)
                 card = await card_store.get_card(conn, rng.choice(t.card_ids))
                 entry.card_ids.append(card.id)
                 await usage.record(conn, t.tenant_id, entry)

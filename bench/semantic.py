@@ -33,6 +33,7 @@ from card_mcp import cards, db, semantic
 from card_mcp.config import Settings
 from card_mcp.models import NewCard
 from card_mcp.server import build_server
+from tests.helpers import tenant_transaction
 
 RELEVANCE = Path(__file__).resolve().parent.parent / "tests" / "data" / "relevance.json"
 
@@ -44,7 +45,7 @@ def quantiles(samples: list[float]) -> tuple[float, float]:
 
 async def ready(server: Any) -> None:
     with anyio.fail_after(120):
-        while server.state is None or server.state.semantic is None:  # noqa: ASYNC110 - set by the lifespan
+        while server.state is None or server.state.edge.semantic is None:  # noqa: ASYNC110 - set by the lifespan
             await anyio.sleep(0.05)
 
 
@@ -68,7 +69,7 @@ async def create_latency(settings: Settings, calls: int) -> dict[str, list[float
                     times[name].append((time.perf_counter() - started) * 1000)
                     assert not result.is_error, result
         assert on.state is not None
-        queue = await queue_length(on.state.pool)
+        queue = await queue_length(on.state.edge.pool)
     print(f"  embedding queue at the end of the latency run: {queue}", file=sys.stderr)
     return times
 
@@ -89,7 +90,7 @@ async def search_latency(settings: Settings, admin_url: str, rounds: int) -> dic
             tenant_id = await db.tenant_id_for(admin_url, name)
             tenants[brand["brand"]] = name
             new = [NewCard.model_validate({k: v for k, v in c.items() if k != "key"}) for c in brand["cards"]]
-            async with db.tenant_transaction(pool, tenant_id) as conn:
+            async with tenant_transaction(pool, tenant_id) as conn:
                 await cards.insert_cards(conn, tenant_id, new)
     finally:
         await pool.close()
@@ -119,7 +120,7 @@ async def backfill(settings: Settings, admin_url: str, count: int) -> tuple[floa
     try:
         generated = [NewCard.model_validate(c) for c in make_cards(count, seed=11)]
         for start in range(0, count, 1000):
-            async with db.tenant_transaction(pool, tenant_id) as conn:
+            async with tenant_transaction(pool, tenant_id) as conn:
                 await cards.insert_cards(conn, tenant_id, generated[start : start + 1000])
     finally:
         await pool.close()

@@ -89,19 +89,11 @@ from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.types import Implementation, TextContent
 
-from card_mcp import db, keys
+from card_mcp import db, keys, tools
 
 CARD_MCP = str(Path(sys.executable).parent / "card-mcp")
 CARD_TYPES = ("company", "audience", "voice", "insight")
-TOOLS = (
-    "create_card",
-    "get_card",
-    "search_cards",
-    "update_card",
-    "delete_card",
-    "batch_create_cards",
-    "usage_stats",
-)
+TOOLS = tuple(tool.name for tool in tools.TOOLS)
 # A word per tenant in every title it writes, so a search for another tenant's word has something to find.
 MARKERS = ("kestrel", "osprey", "heron", "falcon", "condor", "plover", "magpie", "curlew", "bittern", "merlin")
 POOL = 40  # contents shared by every tenant: dedup must answer `existing` within a tenant, never across

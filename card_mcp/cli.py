@@ -121,7 +121,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 async def _serve(args: argparse.Namespace, settings: Settings) -> int:
-    from .server import build_server  # the MCP SDK loads only for the command that serves
+    from . import stdio  # the MCP SDK loads only for the command that serves
+    from .server import build_server
 
     flags = {name: getattr(args, name) for name in ("transport", "host", "port", "tenant", "stateless")}
     settings = Settings.model_validate({**settings.model_dump(), **{k: v for k, v in flags.items() if v is not None}})
@@ -137,7 +138,7 @@ async def _serve(args: argparse.Namespace, settings: Settings) -> int:
     server = build_server(settings)
     async with anyio.create_task_group() as group:
         group.start_soon(_stop_on_signal, group.cancel_scope)
-        await server.run_stdio_async()  # returns when the client closes stdin
+        await stdio.serve(server)  # returns when the client closes stdin
         group.cancel_scope.cancel()
     return 0
 
@@ -152,7 +153,7 @@ async def _stop_on_signal(scope: anyio.CancelScope) -> None:
 
 
 async def _migrate(args: argparse.Namespace, settings: Settings) -> int:
-    async with db.open_database(settings, apply_migrations=False) as database:
+    async with db.open_database(settings) as database:
         conn = await db.connect(database.require_owner_url())
         try:
             if args.check:
@@ -171,7 +172,7 @@ async def _migrate(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _tenants(args: argparse.Namespace, settings: Settings) -> int:
-    async with db.open_database(settings) as database:
+    async with migrate.open_migrated(settings) as database:
         conn = await db.connect(database.require_admin_url())
         try:
             if args.action == "create":
@@ -189,7 +190,7 @@ async def _tenants(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _keys(args: argparse.Namespace, settings: Settings) -> int:
-    async with db.open_database(settings) as database:
+    async with migrate.open_migrated(settings) as database:
         conn = await db.connect(database.require_admin_url())
         try:
             with db.translate_errors():
@@ -235,7 +236,7 @@ async def _embed(args: argparse.Namespace, settings: Settings) -> int:
         raise SetupError(
             "the embedding model is not available", hint="Install the extra: pip install 'card-mcp[semantic]'."
         )
-    async with db.open_database(settings) as database:
+    async with migrate.open_migrated(settings) as database:
         admin_url = database.require_admin_url()
         conn = await db.connect(admin_url)
         try:
@@ -289,7 +290,7 @@ async def _usage(args: argparse.Namespace, settings: Settings) -> int:
     since = _since(args.since, until)
     if since >= until:
         raise InvalidArgument("--since must be before --until", hint="Widen the window, e.g. --since 30d.")
-    async with db.open_database(settings) as database:
+    async with migrate.open_migrated(settings) as database:
         conn = await db.connect(database.require_admin_url())  # the admin role's policies see every tenant
         try:
             with db.translate_errors():

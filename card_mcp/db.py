@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeAlias
@@ -14,7 +14,6 @@ import anyio
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
-from . import migrate
 from .config import Settings
 from .embedded import EmbeddedPostgres
 from .errors import CardMcpError, Conflict, Internal, InvalidArgument, SetupError, Unavailable, UnsafeRoleError
@@ -36,9 +35,9 @@ ACQUIRE_TIMEOUT = 10.0
 _SET_CALL = (
     "SELECT set_config('app.current_tenant_id', $1::text, true), set_config('statement_timeout', $2::text, true)"
 )
-# A call that only reads also commits without waiting for the WAL flush: the only row it writes is its usage row,
-# which only a crash of the database itself could lose; a card or an acknowledged write never rides on it.
-_SET_READ_CALL = _SET_CALL + ", set_config('synchronous_commit', 'off', true)"
+# A call declared not durable (one that only reads) also commits without waiting for the WAL flush: the only row it
+# writes is its usage row, which only a crash of the database itself could lose; no card ever rides on it.
+_SET_RELAXED_CALL = _SET_CALL + ", set_config('synchronous_commit', 'off', true)"
 _TENANT_ID_FOR = "SELECT card_mcp.tenant_id_for($1)"
 
 # Why the application role could escape row-level security, if it could.
@@ -98,9 +97,9 @@ def locate(settings: Settings) -> Database:
 
 
 @asynccontextmanager
-async def open_database(settings: Settings, *, apply_migrations: bool = True) -> AsyncIterator[Database]:
-    """The database, ready for use: the embedded server started (and stopped on exit) when it is ours, and
-    its migrations applied; an external database is only checked to be migrated."""
+async def open_database(settings: Settings) -> AsyncIterator[Database]:
+    """The database, reachable: the embedded server started (and stopped on exit) when it is ours; an external one
+    is only located. Migrating is the caller's (migrate.open_migrated)."""
     database = locate(settings)
     pg = database.embedded
     if pg is None:
@@ -109,12 +108,6 @@ async def open_database(settings: Settings, *, apply_migrations: bool = True) ->
     try:
         # Inside the try: a SIGTERM while the server starts (in a worker thread) still stops it below.
         await anyio.to_thread.run_sync(pg.start)
-        if apply_migrations:
-            conn = await connect(database.require_owner_url())
-            try:
-                await migrate.migrate(conn)
-            finally:
-                await conn.close()
         yield database
     finally:
         with anyio.CancelScope(shield=True):
@@ -160,11 +153,6 @@ async def create_pool(url: str, settings: Settings) -> asyncpg.Pool:
     try:
         async with pool.acquire() as conn:
             await check_app_role(conn)
-            if await migrate.pending(conn):
-                raise SetupError(
-                    "the database has migrations that are not applied yet",
-                    hint="Run `card-mcp migrate` with CARD_MCP_ADMIN_DATABASE_URL set to the owner's URL.",
-                )
     except BaseException:
         await pool.close()
         raise
@@ -257,35 +245,12 @@ def translate_errors() -> Iterator[None]:
         raise error from exc
 
 
-@asynccontextmanager
-async def tenant_transaction(
-    pool: asyncpg.Pool,
-    tenant_id: UUID,
-    statement_timeout_ms: int = 0,
-    *,
-    on_commit: Callable[[], None] | None = None,
-) -> AsyncIterator[Connection]:
-    """Tenant queries outside a tool call (the call edge, server.CardServer._recorded, does the same with its usage
-    row): one transaction that first sets the tenant (and the statement timeout, 0 for none), transaction-locally,
-    so the pooled connection carries nothing into its next use. ``on_commit`` runs once the COMMIT has succeeded,
-    even if the caller is cancelled right after it."""
-    with translate_errors():
-        async with pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn:
-            try:
-                await begin(conn, tenant_id, statement_timeout_ms)
-                yield conn
-            except BaseException:
-                await rollback(conn)
-                raise
-            await commit(conn)
-            if on_commit is not None:
-                on_commit()
-
-
-async def begin(conn: Connection, tenant_id: UUID, statement_timeout_ms: int, *, read_only: bool = False) -> None:
-    """Start the tenant's transaction on ``conn``."""
+async def begin(conn: Connection, tenant_id: UUID, statement_timeout_ms: int, *, durable: bool = True) -> None:
+    """Start the tenant's transaction on ``conn``: BEGIN, then the tenant and the statement timeout (0 for none),
+    transaction-locally, so the pooled connection carries nothing into its next use. Not ``durable``: its COMMIT
+    does not wait for the WAL flush."""
     await conn.execute("BEGIN")
-    await conn.execute(_SET_READ_CALL if read_only else _SET_CALL, str(tenant_id), str(statement_timeout_ms))
+    await conn.execute(_SET_CALL if durable else _SET_RELAXED_CALL, str(tenant_id), str(statement_timeout_ms))
 
 
 async def commit(conn: Connection) -> None:

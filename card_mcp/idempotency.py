@@ -25,6 +25,7 @@ EXPIRY_INTERVAL = timedelta(hours=1)
 
 # Held until the transaction ends: a second call with the key while the first runs is told to retry shortly.
 _CLAIM = "SELECT pg_try_advisory_xact_lock(hashtextextended(current_setting('app.current_tenant_id') || $1, 0))"
+_DELETE_EXPIRED = "SELECT card_mcp.delete_expired_idempotency_keys()"  # every tenant's, as the admin role
 _STORED = """
 SELECT request_hash, response FROM card_mcp.idempotency_store
  WHERE idempotency_key = $1 AND tool = $2 AND expires_at > now()
@@ -115,7 +116,7 @@ async def delete_expired(admin_url: str) -> int:
     conn = await db.connect(admin_url)
     try:
         with db.translate_errors():
-            removed: int = await conn.fetchval("SELECT card_mcp.delete_expired_idempotency_keys()")
+            removed: int = await conn.fetchval(_DELETE_EXPIRED)
     finally:
         await conn.close()
     return removed

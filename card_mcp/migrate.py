@@ -10,17 +10,18 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import asyncpg
 
+from . import db
+from .config import Settings
+from .db import Connection, Database
 from .errors import SetupError
-
-if TYPE_CHECKING:
-    from .db import Connection
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +36,8 @@ CREATE TABLE IF NOT EXISTS card_mcp.schema_migrations (
     applied_at  timestamptz NOT NULL DEFAULT now()
 );
 """
+_LOCK = "SELECT pg_advisory_lock($1)"
+_UNLOCK = "SELECT pg_advisory_unlock($1)"
 _APPLIED = "SELECT version, checksum FROM card_mcp.schema_migrations ORDER BY version"
 _RECORD = "INSERT INTO card_mcp.schema_migrations (version, checksum) VALUES ($1, $2)"
 _LEDGER_EXISTS = "SELECT to_regclass('card_mcp.schema_migrations') IS NOT NULL"
@@ -102,6 +105,29 @@ async def pending(conn: Connection, migrations: list[Migration] | None = None) -
     return [m for m in migrations if m.version not in applied and m.requires is None]
 
 
+async def check_current(conn: Connection) -> None:
+    """Refuse to serve a database with migrations not applied yet (SetupError saying how to apply them)."""
+    if await pending(conn):
+        raise SetupError(
+            "the database has migrations that are not applied yet",
+            hint="Run `card-mcp migrate` with CARD_MCP_ADMIN_DATABASE_URL set to the owner's URL.",
+        )
+
+
+@asynccontextmanager
+async def open_migrated(settings: Settings) -> AsyncIterator[Database]:
+    """The database, ready for use: the embedded one started and migrated (it is card-mcp's own); an external one
+    only located (its migrations are the operator's `card-mcp migrate`)."""
+    async with db.open_database(settings) as database:
+        if database.embedded is not None:
+            conn = await db.connect(database.require_owner_url())
+            try:
+                await migrate(conn)
+            finally:
+                await conn.close()
+        yield database
+
+
 async def missing_optional(conn: Connection, migrations: list[Migration] | None = None) -> list[Migration]:
     """The optional migrations not applied to the database behind ``conn`` (their extension is missing)."""
     migrations = migrations if migrations is not None else load_migrations()
@@ -115,7 +141,7 @@ async def migrate(conn: Connection, migrations: list[Migration] | None = None) -
     """Apply every pending migration; returns the versions applied. Safe to run concurrently and again:
     the advisory lock serialises runners, and each reads the ledger after taking it."""
     migrations = migrations if migrations is not None else load_migrations()
-    await conn.execute("SELECT pg_advisory_lock($1)", _LOCK_KEY)
+    await conn.execute(_LOCK, _LOCK_KEY)
     try:
         try:
             await conn.execute(_BOOTSTRAP)
@@ -142,7 +168,7 @@ async def migrate(conn: Connection, migrations: list[Migration] | None = None) -
             done.append(migration.version)
         return done
     finally:
-        await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_KEY)
+        await conn.execute(_UNLOCK, _LOCK_KEY)
 
 
 async def _apply_optional(conn: Connection, migration: Migration) -> bool:

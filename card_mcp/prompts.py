@@ -4,18 +4,16 @@ an embedded ``card://`` resource of JSON, marked as data, so nothing a card says
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated, Any
 
+from mcp.server import MCPServer
 from mcp.server.mcpserver.prompts.base import Message, UserMessage
 from mcp.types import EmbeddedResource, TextResourceContents
 from pydantic import Field
 
-from . import cards as card_store
+from . import search
+from .calls import current_call
 from .models import Card, CardType
-from .server import current_scope
-
-if TYPE_CHECKING:
-    from .server import CardServer
 
 _PER_TYPE = 3  # cards of each kind in a brief: enough to write from, small enough to read
 
@@ -26,7 +24,7 @@ async def brand_brief(
 ) -> list[Message]:
     """A writing brief for this brand: its company card, its voice, the audience cards that match `audience`, and
     insights about `topic`, as data to write from."""
-    scope = current_scope()
+    call = current_call()
     chosen: list[Card] = []
     wanted: list[tuple[CardType, str | None]] = [
         ("company", None),
@@ -41,7 +39,7 @@ async def brand_brief(
         if not picked and query:  # nothing matches the words: the newest of the kind still helps
             picked = await _best(card_type, None)
         chosen += [c for c in picked if c.id not in {k.id for k in chosen}]
-    scope.entry.card_ids.extend(card.id for card in chosen)
+    call.touched(*(card.id for card in chosen))
 
     task = "Write for this brand"
     if topic:
@@ -67,12 +65,12 @@ async def brand_brief(
 
 
 async def _best(card_type: CardType, query: str | None) -> list[Card]:
-    hits, _ = await card_store.search_cards(
-        await current_scope().transaction(), query=query, card_type=card_type, limit=_PER_TYPE
+    hits, _ = await search.search_cards(
+        await current_call().transaction(), query=query, card_type=card_type, limit=_PER_TYPE
     )
     return [Card.model_validate(hit.model_dump(exclude={"score"})) for hit in hits[:_PER_TYPE]]
 
 
-def register(server: CardServer) -> None:
+def register(server: MCPServer[Any]) -> None:
     """Add the brand_brief prompt to ``server``."""
     server.prompt(name="brand_brief", title="Brief for writing as this brand")(brand_brief)

@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 
 DIMENSIONS = 384  # multilingual-e5-small; the column is halfvec(384)
 _MAX_CHARS = 2000  # the model reads 512 tokens at most; more text only costs time
+_QUEUED = "SELECT count(*) FROM card_mcp.embedding_queue"
 _APPLIED = "SELECT EXISTS (SELECT FROM card_mcp.schema_migrations WHERE version = '0006_semantic')"
 
 
@@ -141,14 +142,18 @@ ON CONFLICT (tenant_id, card_id) DO NOTHING
 """
 
 
+_REQUEUE_ALL = """
+INSERT INTO card_mcp.embedding_queue (card_id, tenant_id)
+SELECT id, tenant_id FROM card_mcp.cards WHERE is_active
+ON CONFLICT (tenant_id, card_id) DO NOTHING
+"""
+
+
 async def requeue_stale(conn: db.Connection, model_id: str, *, everything: bool = False) -> int:
     """Queue every active card without a vector of ``model_id`` for its current version (``everything``: every
     active card). Returns how many were added."""
     if everything:
-        status = await conn.execute(
-            "INSERT INTO card_mcp.embedding_queue (card_id, tenant_id)"
-            " SELECT id, tenant_id FROM card_mcp.cards WHERE is_active ON CONFLICT (tenant_id, card_id) DO NOTHING"
-        )
+        status = await conn.execute(_REQUEUE_ALL)
     else:
         status = await conn.execute(_REQUEUE, model_id)
     return int(status.rsplit(" ", 1)[1])
@@ -228,7 +233,7 @@ async def backfill(
     conn = await db.connect(admin_url)
     try:
         queued = await requeue_stale(conn, model.id, everything=everything)
-        total = await conn.fetchval("SELECT count(*) FROM card_mcp.embedding_queue")
+        total = await conn.fetchval(_QUEUED)
         done = 0
         progress(done, total)
         while settled := await embed_batch(conn, model, size=32):

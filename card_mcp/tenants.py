@@ -11,6 +11,7 @@ from .errors import Conflict, InvalidArgument, NotFound
 from .models import Tenant
 
 _CREATE = "INSERT INTO card_mcp.tenants (name) VALUES ($1) RETURNING tenant_id, name, created_at"
+_ID = "SELECT tenant_id FROM card_mcp.tenants WHERE name = $1"
 _LIST = "SELECT tenant_id, name, created_at FROM card_mcp.tenants ORDER BY name"
 
 
@@ -36,7 +37,7 @@ async def list_tenants(conn: Connection) -> list[Tenant]:
 
 async def tenant_id(conn: Connection, name: str) -> UUID:
     """The id of the existing tenant ``name`` (admin role); NotFound if there is none."""
-    found: UUID | None = await conn.fetchval("SELECT tenant_id FROM card_mcp.tenants WHERE name = $1", name)
+    found: UUID | None = await conn.fetchval(_ID, name)
     if found is None:
         raise NotFound(f"no tenant {name!r}", hint="`card-mcp tenants list` shows the tenants.")
     return found

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import timedelta
 from typing import Any
@@ -20,7 +20,7 @@ from card_mcp import cards, db
 from card_mcp.config import Settings
 from card_mcp.models import NewCard
 from tests.conftest import TestDatabase
-from tests.test_server import connect, error_code, ok, usage_rows
+from tests.helpers import connect, error_code, maintenance, ok, until, usage_rows
 
 TYPES = ("company", "audience", "voice", "insight")
 
@@ -59,15 +59,6 @@ async def counts(database: TestDatabase, tenant: str) -> tuple[int, int]:
     return (row["cards"], row["keys"]) if row else (0, 0)
 
 
-@asynccontextmanager
-async def superuser(database: TestDatabase) -> AsyncIterator[asyncpg.Connection]:
-    conn = await asyncpg.connect(database.superuser_url)
-    try:
-        yield conn
-    finally:
-        await conn.close()
-
-
 class Blocker:
     """An open transaction, as the tenant, holding an uncommitted card with the content of a batch's card: the
     batch's INSERT waits on it, so the batch is provably mid-write until the blocker lets go (rolls back)."""
@@ -95,19 +86,11 @@ class Blocker:
             self._transaction = None
 
 
-async def until(condition: Callable[[], Awaitable[Any]], what: str, seconds: float = 30.0) -> Any:
-    """Poll ``condition`` until it returns something truthy (not a timing assertion: a generous bound on a wait)."""
-    with anyio.fail_after(seconds):
-        while not (value := await condition()):  # noqa: ASYNC110 - the condition is in another process
-            await anyio.sleep(0.02)
-    return value
-
-
 async def batch_waiting_on_a_lock(database: TestDatabase) -> int:
     """The pid of the application role's backend that waits on a lock inside a cards INSERT."""
 
     async def find() -> int | None:
-        async with superuser(database) as conn:
+        async with maintenance(database) as conn:
             pid: int | None = await conn.fetchval(
                 """
                 SELECT pid FROM pg_stat_activity
@@ -231,7 +214,7 @@ async def test_a_batch_whose_backend_is_killed_mid_write_leaves_nothing_and_its_
         async with Blocker.holding(app_pool, tenant_id, batch[0]), anyio.create_task_group() as tg:
             tg.start_soon(call)
             pid = await batch_waiting_on_a_lock(database)
-            async with superuser(database) as conn:
+            async with maintenance(database) as conn:
                 assert await conn.fetchval("SELECT pg_terminate_backend($1)", pid)
 
             async def answered() -> bool:
@@ -273,7 +256,7 @@ async def test_a_cancelled_batch_rolls_back_and_leaves_its_usage_row(
             calling[0].cancel()  # the client gives up: the SDK tells the server with notifications/cancelled
 
             async def backend_left_the_insert() -> bool:
-                async with superuser(database) as conn:
+                async with maintenance(database) as conn:
                     query = await conn.fetchval("SELECT query FROM pg_stat_activity WHERE pid = $1", pid)
                 return query is None or "INSERT INTO card_mcp.cards" not in query
 
@@ -289,7 +272,7 @@ async def test_a_cancelled_batch_rolls_back_and_leaves_its_usage_row(
         assert await counts(database, tenant) == (0, 0)
         retry = ok(await client.call_tool("batch_create_cards", arguments))
     assert (retry["created"], retry["replayed"]) == (100, False)
-    async with superuser(database) as conn:
+    async with maintenance(database) as conn:
         stuck = await conn.fetchval(
             "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND state LIKE 'idle in transaction%'",
             database.name,

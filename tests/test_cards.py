@@ -9,10 +9,10 @@ import asyncpg
 import pytest
 from pydantic import ValidationError
 
-from card_mcp import cards
-from card_mcp.db import tenant_transaction
+from card_mcp import cards, search
 from card_mcp.errors import Conflict, DuplicateContent, InvalidArgument, NotFound
 from card_mcp.models import NewCard, content_hash
+from tests.helpers import tenant_transaction
 
 
 def new_card(**overrides: Any) -> NewCard:
@@ -126,7 +126,7 @@ async def test_deleted_card_is_not_found_by_get_update_or_delete(app_pool: async
             await cards.update_card(conn, card.id, title="New")
         with pytest.raises(NotFound):
             await cards.delete_card(conn, card.id)
-        hits, _ = await cards.search_cards(conn)
+        hits, _ = await search.search_cards(conn)
     assert card.id not in {c.id for c in hits}
     async with tenant_transaction(app_pool, tenant_a) as conn:
         kept = await conn.fetchrow("SELECT is_active, deleted_at FROM card_mcp.cards WHERE id = $1", card.id)
@@ -185,8 +185,8 @@ async def test_listing_pages_newest_first_with_each_card_once(app_pool: asyncpg.
     cursor = None
     while True:
         async with tenant_transaction(app_pool, tenant_a) as conn:
-            hits, pinned = await cards.search_cards(conn, limit=3, cursor=cursor)
-            page = cards.paginate(hits, pinned, 3)
+            hits, pinned = await search.search_cards(conn, limit=3, cursor=cursor)
+            page = search.paginate(hits, pinned, 3)
         seen.extend(c.id for c in page.cards)
         assert len(page.cards) <= 3
         cursor = page.next_cursor
@@ -201,14 +201,14 @@ async def test_listing_filters_by_type_and_all_tags(app_pool: asyncpg.Pool, tena
         _, both = await cards.create_card(conn, tenant_a, new_card(card_type="audience", tags=["spring", "gen-z"]))
         await cards.create_card(conn, tenant_a, new_card(card_type="audience", tags=["spring"]))
         await cards.create_card(conn, tenant_a, new_card(card_type="voice", tags=["spring", "gen-z"]))
-        hits, _ = await cards.search_cards(conn, card_type="audience", tags=["gen-z", "spring"])
+        hits, _ = await search.search_cards(conn, card_type="audience", tags=["gen-z", "spring"])
     assert [c.id for c in hits] == [both.id]
 
 
 async def test_a_forged_cursor_is_an_invalid_argument(app_pool: asyncpg.Pool, tenant_a: uuid.UUID) -> None:
     async with tenant_transaction(app_pool, tenant_a) as conn:
         with pytest.raises(InvalidArgument):
-            await cards.search_cards(conn, cursor="not-a-cursor")
+            await search.search_cards(conn, cursor="not-a-cursor")
 
 
 async def test_batch_insert_reports_created_and_existing_by_index(app_pool: asyncpg.Pool, tenant_a: uuid.UUID) -> None:

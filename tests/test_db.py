@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import ast
+import importlib
+import pkgutil
 import uuid
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 import asyncpg
 import pytest
 
-from card_mcp import cards, db, migrate, semantic, tenants
+import card_mcp
+from card_mcp import db, semantic
 from card_mcp.config import Settings
 from card_mcp.errors import UnsafeRoleError
 from tests.conftest import TestDatabase
@@ -112,39 +117,74 @@ async def test_start_up_accepts_the_application_role(database: TestDatabase, set
     await pool.close()
 
 
-def _queries(module: object) -> list[tuple[str, str]]:
-    found = []
-    for name, value in vars(module).items():
-        if isinstance(value, str) and name.startswith("_") and name.isupper():
-            text = value.strip()
-            if text.split(None, 1)[0].upper() in {"SELECT", "INSERT", "UPDATE", "DELETE", "WITH"} and ";" not in text:
-                found.append((f"{module.__name__}.{name}", text))  # type: ignore[attr-defined]
+_SQL_WORDS = {"SELECT", "INSERT", "UPDATE", "DELETE", "WITH"}
+# Who runs each module's queries; the rest of the package runs its queries as the application role.
+_ADMIN_MODULES = {"tenants", "keys", "auth", "semantic"}
+_ADMIN_QUERIES = {"idempotency._DELETE_EXPIRED"}
+_OWNER_MODULES = {"migrate"}
+# Semantic search's queries need its tables, which exist only where pgvector does (migration 0006).
+_VECTOR_QUERIES = {"search._HYBRID", "search._NEAREST_SETTINGS"}
+
+
+def _package_queries() -> dict[str, str]:
+    """Every SQL text of the package: each module's upper-case string constants that are one statement."""
+    found = {}
+    for info in pkgutil.iter_modules(card_mcp.__path__):
+        module = importlib.import_module(f"card_mcp.{info.name}")
+        for name, value in vars(module).items():
+            if isinstance(value, str) and name.lstrip("_").isupper():
+                text = value.strip()
+                if text and text.split(None, 1)[0].upper() in _SQL_WORDS and ";" not in text:
+                    found[f"{info.name}.{name}"] = text
     return found
 
 
-async def test_every_query_prepares_against_the_migrated_schema(
+def test_no_query_is_written_inline_where_it_runs() -> None:
+    """Queries are named constants (so the test below prepares every one): no execute/fetch call takes a literal,
+    except transaction control."""
+    inline = []
+    for path in Path(card_mcp.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr in {"execute", "fetch", "fetchrow", "fetchval", "prepare", "executemany"}
+                and node.args
+                and isinstance(node.args[0], ast.Constant | ast.JoinedStr)
+                and not (
+                    isinstance(node.args[0], ast.Constant) and node.args[0].value in {"BEGIN", "COMMIT", "ROLLBACK"}
+                )
+            ):
+                inline.append(f"{path.name}:{node.lineno}")
+    assert inline == []
+
+
+async def test_every_query_of_the_package_prepares_against_the_migrated_schema_as_its_role(
     database: TestDatabase, app_pool: asyncpg.Pool, admin_conn: asyncpg.Connection
 ) -> None:
-    app_queries = _queries(cards) + _queries(db) + _queries(migrate)
-    admin_queries = _queries(tenants)
-    assert len(app_queries) >= 10 and len(admin_queries) >= 2
-    # Semantic search's queries need its tables, which exist only where pgvector does (migration 0006).
-    if await semantic.database_ready(admin_conn):
-        admin_queries += _queries(semantic)
-    else:
-        app_queries = [
-            (name, text) for name, text in app_queries if name.rsplit(".", 1)[1] not in {"_HYBRID", "_NEAREST_SETTINGS"}
-        ]
+    queries = _package_queries()
+    assert len(queries) >= 40
+    vectors = await semantic.database_ready(admin_conn)
+    owner = await db.connect(database.owner_url)
     failures = []
-    async with app_pool.acquire() as conn:
-        for name, text in app_queries:
-            try:
-                await conn.prepare(text)
-            except asyncpg.PostgresError as exc:
-                failures.append(f"{name}: {exc}")
-    for name, text in admin_queries:
-        try:
-            await admin_conn.prepare(text)
-        except asyncpg.PostgresError as exc:
-            failures.append(f"{name}: {exc}")
+    try:
+        async with app_pool.acquire() as app:
+            for name, text in queries.items():
+                module = name.split(".", 1)[0]
+                if name in _VECTOR_QUERIES and not vectors:
+                    continue
+                if module in _OWNER_MODULES:
+                    conn = owner
+                elif module in _ADMIN_MODULES or name in _ADMIN_QUERIES:
+                    if module == "semantic" and not vectors:
+                        continue
+                    conn = admin_conn
+                else:
+                    conn = app
+                try:
+                    await conn.prepare(text)
+                except asyncpg.PostgresError as exc:
+                    failures.append(f"{name}: {exc}")
+    finally:
+        await owner.close()
     assert failures == []

@@ -36,9 +36,9 @@ from card_mcp.config import Settings
 from card_mcp.embedded import SUPERUSER, EmbeddedPostgres
 from card_mcp.models import NewCard
 from tests.conftest import TestDatabase, create_migrated_database, make_tempdir, with_user
-from tests.test_batch import Blocker, batch_waiting_on_a_lock, counts, make_cards, until
+from tests.helpers import connect, error_code, ok, until, usage_rows
+from tests.test_batch import Blocker, batch_waiting_on_a_lock, counts, make_cards
 from tests.test_http import http_server, mcp_client, new_key
-from tests.test_server import connect, error_code, ok, usage_rows
 from tests.wire import TurnCounter
 
 

@@ -40,7 +40,7 @@ from pydantic import TypeAdapter, ValidationError
 from card_mcp import db
 from card_mcp.config import Settings
 from tests.conftest import TestDatabase, make_tempdir
-from tests.test_server import CARD, TOOLS, connect, error_code, ok
+from tests.helpers import CARD, TOOLS, connect, error_code, ok
 from tests.test_stdio import CARD_MCP
 
 MARK = "HOSTILE"

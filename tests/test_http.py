@@ -28,8 +28,8 @@ from mcp.types import CallToolResult, Implementation
 
 from card_mcp import db, keys
 from tests.conftest import TestDatabase
-from tests.test_batch import Blocker, batch_waiting_on_a_lock, make_cards, superuser
-from tests.test_server import error_code, ok, usage_rows
+from tests.helpers import error_code, maintenance, ok, usage_rows
+from tests.test_batch import Blocker, batch_waiting_on_a_lock, make_cards
 from tests.wire import TurnCounter
 
 CARD_MCP = str(Path(sys.executable).parent / "card-mcp")
@@ -201,7 +201,7 @@ async def test_when_the_server_stops_hearing_revocations_it_stops_trusting_kept_
         await logged(running, "caching API keys")
         async with mcp_client(running.url, key) as client:
             ok(await client.call_tool("search_cards", {}))  # verified, and kept
-            async with superuser(database) as conn:
+            async with maintenance(database) as conn:
                 listeners = await conn.fetchval(
                     "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
                     " WHERE datname = $1 AND query LIKE 'LISTEN %'",
@@ -324,7 +324,7 @@ async def test_through_pgbouncer_in_transaction_mode_tenants_stay_apart(database
     app_backends = (
         "SELECT coalesce(array_agg(pid), '{}') FROM pg_stat_activity WHERE datname = $1 AND usename = 'card_mcp_app'"
     )
-    async with superuser(database) as conn:
+    async with maintenance(database) as conn:
         direct = set(await conn.fetchval(app_backends, database.name))  # other tests' pools, not pgbouncer's
     with http_server(
         database,
@@ -334,7 +334,7 @@ async def test_through_pgbouncer_in_transaction_mode_tenants_stay_apart(database
         CARD_MCP_POOL_MAX_SIZE="20",
     ) as running:
         await run_mixed_load(running.url, database)
-        async with superuser(database) as conn:
+        async with maintenance(database) as conn:
             via = set(await conn.fetchval(app_backends, database.name)) - direct
         # pgbouncer's default_pool_size in .ci/run is 4: a pool of 20 and 40 clients on at most 4 backends.
         assert 1 <= len(via) <= 4
@@ -414,7 +414,7 @@ async def test_healthz_answers_503_while_the_database_refuses_and_200_again_afte
         async with httpx2.AsyncClient(timeout=30) as http:
             healthy = await http.get(f"{running.base}/healthz")
             assert (healthy.status_code, healthy.json()) == (200, {"status": "ok"})
-            async with superuser(database) as conn:
+            async with maintenance(database) as conn:
                 await conn.execute(f'ALTER DATABASE "{database.name}" WITH ALLOW_CONNECTIONS false')
                 try:
                     await conn.execute(

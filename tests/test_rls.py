@@ -9,10 +9,11 @@ from contextlib import asynccontextmanager
 import asyncpg
 import pytest
 
-from card_mcp import cards, db
-from card_mcp.db import APP_ROLE, tenant_transaction
+from card_mcp import cards, db, search
+from card_mcp.db import APP_ROLE
 from card_mcp.errors import NotFound
 from tests.conftest import TestDatabase
+from tests.helpers import tenant_transaction
 from tests.test_cards import new_card
 
 
@@ -42,7 +43,7 @@ async def test_other_tenant_cannot_get_list_update_or_delete_a_card_through_the_
             await cards.update_card(conn, card.id, title="stolen")
         with pytest.raises(NotFound):
             await cards.delete_card(conn, card.id)
-        assert (await cards.search_cards(conn, limit=50))[0] == []
+        assert (await search.search_cards(conn, limit=50))[0] == []
     async with tenant_transaction(app_pool, tenant_a) as conn:
         assert await cards.get_card(conn, card.id) == card
 

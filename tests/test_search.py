@@ -8,21 +8,19 @@ import json
 import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import asyncpg
 import pytest
 from mcp import MCPError
 from mcp.types import EmbeddedResource, ResourceTemplateReference, TextContent, TextResourceContents
 
-from card_mcp import cards, db
+from card_mcp import cards, db, search
 from card_mcp.config import Settings
 from card_mcp.models import NewCard
 from tests.conftest import TestDatabase, new_database
-from tests.test_server import connect, ok, usage_rows
+from tests.helpers import connect, ok, superuser, tenant_transaction, usage_rows
 
 # A card's content hash must be 64 hex digits; generated rows use two md5s of their text.
 _GENERATE = """
@@ -37,16 +35,6 @@ SELECT $1,
        md5($2 || g) || md5($3 || g)
   FROM generate_series($5::int, $6::int) AS g
 """
-
-
-@asynccontextmanager
-async def superuser(database: TestDatabase) -> AsyncIterator[asyncpg.Connection]:
-    """A superuser's connection to the test database (row-level security does not bind it)."""
-    conn = await asyncpg.connect(database.url_as(urlsplit(database.superuser_url).username or "postgres"))
-    try:
-        yield conn
-    finally:
-        await conn.close()
 
 
 async def generate(conn: asyncpg.Connection, tenant_id: uuid.UUID, count: int, word: str, start: int = 1) -> None:
@@ -105,15 +93,15 @@ async def test_paging_through_1000_matches_while_cards_are_inserted_returns_each
 ) -> None:
     async with superuser(database) as conn:
         await generate(conn, tenant_a, 1000, "kestrel")
-    async with db.tenant_transaction(app_pool, tenant_a) as conn:
+    async with tenant_transaction(app_pool, tenant_a) as conn:
         originals = {r["id"] for r in await conn.fetch("SELECT id FROM card_mcp.cards")}
     seen: list[uuid.UUID] = []
     cursor = None
     inserted = 0
     while True:
-        async with db.tenant_transaction(app_pool, tenant_a) as conn:
-            hits, pinned = await cards.search_cards(conn, query="kestrel", limit=50, cursor=cursor)
-            page = cards.paginate(hits, pinned, 50)
+        async with tenant_transaction(app_pool, tenant_a) as conn:
+            hits, pinned = await search.search_cards(conn, query="kestrel", limit=50, cursor=cursor)
+            page = search.paginate(hits, pinned, 50)
         seen += [hit.id for hit in page.cards]
         async with superuser(database) as conn:  # new matching cards arrive between pages, some ranking first
             await generate(conn, tenant_a, 7, "kestrel kestrel", start=100_000 + inserted)
@@ -161,7 +149,7 @@ async def test_searching_a_tenant_of_10000_cards_uses_the_indexes_not_a_scan_as_
         await conn.execute(f"SET ROLE {db.APP_ROLE}")
         async with conn.transaction():
             await conn.execute("SELECT set_config('app.current_tenant_id', $1, true)", str(big))
-            rows = await conn.fetch(cards._RANKED, "Topic123 notes", None, None, None, None, 11)
+            rows = await conn.fetch(search._RANKED, "Topic123 notes", None, None, None, None, 11)
     assert len(rows) == 10  # the ten cards with topic123 (g * 7919 % 1000 == 123)
     text = "\n".join(plans)
     assert "cards_search_doc_idx" in text and "cards_search_words_idx" in text, text
@@ -280,7 +268,7 @@ async def load_relevance_set(
         tenant_id = await db.tenant_id_for(database.admin_url, f"rel-{brand['brand']}-{uuid.uuid4().hex[:6]}")
         tenants[brand["brand"]] = tenant_id
         new = [NewCard.model_validate({k: v for k, v in c.items() if k != "key"}) for c in brand["cards"]]
-        async with db.tenant_transaction(app_pool, tenant_id) as conn:
+        async with tenant_transaction(app_pool, tenant_id) as conn:
             items = await cards.insert_cards(conn, tenant_id, new)
         ids.update({c["key"]: item.card_id for c, item in zip(brand["cards"], items, strict=True)})
     return data, ids, tenants
@@ -291,14 +279,14 @@ async def relevance(
     ids: dict[str, uuid.UUID],
     tenants: dict[str, uuid.UUID],
     app_pool: asyncpg.Pool,
-    nearest: Callable[[str], Awaitable[cards.Nearest | None]] | None = None,
+    nearest: Callable[[str], Awaitable[search.Nearest | None]] | None = None,
 ) -> Scores:
     """Each query's reciprocal rank and recall@5 in the top 10, by kind; with ``nearest``, semantic search."""
     by_kind: Scores = defaultdict(list)
     for query in data["queries"]:
         vector = await nearest(query["query"]) if nearest else None
-        async with db.tenant_transaction(app_pool, tenants[query["brand"]]) as conn:
-            hits, _ = await cards.search_cards(
+        async with tenant_transaction(app_pool, tenants[query["brand"]]) as conn:
+            hits, _ = await search.search_cards(
                 conn, query=query["query"], card_type=query["card_type"], limit=10, nearest=vector
             )
         ranked = [hit.id for hit in hits[:10]]

@@ -22,13 +22,12 @@ import asyncpg
 import pytest
 from mcp import Client
 
-from card_mcp import cards, db, semantic
+from card_mcp import db, search, semantic
 from card_mcp.config import Settings
 from card_mcp.server import build_server
 from tests.conftest import TestDatabase
-from tests.test_batch import until
+from tests.helpers import connect, ok, tenant_transaction, until
 from tests.test_search import load_relevance_set, mean, relevance, rows
-from tests.test_server import connect, ok
 
 # CI's semantic step sets CARD_MCP_TEST_REQUIRE_SEMANTIC: there, a missing extra or pgvector fails instead of
 # skipping, so the step cannot pass by testing nothing.
@@ -94,7 +93,7 @@ async def semantic_client(settings: Settings, tenant: str) -> AsyncIterator[Clie
     async with Client(server, mode="legacy") as client:
 
         async def on() -> bool:
-            return server.state is not None and server.state.semantic is not None
+            return server.state is not None and server.state.edge.semantic is not None
 
         await until(on, "the embedding model to load", seconds=60)
         yield client
@@ -271,7 +270,7 @@ async def test_the_hnsw_index_serves_the_application_role_and_a_filtered_search_
         " ORDER BY v.embedding OPERATOR(card_mcp.<=>) $1::text::card_mcp.halfvec LIMIT 50"
     )
     found: dict[str, int] = {}
-    async with db.tenant_transaction(app_pool, mine) as conn:
+    async with tenant_transaction(app_pool, mine) as conn:
         # For a tenant this small the planner rightly reads its rows by the primary key and sorts them (exact);
         # turned off here, so what is shown is the index path a big tenant's search takes.
         await conn.execute(
@@ -309,8 +308,8 @@ async def test_semantic_search_finds_paraphrases_that_lexical_search_misses_on_t
     assert model is not None
     await semantic.backfill(database.admin_url, model, everything=False, progress=lambda done, total: None)
 
-    async def nearest(query: str) -> cards.Nearest:
-        return cards.Nearest(model.id, await model.embed_query(query), model.floor, model.ceiling)
+    async def nearest(query: str) -> search.Nearest:
+        return search.Nearest(model.id, await model.embed_query(query), model.floor, model.ceiling)
 
     lexical = rows(await relevance(data, ids, tenants, app_pool))
     hybrid = rows(await relevance(data, ids, tenants, app_pool, nearest))

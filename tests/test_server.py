@@ -6,28 +6,15 @@ import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
-import asyncpg
 import jsonschema
 import pytest
 from mcp import Client, MCPError
-from mcp.types import CallToolResult, Implementation
 
 from card_mcp import db
 from card_mcp.config import Settings
-from card_mcp.server import build_server
-
-TOOLS = {"create_card", "get_card", "search_cards", "update_card", "delete_card", "batch_create_cards", "usage_stats"}
-
-
-@asynccontextmanager
-async def connect(settings: Settings, tenant: str, client_name: str = "pytest") -> AsyncIterator[Client]:
-    server = build_server(settings.model_copy(update={"tenant": tenant}))
-    info = Implementation(name=client_name, version="1.2.3")
-    async with Client(server, mode="legacy", client_info=info) as client:
-        yield client
+from tests.helpers import CARD, TOOLS, connect, create, error_code, ok, usage_rows
 
 
 @pytest.fixture
@@ -54,48 +41,6 @@ async def client(settings: Settings, tenant: str) -> AsyncIterator[Client]:
     yield ready.result()
     done.set()
     await task
-
-
-def ok(result: CallToolResult) -> dict[str, Any]:
-    assert not result.is_error, result.content
-    assert result.structured_content is not None
-    text = result.content[0].text  # type: ignore[union-attr]  # the one block is TextContent
-    assert json.loads(text) == result.structured_content  # the same JSON as text
-    return result.structured_content
-
-
-def error_code(result: CallToolResult) -> str:
-    assert result.is_error
-    payload = json.loads(result.content[0].text)  # type: ignore[union-attr]
-    assert set(payload) == {"error"} and set(payload["error"]) == {"code", "message", "hint"}
-    assert payload["error"]["hint"]
-    code: str = payload["error"]["code"]
-    return code
-
-
-CARD = {
-    "card_type": "voice",
-    "title": "Brand voice",
-    "content": {"tone": "warm", "avoid": ["jargon"]},
-    "tags": ["core"],
-}
-
-
-async def create(client: Client, **overrides: Any) -> dict[str, Any]:
-    card: dict[str, Any] = ok(await client.call_tool("create_card", {**CARD, **overrides}))["card"]
-    return card
-
-
-async def usage_rows(database_admin_url: str, tenant: str) -> list[asyncpg.Record]:
-    conn = await db.connect(database_admin_url)
-    try:
-        return await conn.fetch(
-            "SELECT u.* FROM card_mcp.card_usage u JOIN card_mcp.tenants t USING (tenant_id)"
-            " WHERE t.name = $1 ORDER BY u.usage_id",
-            tenant,
-        )
-    finally:
-        await conn.close()
 
 
 async def test_tools_list_names_annotations_and_portable_schemas(client: Client) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import shutil
@@ -9,11 +10,13 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 import pytest
 from mcp import Client, StdioServerParameters
+from mcp.server import MCPServer
 from mcp.types import CallToolResult, Implementation
 
 from tests.conftest import make_tempdir
@@ -131,3 +134,16 @@ def test_closing_stdin_stops_serve_and_its_embedded_postgres(data_dir: Path) -> 
     code, _ = end(proc)
     assert code == 0
     assert postgres_processes(data_dir / "pgdata") == []
+
+
+def test_the_sdk_is_the_version_the_stdio_adapter_was_written_for() -> None:
+    """card_mcp/stdio.py drives MCPServer's low-level server, which the SDK does not publish. If this fails, the SDK
+    moved: check card_mcp/stdio.py against the new version before moving the pin in pyproject.toml."""
+    assert version("mcp").startswith("2.3."), version("mcp")
+    lowlevel = MCPServer("probe")._lowlevel_server
+    assert list(inspect.signature(lowlevel.run).parameters)[:3] == [
+        "read_stream",
+        "write_stream",
+        "initialization_options",
+    ]
+    assert callable(lowlevel.create_initialization_options)

@@ -1,0 +1,168 @@
+"""What a tool is: its name, body, argument and result models, annotations, durability and replay hook; its
+published schemas; and how its arguments are read (strictly, as its inputSchema says).
+
+A body is ``async def name(call: Call, <flat named arguments>) -> ResultModel`` with a docstring written for the
+model. Its arguments' model is derived from its signature (unknown keys refused), its result model from its return
+annotation; server.py lists and calls tools from tools.TOOLS alone.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from collections.abc import Awaitable, Callable
+from functools import cached_property
+from types import UnionType
+from typing import Annotated, Any, Union, cast, get_args, get_origin, get_type_hints
+
+from mcp.types import ToolAnnotations
+from pydantic import BaseModel, ConfigDict, ValidationError, create_model
+
+from .calls import Call
+from .errors import InvalidArgument
+
+Body = Callable[..., Awaitable[BaseModel]]
+# Answers a call from what it already did, before its arguments are validated (a retried batch); None otherwise.
+Replay = Callable[[Call, dict[str, Any]], Awaitable[BaseModel | None]]
+
+
+class Tool:
+    """One tool of the registry. Everything derived (models, schemas) is built on first use, not at import."""
+
+    def __init__(
+        self,
+        body: Body,
+        *,
+        title: str,
+        durable: bool,
+        read_only: bool = False,
+        destructive: bool = False,
+        idempotent: bool = True,
+        replay: Replay | None = None,
+    ) -> None:
+        self.name = body.__name__
+        self.body = body
+        self.title = title
+        self.durable = durable  # whether its COMMIT waits for the WAL flush: a property of the tool, not its hints
+        self.replay = replay
+        self.annotations = ToolAnnotations(
+            read_only_hint=read_only, destructive_hint=destructive, idempotent_hint=idempotent, open_world_hint=False
+        )
+
+    @cached_property
+    def description(self) -> str:
+        return inspect.cleandoc(self.body.__doc__ or "")
+
+    @cached_property
+    def _hints(self) -> dict[str, Any]:
+        return get_type_hints(self.body, include_extras=True)
+
+    @cached_property
+    def arguments(self) -> type[BaseModel]:
+        """The model of the tool's arguments: every parameter after ``call``, unknown keys refused."""
+        parameters = list(inspect.signature(self.body).parameters.values())[1:]
+        fields: dict[str, Any] = {
+            p.name: (self._hints[p.name], ... if p.default is inspect.Parameter.empty else p.default)
+            for p in parameters
+        }
+        model = create_model(  # the name the SDK gives it: the schema's title stays as clients saw it
+            f"{self.name}Arguments", __config__=ConfigDict(extra="forbid"), __module__=__name__, **fields
+        )
+        return cast("type[BaseModel]", model)
+
+    @cached_property
+    def result(self) -> type[BaseModel]:
+        result: type[BaseModel] = self._hints["return"]
+        return result
+
+    @cached_property
+    def input_schema(self) -> dict[str, Any]:
+        return inline_refs(self.arguments.model_json_schema(by_alias=True))
+
+    @cached_property
+    def output_schema(self) -> dict[str, Any]:
+        return inline_refs(self.result.model_json_schema())
+
+    @cached_property
+    def _text_fields(self) -> frozenset[str]:
+        return frozenset(name for name, f in self.arguments.model_fields.items() if admits_text(f.annotation))
+
+    def parse(self, arguments: dict[str, Any]) -> dict[str, Any]:
+        """The validated arguments, ready to call the body with; InvalidArgument naming the fields and rules broken
+        (never the rejected values) otherwise.
+
+        Clients that send objects and lists as JSON text (Claude Desktop does) are read as the SDK reads them: a
+        string is parsed as JSON where the schema allows no string (content, tags, cards); where it allows one (a
+        query, a new title, an idempotency key) it stays the string it is: "[1]" is a query, not a list."""
+        data = {key: self._pre_parse(key, value) for key, value in arguments.items()}
+        try:
+            validated = self.arguments.model_validate(data)
+        except ValidationError as exc:
+            raise invalid_arguments(exc) from None
+        return {name: getattr(validated, name) for name in self.arguments.model_fields}
+
+    def _pre_parse(self, key: str, value: Any) -> Any:
+        if not isinstance(value, str) or key in self._text_fields or key not in self.arguments.model_fields:
+            return value
+        try:
+            parsed = json.loads(value)
+        except (ValueError, RecursionError):  # not JSON, or JSON the parser refuses: validation decides
+            return value
+        return value if isinstance(parsed, str | int | float) else parsed
+
+    async def invoke(self, call: Call, arguments: dict[str, Any]) -> BaseModel:
+        """Run the tool inside ``call``: its replay hook first, if it has one, then its body."""
+        if self.replay is not None:
+            replayed = await self.replay(call, arguments)
+            if replayed is not None:
+                return replayed
+        return await self.body(call, **self.parse(arguments))
+
+
+def admits_text(annotation: Any) -> bool:
+    """Whether a parameter annotated ``annotation`` takes a string (str, an Annotated str, a union with str)."""
+    if annotation is str:
+        return True
+    args = get_args(annotation)
+    if get_origin(annotation) is Annotated:
+        return admits_text(args[0])
+    return any(admits_text(arg) for arg in args) if get_origin(annotation) in (Union, UnionType) else False
+
+
+def invalid_arguments(exc: ValidationError) -> InvalidArgument:
+    """A one-line message naming the fields and rules broken, never the rejected values."""
+    problems = []
+    for err in exc.errors(include_input=False, include_url=False, include_context=False)[:5]:
+        if err["type"] == "extra_forbidden":  # the key is the client's text: name its place, not the key
+            where = ".".join(str(part) for part in err["loc"][:-1]) or "arguments"
+            problems.append(f"{where}: unexpected argument (see the inputSchema for the allowed names)")
+            continue
+        where = ".".join(str(part) for part in err["loc"]) or "arguments"
+        problems.append(f"{where}: {err['msg']}")
+    return InvalidArgument(
+        "; ".join(problems), hint="Fix these arguments to match the tool's inputSchema and call again."
+    )
+
+
+def inline_refs(schema: dict[str, Any]) -> dict[str, Any]:
+    """``schema`` with every ``#/$defs/...`` reference replaced by its definition. Clients validate each item of
+    a 1000-card batch or result against the schema, and resolving a $ref per item was most of that cost; a
+    self-contained schema is also easier for simple validators."""
+    definitions = schema.get("$defs", {})
+
+    def inline(node: Any, seen: tuple[str, ...]) -> Any:
+        if isinstance(node, list):
+            return [inline(item, seen) for item in node]
+        if not isinstance(node, dict):
+            return node
+        ref = node.get("$ref")
+        if isinstance(ref, str) and ref.startswith("#/$defs/"):
+            name = ref.removeprefix("#/$defs/")
+            if name in seen or name not in definitions:  # recursive or foreign: keep the reference
+                return node
+            siblings = {k: inline(v, seen) for k, v in node.items() if k != "$ref"}
+            return {**inline(definitions[name], (*seen, name)), **siblings}
+        return {k: inline(v, seen) for k, v in node.items() if k != "$defs"}
+
+    result: dict[str, Any] = inline(schema, ())
+    return schema if "$ref" in json.dumps(result) else result  # a recursive model keeps its $defs

@@ -1,0 +1,167 @@
+"""Serving over stdio through the event loop, and the one place card-mcp reaches inside the MCP SDK.
+
+The SDK's own stdio transport reads stdin and writes stdout through worker threads: a thread blocked in read()
+cannot be cancelled, so SIGTERM would wait for the client to close stdin, and each answer costs two thread
+hand-offs. Here pipes are read and written by the event loop (regular files fall back to the SDK's threads), and
+lines that are no JSON-RPC message are answered instead of dropped. The SDK has no public way to run a server on
+streams of one's own, so ``serve`` drives MCPServer's low-level server (``_lowlevel_server``) directly; the
+dependency is pinned to the minor version this was written for (pyproject.toml), and tests/test_stdio.py fails
+loudly when the SDK moves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import stat
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, suppress
+from typing import Any, cast
+
+import anyio
+from anyio.abc import ObjectReceiveStream, ObjectSendStream
+from mcp.server import MCPServer
+from mcp.server.stdio import stdio_server
+from mcp.shared.message import SessionMessage
+from mcp.types import INVALID_REQUEST, PARSE_ERROR, ErrorData, JSONRPCError
+from pydantic import ValidationError
+
+logger = logging.getLogger(__name__)
+
+# How long a stopping server waits for a client to read its last answers.
+_FLUSH_TIMEOUT = 5.0
+
+# A batch of 1000 cards of 64 KiB each is one line of about 64 MiB.
+MAX_MESSAGE_BYTES = 128 * 1024 * 1024
+
+
+async def serve(server: MCPServer[Any]) -> None:
+    """Serve ``server`` over stdin/stdout until the client closes stdin (or the task is cancelled)."""
+    lowlevel = server._lowlevel_server  # see the module's docstring
+    stdin = await _pipe_lines(sys.stdin.fileno())
+    async with (
+        _pipe_stdout() as stdout,
+        stdio_server(
+            stdin=cast("anyio.AsyncFile[str] | None", stdin), stdout=cast("anyio.AsyncFile[str] | None", stdout)
+        ) as (read, write),
+        anyio.create_task_group() as tasks,
+    ):
+        readable, readable_stream = anyio.create_memory_object_stream[SessionMessage | Exception](0)
+        tasks.start_soon(_answer_unreadable, read, write, readable)
+        await lowlevel.run(readable_stream, write, lowlevel.create_initialization_options())
+
+
+async def _answer_unreadable(
+    read: ObjectReceiveStream[SessionMessage | Exception],
+    write: ObjectSendStream[SessionMessage],
+    forward: ObjectSendStream[SessionMessage | Exception],
+) -> None:
+    """Pass stdin's messages on; answer each line that is no JSON-RPC message with the JSON-RPC error for it
+    (-32700 not JSON, -32600 JSON but no message; id null, since none can be read), where the SDK would drop it
+    and leave a client waiting for an answer. Blank lines are skipped. The line itself is never echoed."""
+    async with read, forward:
+        async for item in read:
+            if not isinstance(item, Exception):
+                await forward.send(item)
+                continue
+            details = item.errors() if isinstance(item, ValidationError) else []
+            if details and details[0]["type"] == "json_invalid" and not str(details[0].get("input", "")).strip():
+                continue
+            code, message = (
+                (PARSE_ERROR, "Parse error: a line on stdin is not JSON")
+                if details and details[0]["type"] == "json_invalid"
+                else (INVALID_REQUEST, "Invalid Request: a line on stdin is JSON but no JSON-RPC message")
+            )
+            logger.warning("%s (%s)", message, type(item).__name__)
+            error = JSONRPCError(jsonrpc="2.0", id=None, error=ErrorData(code=code, message=message))
+            await write.send(SessionMessage(error))
+
+
+class _PipeLines:
+    """Lines of a pipe or terminal as text, read by the event loop (cancellable)."""
+
+    def __init__(self, reader: asyncio.StreamReader) -> None:
+        self._reader = reader
+
+    def __aiter__(self) -> _PipeLines:
+        return self
+
+    async def __anext__(self) -> str:
+        line = await self._reader.readline()
+        if not line:
+            raise StopAsyncIteration
+        return line.decode("utf-8", errors="replace")
+
+
+def _pollable(fd: int) -> bool:
+    """A pipe, socket or terminal (which the event loop can poll), not a regular file."""
+    mode = os.fstat(fd).st_mode
+    return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or os.isatty(fd)
+
+
+async def _pipe_lines(fd: int) -> _PipeLines | None:
+    """stdin as a _PipeLines, or None (the SDK's threaded reader) when it is a regular file, which the event
+    loop cannot poll."""
+    if not _pollable(fd):
+        return None
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=MAX_MESSAGE_BYTES)
+    pipe = os.fdopen(os.dup(fd), "rb", buffering=0)
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), pipe)
+    return _PipeLines(reader)
+
+
+class _PipeWriter:
+    """Protocol messages written by the event loop, in the shape the SDK's stdio transport writes to."""
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self._writer = writer
+
+    async def write(self, text: str) -> None:
+        self._writer.write(text.encode())
+
+    async def flush(self) -> None:
+        await self._writer.drain()
+
+
+@asynccontextmanager
+async def _pipe_stdout() -> AsyncIterator[_PipeWriter | None]:
+    """stdout as a _PipeWriter, or None (the SDK's threaded writer) when it is a regular file. As the SDK does for
+    its own writer, fd 1 points at stderr meanwhile, so stray output (a print, a library) never lands among the
+    protocol messages; it is restored on exit."""
+    try:
+        fd, err = sys.stdout.fileno(), sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # replaced or captured streams: the SDK copes
+        yield None
+        return
+    out_stat, err_stat = os.fstat(fd), os.fstat(err)
+    shared = (out_stat.st_dev, out_stat.st_ino) == (err_stat.st_dev, err_stat.st_ino)
+    # Only a pipe or socket of its own: the loop makes the file non-blocking, which logging to a shared one
+    # (a terminal, `2>&1`) would not survive.
+    if shared or os.isatty(fd) or not (stat.S_ISFIFO(out_stat.st_mode) or stat.S_ISSOCK(out_stat.st_mode)):
+        yield None
+        return
+    sys.stdout.flush()
+    protocol_fd, saved_fd = os.dup(fd), os.dup(fd)
+    os.dup2(err, fd)
+    try:
+        loop = asyncio.get_running_loop()
+        pipe = os.fdopen(protocol_fd, "wb", buffering=0)
+        transport, protocol = await loop.connect_write_pipe(
+            lambda: asyncio.StreamReaderProtocol(asyncio.StreamReader()), pipe
+        )
+        writer = asyncio.StreamWriter(transport, protocol, None, loop)
+        try:
+            yield _PipeWriter(writer)
+        finally:
+            # Every answer out before the pipe closes, unless the client stopped reading: then not for long.
+            transport.set_write_buffer_limits(0)
+            with anyio.move_on_after(_FLUSH_TIMEOUT, shield=True), suppress(OSError):
+                await writer.drain()
+            transport.close()
+    finally:
+        os.dup2(saved_fd, fd)
+        os.set_blocking(saved_fd, True)  # the description is shared with whoever started us
+        os.close(saved_fd)
