@@ -1,10 +1,12 @@
 """API keys for the HTTP transport: made, listed and revoked through the admin role, looked up by hash.
 
-A key is ``cmk_`` and 256 random bits (URL-safe base64). It is shown once, when made; the database keeps only its
-SHA-256 and a short prefix for listings. The server turns a presented key into its tenant with
-``card_mcp.api_key_lookup`` (the admin role's narrow function) and keeps the answer for a short while
-(CARD_MCP_KEY_CACHE_SECONDS), but only while it receives the database's announcements of revoked keys, which make
-it forget a key at once: a revoked key stops working within milliseconds, and never later than the cache time.
+A key is ``cmk_`` and 43 URL-safe base64 characters (244 random bits), made inside the database by
+``card_mcp.create_api_key`` (the admin role cannot write api_keys, nor choose a key or its hash). It is shown once,
+when made; the database keeps only its SHA-256 and a short prefix for listings. The server turns a presented key
+into its tenant with ``card_mcp.api_key_lookup`` (the owner's narrow function, which the admin role may call) and
+keeps the answer for a short while (CARD_MCP_KEY_CACHE_SECONDS), but only while it receives the database's
+announcements of revoked keys, which make it forget a key at once: a revoked key stops working within
+milliseconds, and never later than the cache time.
 """
 
 from __future__ import annotations
@@ -22,20 +24,15 @@ import anyio
 import asyncpg
 from mcp.server.auth.provider import AccessToken
 
-from . import db, tenants
+from . import db
 from .db import Connection
 from .errors import CardMcpError, InvalidArgument, NotFound
 
 logger = logging.getLogger(__name__)
 
 KEY_PREFIX = "cmk_"
-_SHOWN_PREFIX = 12  # "cmk_" and 8 characters: enough to tell keys apart in a listing, useless to an attacker
-_KEY_SHAPE = re.compile(r"cmk_[A-Za-z0-9_-]{43}")  # what generate() makes; anything else is refused unlooked-up
-
-
-def generate() -> str:
-    """A new random key (256 bits)."""
-    return KEY_PREFIX + secrets.token_urlsafe(32)
+# What card_mcp.create_api_key makes; anything else is refused unlooked-up. Listings show the first 12 characters.
+_KEY_SHAPE = re.compile(r"cmk_[A-Za-z0-9_-]{43}")
 
 
 def key_hash(key: str) -> bytes:
@@ -56,10 +53,7 @@ class ApiKey:
     revoked_at: datetime | None
 
 
-_CREATE = """
-INSERT INTO card_mcp.api_keys (tenant_id, prefix, key_hash, label) VALUES ($1, $2, $3, $4)
-RETURNING key_id
-"""
+_CREATE = "SELECT key_id, key FROM card_mcp.create_api_key($1, $2)"
 
 
 async def create_key(conn: Connection, tenant: str, label: str | None = None) -> tuple[UUID, str]:
@@ -67,12 +61,11 @@ async def create_key(conn: Connection, tenant: str, label: str | None = None) ->
     if label is not None and not 1 <= len(label) <= 200:
         raise InvalidArgument("the label must be 1-200 characters", hint="Use a short label such as 'staging'.")
     try:
-        tenant_id = await tenants.tenant_id(conn, tenant)
-    except NotFound as exc:
-        raise NotFound(exc.message, hint=f"Create it first: card-mcp tenants create {tenant}") from exc
-    key = generate()
-    key_id: UUID = await conn.fetchval(_CREATE, tenant_id, key[:_SHOWN_PREFIX], key_hash(key), label)
-    return key_id, key
+        row = await conn.fetchrow(_CREATE, tenant, label)
+    except asyncpg.NoDataFoundError as exc:
+        raise NotFound(f"no tenant {tenant!r}", hint=f"Create it first: card-mcp tenants create {tenant}") from exc
+    assert row is not None  # the function returns one row or raises
+    return row["key_id"], row["key"]
 
 
 _LIST = """
@@ -88,11 +81,7 @@ async def list_keys(conn: Connection, tenant: str | None = None) -> list[ApiKey]
     return [ApiKey(**dict(row)) for row in await conn.fetch(_LIST, tenant)]
 
 
-_REVOKE = """
-UPDATE card_mcp.api_keys SET revoked_at = coalesce(revoked_at, now())
- WHERE key_id = $1
-RETURNING revoked_at
-"""
+_REVOKE = "SELECT card_mcp.revoke_api_key($1)"
 
 
 async def revoke_key(conn: Connection, key_id: str) -> datetime:
@@ -116,8 +105,9 @@ class KeyToken(AccessToken):
     key_id: UUID
 
 
-# Revoked (or deleted) keys are announced here with their id (schema/0005_calls.sql).
-CHANNEL = "card_mcp_api_keys"
+# Revoked (or deleted) keys are announced with their id on a channel whose name is a secret that only the admin role
+# can read (schema/0007_people_roles.sql): nobody else can listen to it, or forge an announcement.
+_CHANNEL = "SELECT channel FROM card_mcp.notify_channels WHERE purpose = 'api_keys'"
 _PROBE_EVERY = 10.0  # seconds between proofs that announcements still arrive
 _PROBE_WAIT = 5.0  # how long a probe may take to come back before caching stops
 _RETRY_AFTER = 5.0  # seconds before listening again after the connection failed
@@ -191,6 +181,7 @@ class KeyVerifier:
     async def _listen(self, admin_url: str) -> None:
         conn = await db.connect(admin_url)
         probes: dict[str, anyio.Event] = {}
+        channel: str = await conn.fetchval(_CHANNEL)
 
         def announced(_conn: db.Connection, _pid: int, _channel: str, payload: object) -> None:
             payload = str(payload)
@@ -207,7 +198,7 @@ class KeyVerifier:
 
         conn.add_termination_listener(closed)
         try:
-            await conn.add_listener(CHANNEL, announced)
+            await conn.add_listener(channel, announced)
             while True:
                 probe = f"probe-{secrets.token_hex(8)}"
                 probes[probe] = anyio.Event()
@@ -216,7 +207,7 @@ class KeyVerifier:
                 try:
                     with anyio.fail_after(_PROBE_WAIT):  # sent and come back, or caching stops
                         async with self.pool.acquire() as sender:
-                            await sender.execute("SELECT pg_notify($1, $2)", CHANNEL, probe)
+                            await sender.execute("SELECT pg_notify($1, $2)", channel, probe)
                         await probes[probe].wait()
                 finally:
                     del probes[probe]

@@ -43,6 +43,13 @@ _EXTENSION_VERSION = """
 SELECT coalesce((SELECT extversion FROM pg_catalog.pg_extension WHERE extname = $1),
                 (SELECT default_version FROM pg_catalog.pg_available_extensions WHERE name = $1))
 """
+# The extensions a migration creates in card_mcp's schema (its objects are named card_mcp.NAME there).
+_CREATES_EXTENSION = re.compile(r"CREATE EXTENSION IF NOT EXISTS ([a-z0-9_]+) WITH SCHEMA card_mcp", re.IGNORECASE)
+# Where an extension is installed now, if it is.
+_EXTENSION_SCHEMA = """
+SELECT n.nspname FROM pg_catalog.pg_extension AS e JOIN pg_catalog.pg_namespace AS n ON n.oid = e.extnamespace
+ WHERE e.extname = $1
+"""
 _REQUIRES = re.compile(r"\A-- requires extension: ([a-z0-9_]+) ([0-9.]+)\s*$", re.MULTILINE)
 
 
@@ -123,6 +130,7 @@ async def migrate(conn: Connection, migrations: list[Migration] | None = None) -
             raise _privilege_error(exc) from exc
         done: list[str] = []
         waiting = await pending(conn, migrations) + await missing_optional(conn, migrations)  # never overlapping
+        await _check_extension_schemas(conn, [m for m in waiting if not m.requires])
         for migration in sorted(waiting, key=lambda m: m.version):
             if migration.requires:
                 if await _apply_optional(conn, migration):
@@ -145,6 +153,37 @@ async def migrate(conn: Connection, migrations: list[Migration] | None = None) -
         await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_KEY)
 
 
+async def _misplaced_extensions(conn: Connection, migration: Migration) -> list[tuple[str, str]]:
+    """(extension, schema) for each extension ``migration`` creates in card_mcp that is installed elsewhere already
+    (hosted PostgreSQL puts them in a schema such as ``extensions``): its CREATE EXTENSION IF NOT EXISTS would do
+    nothing, and the objects it names card_mcp.* would not exist."""
+    misplaced = []
+    for name in dict.fromkeys(_CREATES_EXTENSION.findall(migration.sql)):
+        schema = await conn.fetchval(_EXTENSION_SCHEMA, name)
+        if schema is not None and schema != "card_mcp":
+            misplaced.append((name, schema))
+    return misplaced
+
+
+async def _check_extension_schemas(conn: Connection, waiting: list[Migration]) -> None:
+    """Refuse, before applying anything, when a pending migration needs an extension in card_mcp's schema that was
+    created in another one: say exactly what an administrator must run."""
+    misplaced: dict[str, str] = {}
+    for migration in waiting:
+        misplaced.update(await _misplaced_extensions(conn, migration))
+    if not misplaced:
+        return
+    database = await conn.fetchval("SELECT current_database()")
+    where = ", ".join(f"{name} in schema {schema}" for name, schema in misplaced.items())
+    statements = " ".join(f"ALTER EXTENSION {name} SET SCHEMA card_mcp;" for name in misplaced)
+    raise SetupError(
+        f"card-mcp needs its extensions in the schema card_mcp, but this database has {where}; "
+        f"a superuser (or the extensions' owner) must run, in database {database}: {statements}",
+        hint="Then run `card-mcp migrate` again. (Anything else that uses these extensions must then name them "
+        "card_mcp.*; nothing has been applied.)",
+    )
+
+
 async def _apply_optional(conn: Connection, migration: Migration) -> bool:
     """Apply an optional migration if its extension allows; log why not otherwise (it is tried again next time)."""
     assert migration.requires is not None
@@ -158,6 +197,15 @@ async def _apply_optional(conn: Connection, migration: Migration) -> bool:
             migration.requires,
             wanted,
             found or "none",
+        )
+        return False
+    misplaced = await _misplaced_extensions(conn, migration)
+    if misplaced:
+        logger.warning(
+            "migration %s left out: %s; a superuser (or its owner) can run %s in this database, then migrate again",
+            migration.version,
+            ", ".join(f"the {name} extension is in schema {schema}, not card_mcp" for name, schema in misplaced),
+            " ".join(f"ALTER EXTENSION {name} SET SCHEMA card_mcp;" for name, _ in misplaced),
         )
         return False
     logger.info("applying migration %s", migration.version)
@@ -180,6 +228,6 @@ async def _apply_optional(conn: Connection, migration: Migration) -> bool:
 def _privilege_error(exc: asyncpg.PostgresError) -> SetupError:
     return SetupError(
         f"the role running migrate lacks a privilege: {exc}",
-        hint="Run migrate with the owner's URL (CARD_MCP_ADMIN_DATABASE_URL); the README section "
+        hint="Run migrate with the owner's URL (CARD_MCP_OWNER_DATABASE_URL); the README section "
         "'Using your own PostgreSQL' lists what an administrator must run first.",
     )
