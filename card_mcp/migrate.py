@@ -35,6 +35,29 @@ CREATE TABLE IF NOT EXISTS card_mcp.schema_migrations (
     applied_at  timestamptz NOT NULL DEFAULT now()
 );
 """
+# The owner hands functions to card_mcp_admin in 0001-0004, which takes the right to SET ROLE to it. On PostgreSQL
+# 16+, a CREATEROLE owner that created the role (or was given ADMIN on it, as hosted providers do) holds ADMIN
+# OPTION without SET or INHERIT, which 0001's membership check mistakes for membership: give itself the full
+# membership first (creating the role as 0001 would, where it may). PostgreSQL 15 needs nothing: there, membership
+# is membership.
+_OWNER_MEMBERSHIP = """
+DO $$
+BEGIN
+    IF current_setting('server_version_num')::int >= 160000 THEN
+        IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'card_mcp_admin')
+           AND (SELECT rolcreaterole FROM pg_roles WHERE rolname = current_user) THEN
+            CREATE ROLE card_mcp_admin NOLOGIN NOSUPERUSER NOBYPASSRLS NOCREATEDB NOCREATEROLE;
+        END IF;
+        IF EXISTS (SELECT FROM pg_roles WHERE rolname = 'card_mcp_admin') THEN
+            IF NOT pg_has_role(current_user, 'card_mcp_admin', 'SET')
+               AND pg_has_role(current_user, 'card_mcp_admin', 'MEMBER WITH ADMIN OPTION') THEN
+                EXECUTE format('GRANT card_mcp_admin TO %I WITH INHERIT TRUE, SET TRUE', current_user);
+            END IF;
+        END IF;
+    END IF;
+END
+$$;
+"""
 _APPLIED = "SELECT version, checksum FROM card_mcp.schema_migrations ORDER BY version"
 _RECORD = "INSERT INTO card_mcp.schema_migrations (version, checksum) VALUES ($1, $2)"
 _LEDGER_EXISTS = "SELECT to_regclass('card_mcp.schema_migrations') IS NOT NULL"
@@ -126,6 +149,7 @@ async def migrate(conn: Connection, migrations: list[Migration] | None = None) -
     try:
         try:
             await conn.execute(_BOOTSTRAP)
+            await conn.execute(_OWNER_MEMBERSHIP)
         except asyncpg.InsufficientPrivilegeError as exc:
             raise _privilege_error(exc) from exc
         done: list[str] = []

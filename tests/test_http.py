@@ -57,7 +57,6 @@ def http_server(
         **os.environ,
         "CARD_MCP_DATABASE_URL": app_url or database.app_url,
         "CARD_MCP_ADMIN_DATABASE_URL": database.admin_url,
-        "CARD_MCP_OWNER_DATABASE_URL": database.owner_url,
         "CARD_MCP_POOL_MAX_SIZE": "8",
         **env,
     }
@@ -465,7 +464,7 @@ def run_cli(database: TestDatabase, *args: str) -> subprocess.CompletedProcess[s
             **os.environ,
             "CARD_MCP_DATABASE_URL": database.app_url,
             "CARD_MCP_ADMIN_DATABASE_URL": database.admin_url,
-        "CARD_MCP_OWNER_DATABASE_URL": database.owner_url,
+            "CARD_MCP_OWNER_DATABASE_URL": database.owner_url,
         },
         capture_output=True,
         text=True,

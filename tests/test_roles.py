@@ -4,6 +4,8 @@ catalog audit of every role's privileges, mirrored in docs/security.md."""
 
 from __future__ import annotations
 
+import base64
+import json
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -399,3 +401,78 @@ async def test_every_roles_privileges_are_exactly_those_listed(database: TestDat
         assert not row["powerful"] and not row["member_of_owner"] and not row["owns"], row["rolname"]
     # People may call no function of card-mcp's own but the immutable join_words (used by a generated column).
     assert {row["proname"] for row in functions} <= {"join_words"}
+
+
+# -- the readers commands and the URLs people get -----------------------------------------------------------------
+
+
+async def cli(database: TestDatabase, *args: str, owner: bool = True) -> tuple[int, str, str]:
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "CARD_MCP_DATABASE_URL": database.app_url,
+        "CARD_MCP_ADMIN_DATABASE_URL": database.admin_url,
+        **({"CARD_MCP_OWNER_DATABASE_URL": database.owner_url} if owner else {}),
+    }
+    with anyio.fail_after(60):
+        done = await anyio.run_process([CARD_MCP, *args], env=env, check=False)
+    return done.returncode, done.stdout.decode(), done.stderr.decode()
+
+
+async def test_readers_create_prints_a_password_once_lists_and_revokes(
+    database: TestDatabase, app_pool: asyncpg.Pool
+) -> None:
+    tenant, tenant_id = await tenant_with_card(database, app_pool, "cli")
+    name = f"r_{uuid.uuid4().hex[:16]}"
+    try:
+        code, out, err = await cli(database, "readers", "create", "--tenant", tenant, name)
+        assert code == 0, err
+        password = out.strip()
+        assert len(password) >= 32 and "\n" not in password
+        async with connected(superuser_here(database)) as su:
+            stored = await su.fetchval("SELECT rolpassword FROM pg_authid WHERE rolname = $1", name)
+        # PostgreSQL kept the verifier card-mcp sent (it would have hashed anything else itself, with its own salt),
+        # and the verifier is the password's: recomputed from its salt, it matches.
+        salt = base64.b64decode(stored.split("$")[1].split(":")[1])
+        assert stored == readers.scram_verifier(password, salt=salt)
+
+        code, out, err = await cli(database, "readers", "list", "--format", "json")
+        assert code == 0, err
+        listed = [r for r in json.loads(out)["readers"] if r["reader"] == name]
+        assert listed == [{"reader": name, "tenant": tenant, "created_at": listed[0]["created_at"], "can_login": True}]
+
+        code, out, err = await cli(database, "db", "url", "--role", "reader", "--name", name)
+        assert code == 0, err
+        url = out.strip()
+        assert urlsplit(url).username == name and urlsplit(url).password is None
+        async with connected(database.url_as(name)) as conn:
+            assert [r["tenant_id"] for r in await conn.fetch("SELECT tenant_id FROM card_mcp.cards")] == [tenant_id]
+
+        assert (await cli(database, "readers", "create", "--tenant", tenant, name))[0] == 1  # exists already
+        assert (await cli(database, "readers", "revoke", name))[0] == 0
+        assert (await cli(database, "readers", "revoke", name))[0] == 1  # no such reader any more
+        async with connected(superuser_here(database)) as su:
+            assert not await su.fetchval("SELECT EXISTS (SELECT FROM pg_roles WHERE rolname = $1)", name)
+    finally:
+        async with connected(superuser_here(database)) as su:
+            await su.execute(await su.fetchval("SELECT format('DROP ROLE IF EXISTS %I', $1::text)", name))
+
+
+async def test_readers_commands_refuse_bad_names_unknown_tenants_and_a_missing_owner_url(
+    database: TestDatabase,
+) -> None:
+    code, _, err = await cli(database, "readers", "create", "--tenant", "nobody-" + uuid.uuid4().hex, "r_nobody")
+    assert code == 1 and len(err.strip().splitlines()) == 1
+    for bad in ("card_mcp_app", "pg_x", "Robert", "a-b", "x" * 64):
+        assert (await cli(database, "readers", "create", "--tenant", "default", bad))[0] == 1, bad
+    code, _, err = await cli(database, "readers", "list", owner=False)
+    assert code == 1 and "CARD_MCP_OWNER_DATABASE_URL" in err
+    assert (await cli(database, "db", "url", "--role", "reader"))[0] == 2  # --name missing: bad usage
+    assert (await cli(database, "db", "url", "--name", "r_x"))[0] == 2
+
+
+async def test_db_url_gives_people_the_analyst_by_default_never_a_server_role(database: TestDatabase) -> None:
+    code, out, err = await cli(database, "db", "url")
+    assert code == 0, err
+    assert urlsplit(out.strip()).username == db.ANALYST_ROLE
+    async with connected(out.strip()) as conn:
+        assert await conn.fetchval("SELECT current_user") == db.ANALYST_ROLE
