@@ -407,11 +407,14 @@ async def rollback(conn: Connection) -> None:
             logger.info("no rollback on a broken connection (the pool discards it): %r", exc)
 
 
-async def tenant_id_for(admin_url: str, name: str) -> UUID:
+async def tenant_id_for(admin_url: str, name: str, *, check_role: bool = False) -> UUID:
     """The id of the tenant called ``name``, created on first use; through the admin role, the only one allowed
-    to map names to tenant ids."""
+    to map names to tenant ids. ``check_role``: refuse first an admin connection a server must not hold (the
+    owner, a superuser), as ``serve`` over stdio does."""
     conn = await connect(admin_url)
     try:
+        if check_role:
+            await check_admin_role(conn)
         with translate_errors():
             value: Any = await conn.fetchval(_TENANT_ID_FOR, name)
     finally:

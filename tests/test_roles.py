@@ -270,6 +270,19 @@ async def test_serve_refuses_an_owner_or_superuser_admin_connection(database: Te
         )
     assert result.returncode == 1, result.stderr
     assert "refusing to serve: the admin role 'card_mcp_owner'" in result.stderr.decode()
+    with anyio.fail_after(60):  # over stdio too, where the admin role maps --tenant to its id
+        result = await anyio.run_process(
+            [CARD_MCP, "serve", "--tenant", "refused"],
+            env={
+                "PATH": "/usr/bin:/bin",
+                "CARD_MCP_DATABASE_URL": database.app_url,
+                "CARD_MCP_ADMIN_DATABASE_URL": superuser_here(database),
+            },
+            check=False,
+        )
+    assert result.returncode == 1, result.stderr
+    assert "refusing to serve: the admin role" in result.stderr.decode()
+    assert result.stdout == b""  # stdout is the protocol's
 
 
 # -- nobody a person can be changes the server's sessions ---------------------------------------------------------
