@@ -98,7 +98,7 @@ class Database:
         if self.admin_url is None:
             raise SetupError(
                 "this command needs the admin connection, but CARD_MCP_ADMIN_DATABASE_URL is not set",
-                hint="Set CARD_MCP_ADMIN_DATABASE_URL to the owner's or the admin role's PostgreSQL URL.",
+                hint="Set CARD_MCP_ADMIN_DATABASE_URL to the admin role's URL (card_mcp_admin), never the owner's.",
             )
         return self.admin_url
 
