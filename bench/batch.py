@@ -444,7 +444,8 @@ async def measure(args: argparse.Namespace) -> tuple[dict[str, list[float]], str
     async with postgres(args.database_url) as superuser_url, fresh_database(superuser_url) as name:
         app_url = with_user(superuser_url, db.APP_ROLE, name)
         owner_url = with_user(superuser_url, db.OWNER_ROLE, name)
-        settings = Settings(database_url=app_url, admin_database_url=owner_url, log_level="WARNING")
+        admin_url = with_user(superuser_url, db.ADMIN_ROLE, name)
+        settings = Settings(database_url=app_url, admin_database_url=admin_url, log_level="WARNING")
         # Plain asyncpg: binary COPY needs its binary jsonb codec (a str); the records carry json.dumps, as
         # card-mcp's text codec does.
         superuser = await asyncpg.connect(with_database(superuser_url, name))

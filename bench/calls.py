@@ -106,11 +106,15 @@ class Target:
     def owner_url(self) -> str:
         return with_user(self.superuser_url, db.OWNER_ROLE, self.name)
 
+    @property
+    def admin_url(self) -> str:
+        return with_user(self.superuser_url, db.ADMIN_ROLE, self.name)
+
     def env(self, app_url: str | None = None, admin_url: str | None = None) -> dict[str, str]:
         return {
             **os.environ,
             "CARD_MCP_DATABASE_URL": app_url or self.app_url,
-            "CARD_MCP_ADMIN_DATABASE_URL": admin_url or self.owner_url,
+            "CARD_MCP_ADMIN_DATABASE_URL": admin_url or self.admin_url,  # serve refuses the owner
             "CARD_MCP_TENANT": self.tenant,
             "CARD_MCP_LOG_LEVEL": "INFO",  # HTTP servers announce their URL at INFO
             "CARD_MCP_MAX_CALLS_PER_KEY": "64",
@@ -318,8 +322,8 @@ def tool_calls(t: Target, rng: random.Random) -> dict[str, Callable[[Client], Aw
 
 async def round_trips(t: Target, out: Results, calls: int = 200) -> None:
     rng = random.Random(3)
-    async with TurnCounter(t.app_url) as app, TurnCounter(t.owner_url) as admin:
-        env = t.env(app.url(db.APP_ROLE, t.name), admin.url(db.OWNER_ROLE, t.name))
+    async with TurnCounter(t.app_url) as app, TurnCounter(t.admin_url) as admin:
+        env = t.env(app.url(db.APP_ROLE, t.name), admin.url(db.ADMIN_ROLE, t.name))
         kinds = tool_calls(t, rng)
         async with Client(stdio_params(t, env), mode="legacy") as client:
             for name, call in kinds.items():
@@ -346,7 +350,7 @@ async def in_process(t: Target, out: Results, calls: int) -> None:
     """The database work of a call without MCP, on one warm connection of the application role: get_card's single
     statement (tenant, read, usage row, commit) and the general tenant transaction of the other tools (BEGIN; the
     settings; the read; the usage row; COMMIT), against one primary-key SELECT."""
-    settings = Settings(database_url=t.app_url, admin_database_url=t.owner_url, log_level="WARNING")
+    settings = Settings(database_url=t.app_url, admin_database_url=t.admin_url, log_level="WARNING")
     pool = await db.create_pool(t.app_url, settings)
     rng = random.Random(4)
     select = (

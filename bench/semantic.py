@@ -144,7 +144,7 @@ async def main(args: argparse.Namespace) -> None:
         admin_url = with_user(superuser_url, db.ADMIN_ROLE, name)
         settings = Settings(
             database_url=app_url,
-            admin_database_url=with_user(superuser_url, db.OWNER_ROLE, name),
+            admin_database_url=admin_url,
             embed_threads=args.threads,
         )
         conn = await db.connect(admin_url)

@@ -24,7 +24,7 @@ outcome). A call that answered an error acknowledged nothing.
 
 Every --sample-every seconds (at most a twelfth of the run): the server's resident set size (/proc/PID/status
 VmRSS) and open file descriptors, and the database's backends per role from pg_stat_activity. The server does
-not publish its pool sizes; the backends stand in: the application role's are its tool pool, the owner's its
+not publish its pool sizes; the backends stand in: the application role's are its tool pool, the admin role's its
 admin pool (API-key lookups), the revocation listener and the idempotency expiry.
 
 At the end, after the server has stopped, the ledger is compared with the database through a superuser
@@ -47,7 +47,7 @@ connection, and the run fails (exit status 1) when anything of this is not zero:
 * unhealthy: `internal` or `unavailable` answers, calls that failed in transport, malformed answers, error codes
   a call should not answer, calls still running at the drain deadline, ERROR lines in the server's log, a
   non-zero exit status of the server;
-* resources: the application role's backends above the pool's size (--pool-size) or the owner's above the admin
+* resources: the application role's backends above the pool's size (--pool-size) or the admin role's above its
   pool's size + 2 at any sample; backends left after the server stopped; the median RSS of the last third of the
   samples more than --rss-growth-mib (default 10) above the median of the middle third (the first third is
   warm-up; docs/benchmarks.md has RSS flat at ~76 MiB over 100,000 calls); the median of the open file
@@ -1022,8 +1022,8 @@ def check_resources(ledger: Ledger, samples: list[Sample], after_stop: dict[str,
     for s in samples:
         if s.backends_of(db.APP_ROLE) > bounds.app_backends:
             ledger.problem("resources", f"{s.backends_of(db.APP_ROLE)} application backends at {s.at:.0f} s")
-        if s.backends_of(db.OWNER_ROLE) > bounds.owner_backends:
-            ledger.problem("resources", f"{s.backends_of(db.OWNER_ROLE)} owner backends at {s.at:.0f} s")
+        if s.backends_of(db.ADMIN_ROLE) > bounds.owner_backends:
+            ledger.problem("resources", f"{s.backends_of(db.ADMIN_ROLE)} admin backends at {s.at:.0f} s")
     if any(after_stop.values()):
         ledger.problem("resources", f"backends left after the server stopped: {after_stop}")
     if len(samples) < 6:
@@ -1052,13 +1052,13 @@ class Outcome:
     bounds: Bounds
 
 
-async def make_tenants(owner_url: str, count: int) -> list[Tenant]:
-    conn = await db.connect(owner_url)
+async def make_tenants(admin_url: str, count: int) -> list[Tenant]:
+    conn = await db.connect(admin_url)
     try:
         made = []
         for index in range(count):
             name = f"soak-{MARKERS[index % len(MARKERS)]}-{uuid.uuid4().hex[:6]}"
-            tenant_id = await db.tenant_id_for(owner_url, name)
+            tenant_id = await db.tenant_id_for(admin_url, name)
             key_id, key = await keys.create_key(conn, name, "soak")
             made.append(Tenant(index, name, tenant_id, key_id, key))
         return made
@@ -1081,16 +1081,16 @@ async def soak(args: argparse.Namespace) -> Outcome:
     every = min(args.sample_every, args.seconds / 12)
     bounds = Bounds(args.pool_size, max(2, args.pool_size // 2) + 2, args.rss_growth_mib, args.clients)
     async with postgres(args.database_url) as superuser_url, fresh_database(superuser_url) as name:
-        owner_url = with_user(superuser_url, db.OWNER_ROLE, name)
+        admin_url = with_user(superuser_url, db.ADMIN_ROLE, name)  # the server's admin role (it refuses the owner)
         superuser = await asyncpg.connect(superuser_url)  # the maintenance database: not counted as a backend
         try:
             server_version = await superuser.fetchval("SHOW server_version")
-            tenants = await make_tenants(owner_url, args.tenants)
+            tenants = await make_tenants(admin_url, args.tenants)
             ledger = Ledger(tenants)
             env = {  # nothing of the caller's card-mcp configuration: the soak decides every setting
                 **{k: v for k, v in os.environ.items() if not k.startswith("CARD_MCP_")},
                 "CARD_MCP_DATABASE_URL": with_user(superuser_url, db.APP_ROLE, name),
-                "CARD_MCP_ADMIN_DATABASE_URL": owner_url,
+                "CARD_MCP_ADMIN_DATABASE_URL": admin_url,
                 "CARD_MCP_LOG_LEVEL": "INFO",  # the server announces its URL at INFO
                 "CARD_MCP_POOL_MAX_SIZE": str(args.pool_size),
                 "CARD_MCP_MAX_CALLS_PER_KEY": str(args.max_calls_per_key),
@@ -1198,15 +1198,15 @@ def summary(outcome: Outcome) -> dict[str, Any]:
 def tables(outcome: Outcome, data: dict[str, Any]) -> str:
     lines = [outcome.environment, ""]
     lines += [
-        "| t s | calls | calls/s | RSS MiB | fds | app backends | owner backends | other | idle in tx |",
+        "| t s | calls | calls/s | RSS MiB | fds | app backends | admin backends | other | idle in tx |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for s in outcome.samples:
-        other = sum(n for role, n in s.backends.items() if role not in (db.APP_ROLE, db.OWNER_ROLE))
+        other = sum(n for role, n in s.backends.items() if role not in (db.APP_ROLE, db.ADMIN_ROLE))
         lines.append(
             f"| {s.at:.0f} | {s.calls} | {'-' if s.calls_per_s is None else f'{s.calls_per_s:.0f}'} | "
             f"{s.rss_mib:.1f} | {s.fds} | "
-            f"{s.backends_of(db.APP_ROLE)} | {s.backends_of(db.OWNER_ROLE)} | {other} | {s.idle_in_transaction} |"
+            f"{s.backends_of(db.APP_ROLE)} | {s.backends_of(db.ADMIN_ROLE)} | {other} | {s.idle_in_transaction} |"
         )
     lines += ["", "| tool | outcome | calls made | card_usage rows |", "|---|---|---:|---:|"]
     lines += [f"| {r.tool} | {r.outcome} | {r.client} | {r.stored} |" for r in outcome.usage]

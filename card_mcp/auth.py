@@ -34,8 +34,9 @@ class KeyToken(AccessToken):
 _LOOKUP = "SELECT * FROM card_mcp.api_key_lookup($1)"  # the tenant and key id of an unrevoked key's hash
 _NOTIFY = "SELECT pg_notify($1, $2)"
 
-# Revoked (or deleted) keys are announced here with their id (schema/0005_calls.sql).
-CHANNEL = "card_mcp_api_keys"
+# Revoked (or deleted) keys are announced with their id on a channel whose name is a secret that only the admin role
+# can read (schema/0007_people_roles.sql): nobody else can listen to it, or forge an announcement.
+_CHANNEL = "SELECT channel FROM card_mcp.notify_channels WHERE purpose = 'api_keys'"
 _PROBE_EVERY = 10.0  # seconds between proofs that announcements still arrive
 _PROBE_WAIT = 5.0  # how long a probe may take to come back before caching stops
 _RETRY_AFTER = 5.0  # seconds before listening again after the connection failed
@@ -108,6 +109,7 @@ class KeyVerifier:
 
     async def _listen(self, admin_url: str) -> None:
         conn = await db.connect(admin_url)
+        channel: str = await conn.fetchval(_CHANNEL)
         probes: dict[str, anyio.Event] = {}
 
         def announced(_conn: db.Connection, _pid: int, _channel: str, payload: object) -> None:
@@ -125,7 +127,7 @@ class KeyVerifier:
 
         conn.add_termination_listener(closed)
         try:
-            await conn.add_listener(CHANNEL, announced)
+            await conn.add_listener(channel, announced)
             while True:
                 probe = f"probe-{secrets.token_hex(8)}"
                 probes[probe] = anyio.Event()
@@ -134,7 +136,7 @@ class KeyVerifier:
                 try:
                     with anyio.fail_after(_PROBE_WAIT):  # sent and come back, or caching stops
                         async with self.pool.acquire() as sender:
-                            await sender.execute(_NOTIFY, CHANNEL, probe)
+                            await sender.execute(_NOTIFY, channel, probe)
                         await probes[probe].wait()
                 finally:
                     del probes[probe]

@@ -20,7 +20,7 @@ from typing import Any
 
 import anyio
 
-from . import __version__, db, keys, migrate, tenants, usage
+from . import __version__, db, keys, migrate, readers, tenants, usage
 from .config import Settings
 from .errors import CardMcpError, InvalidArgument, SetupError
 
@@ -68,6 +68,21 @@ def _parser() -> argparse.ArgumentParser:
     revoke = key.add_parser("revoke", help="revoke a key; it stops working at its next request")
     revoke.add_argument("key_id", metavar="KEY_ID")
 
+    rdr = commands.add_parser(
+        "readers", help="per-tenant database readers for people's dashboards (through the owner's URL)"
+    ).add_subparsers(dest="action", required=True, metavar="ACTION")
+    r_create = rdr.add_parser("create", help="make a login role that reads one tenant; prints its password once")
+    r_create.add_argument("--tenant", required=True, help="the one tenant the reader sees")
+    r_create.add_argument(
+        "--no-password", action="store_true", help="no password: for your own authentication (certificates, LDAP)"
+    )
+    r_create.add_argument("name", metavar="READER", help="the role name: lower-case letters, digits and '_'")
+    r_list = rdr.add_parser("list", help="list readers and their tenants")
+    r_list.add_argument("--tenant", help="only this tenant's readers")
+    r_list.add_argument("--format", choices=["table", "json"], default="table")
+    r_revoke = rdr.add_parser("revoke", help="drop a reader's role (or, if it cannot be dropped, its login)")
+    r_revoke.add_argument("name", metavar="READER")
+
     use = commands.add_parser("usage", help="usage figures: calls, errors and durations per tool, card, day or client")
     use.add_argument("--tenant", help="one tenant (default: every tenant, with a tenant column)")
     use.add_argument("--since", default="30d", help="start: 7d, 24h or a UTC date/time (default: 30d)")
@@ -86,13 +101,23 @@ def _parser() -> argparse.ArgumentParser:
         dest="action", required=True, metavar="ACTION"
     )
     url = dbp.add_parser("url", help="print a connection URL for psql or a BI tool")
-    url.add_argument("--role", choices=["app", "admin"], default="app")
+    url.add_argument(
+        "--role",
+        choices=["analyst", "reader", "app", "admin"],
+        default="analyst",
+        help="analyst (every tenant, read-only) or reader --name READER (one tenant) for people; app and admin are "
+        "the server's own (default: analyst)",
+    )
+    url.add_argument("--name", metavar="READER", help="the reader, with --role reader")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``card-mcp`` console script."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "db" and (args.role == "reader") != (args.name is not None):
+        parser.error("db url: --name READER goes with --role reader, and only with it")
     settings = Settings()
     logging.basicConfig(
         stream=sys.stderr,
@@ -106,6 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "migrate": _migrate,
         "tenants": _tenants,
         "keys": _keys,
+        "readers": _readers,
         "usage": _usage,
         "embed": _embed,
         "db": _db,
@@ -228,6 +254,45 @@ async def _keys(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+async def _readers(args: argparse.Namespace, settings: Settings) -> int:
+    async with migrate.open_migrated(settings) as database:
+        conn = await db.connect(database.require_owner_url(f"readers {args.action}"))
+        try:
+            with db.translate_errors():
+                if args.action == "create":
+                    password = await readers.create_reader(conn, args.tenant, args.name, password=not args.no_password)
+                elif args.action == "revoke":
+                    dropped = await readers.revoke_reader(conn, args.name)
+                else:
+                    listed = await readers.list_readers(conn, args.tenant)
+        finally:
+            await conn.close()
+    if args.action == "create":
+        if password is not None:
+            print(password)
+        shown = "its password is shown only this once: store it now; " if password else "no password; "
+        print(
+            f"card-mcp: reader {args.name!r} reads tenant {args.tenant!r}; {shown}"
+            f"its URL: card-mcp db url --role reader --name {args.name}",
+            file=sys.stderr,
+        )
+    elif args.action == "revoke":
+        what = "dropped" if dropped else "can no longer log in (its role holds privileges elsewhere, so it stays)"
+        print(f"card-mcp: reader {args.name!r} {what}", file=sys.stderr)
+    else:
+        rows = [
+            {
+                "reader": r.name,
+                "tenant": r.tenant,
+                "created_at": r.created_at.isoformat(timespec="seconds"),
+                "can_login": r.can_login,
+            }
+            for r in listed
+        ]
+        _print_rows(rows, args.format, key="readers")
+    return 0
+
+
 async def _embed(args: argparse.Namespace, settings: Settings) -> int:
     from . import semantic
 
@@ -345,8 +410,11 @@ async def _db(args: argparse.Namespace, settings: Settings) -> int:
     database = db.locate(settings)
     if args.role == "admin":
         print(database.require_admin_url())
-    else:
+    elif args.role == "app":
         print(database.app_url)
+    else:
+        user = db.ANALYST_ROLE if args.role == "analyst" else readers.check_name(args.name)
+        print(database.url_for(user))
     if database.embedded is not None and not database.embedded.is_running():
         print(
             "card-mcp: note: the embedded PostgreSQL is not running now; the URL works while any card-mcp "

@@ -31,7 +31,10 @@ class Settings(BaseSettings):
         default=None, description="PostgreSQL URL of the application role; unset: the embedded PostgreSQL."
     )
     admin_database_url: str | None = Field(
-        default=None, description="Owner/admin URL for migrate, tenants, keys and usage across tenants."
+        default=None, description="Runtime admin role's URL: key lookups, tenants, keys, usage across tenants."
+    )
+    owner_database_url: str | None = Field(
+        default=None, description="The schema owner's URL, for migrate and readers only; never held by serve."
     )
     data_dir: Path = Field(default_factory=default_data_dir, description="Where the embedded PostgreSQL lives.")
     tenant: str = Field(default="default", min_length=1, max_length=100, description="Tenant served over stdio.")

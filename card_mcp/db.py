@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeAlias
+from urllib.parse import quote, urlsplit, urlunsplit
 from uuid import UUID
 
 import anyio
@@ -26,6 +27,8 @@ Connection: TypeAlias = "asyncpg.Connection[asyncpg.Record] | PoolConnectionProx
 APP_ROLE = "card_mcp_app"
 ADMIN_ROLE = "card_mcp_admin"
 OWNER_ROLE = "card_mcp_owner"
+ANALYST_ROLE = "card_mcp_analyst"
+READER_GROUP = "card_mcp_reader"
 
 # A call waits this long for a free pooled connection before it answers `unavailable`.
 ACQUIRE_TIMEOUT = 10.0
@@ -39,6 +42,26 @@ _SET_CALL = (
 # writes is its usage row, which only a crash of the database itself could lose; no card ever rides on it.
 _SET_RELAXED_CALL = _SET_CALL + ", set_config('synchronous_commit', 'off', true)"
 _TENANT_ID_FOR = "SELECT card_mcp.tenant_id_for($1)"
+
+# Why the runtime admin role could do more than its jobs, if it could: the owner (it owns the schema and the
+# SECURITY DEFINER functions, and can turn row-level security off) or a superuser must not be held by a server.
+_ADMIN_ROLE_AUDIT = """
+SELECT session_user::text AS role,
+       r.rolsuper AS superuser,
+       r.rolbypassrls AS bypassrls,
+       r.rolcreaterole AS createrole,
+       session_user <> current_user AS switched,
+       EXISTS (SELECT FROM pg_roles AS s
+                WHERE s.oid <> r.oid AND (s.rolsuper OR s.rolbypassrls OR s.rolcreaterole)
+                  AND pg_has_role(r.oid, s.oid, 'MEMBER')) AS member_of_privileged,
+       (SELECT string_agg(DISTINCT owner::regrole::text, ', ')
+          FROM (SELECT c.relowner FROM pg_class AS c WHERE c.relnamespace = 'card_mcp'::regnamespace
+                UNION ALL SELECT p.proowner FROM pg_proc AS p WHERE p.pronamespace = 'card_mcp'::regnamespace
+                UNION ALL SELECT n.nspowner FROM pg_namespace AS n WHERE n.nspname = 'card_mcp') AS o(owner)
+         WHERE pg_has_role(r.oid, o.owner, 'MEMBER')) AS owners
+  FROM pg_roles AS r
+ WHERE r.rolname = session_user
+"""
 
 # Why the application role could escape row-level security, if it could.
 _ROLE_AUDIT = """
@@ -74,24 +97,35 @@ class Database:
         if self.admin_url is None:
             raise SetupError(
                 "this command needs the admin connection, but CARD_MCP_ADMIN_DATABASE_URL is not set",
-                hint="Set CARD_MCP_ADMIN_DATABASE_URL to the owner's or the admin role's PostgreSQL URL.",
+                hint="Set CARD_MCP_ADMIN_DATABASE_URL to the admin role's URL (card_mcp_admin), never the owner's.",
             )
         return self.admin_url
 
-    def require_owner_url(self) -> str:
-        url = self.owner_url or self.admin_url
-        if url is None:
+    def url_for(self, user: str) -> str:
+        """A URL of this database for ``user`` (a person's role): the embedded socket, or the application role's URL
+        with the user replaced and no password (the person brings their own)."""
+        if self.embedded is not None:
+            return self.embedded.url(user)
+        parts = urlsplit(self.app_url)
+        host = parts.hostname or ""
+        host = f"[{host}]" if ":" in host else host
+        netloc = f"{quote(user)}@{host}" + (f":{parts.port}" if parts.port else "")
+        return urlunsplit((parts.scheme, netloc, parts.path, parts.query, ""))
+
+    def require_owner_url(self, command: str = "migrate") -> str:
+        if self.owner_url is None:
             raise SetupError(
-                "migrate needs the owner's connection, but CARD_MCP_ADMIN_DATABASE_URL is not set",
-                hint="Set CARD_MCP_ADMIN_DATABASE_URL to the URL of the role that owns the card_mcp schema.",
+                f"{command} needs the owner's connection, but CARD_MCP_OWNER_DATABASE_URL is not set",
+                hint="Set CARD_MCP_OWNER_DATABASE_URL to the URL of the role that owns the card_mcp schema "
+                "(only for this command: a running server never holds it).",
             )
-        return url
+        return self.owner_url
 
 
 def locate(settings: Settings) -> Database:
     """Where the database is, without starting or connecting to anything."""
     if settings.database_url is not None:
-        return Database(settings.database_url, settings.admin_database_url, settings.admin_database_url)
+        return Database(settings.database_url, settings.admin_database_url, settings.owner_database_url)
     pg = EmbeddedPostgres(settings.data_dir)
     return Database(pg.url(APP_ROLE), pg.url(ADMIN_ROLE), pg.url(OWNER_ROLE), embedded=pg)
 
@@ -160,9 +194,10 @@ async def create_pool(url: str, settings: Settings) -> asyncpg.Pool:
 
 
 async def create_admin_pool(url: str, settings: Settings) -> asyncpg.Pool:
-    """A small pool of the admin role, for what runs before a tenant is known (API-key lookups)."""
+    """A small pool of the admin role, for what runs before a tenant is known (API-key lookups), after checking
+    that the role is not the owner or a superuser."""
     try:
-        return await asyncpg.create_pool(
+        pool = await asyncpg.create_pool(
             url,
             min_size=1,
             max_size=max(2, settings.pool_max_size // 2),  # one lookup per HTTP request
@@ -175,6 +210,39 @@ async def create_admin_pool(url: str, settings: Settings) -> asyncpg.Pool:
         raise SetupError(
             f"cannot connect to PostgreSQL as the admin role: {exc}", hint="Check CARD_MCP_ADMIN_DATABASE_URL."
         ) from exc
+    try:
+        async with pool.acquire() as conn:
+            await check_admin_role(conn)
+    except BaseException:
+        await pool.close()
+        raise
+    return pool
+
+
+async def check_admin_role(conn: Connection) -> None:
+    """Refuse a runtime admin role that is a superuser, BYPASSRLS or CREATEROLE, owns anything of card_mcp (the
+    owner: it could replace the SECURITY DEFINER functions or turn row-level security off), or is a member of a
+    role that is or does any of those."""
+    row = await conn.fetchrow(_ADMIN_ROLE_AUDIT)
+    assert row is not None
+    reasons = []
+    for flag, reason in (
+        ("superuser", "is a superuser"),
+        ("bypassrls", "has BYPASSRLS"),
+        ("createrole", "has CREATEROLE"),
+        ("switched", "was switched to another role with SET ROLE"),
+        ("member_of_privileged", "is a member of a superuser, BYPASSRLS or CREATEROLE role"),
+    ):
+        if row[flag]:
+            reasons.append(reason)
+    if row["owners"]:
+        reasons.append(f"owns objects of the card_mcp schema, itself or through membership (owners: {row['owners']})")
+    if reasons:
+        raise UnsafeRoleError(
+            f"refusing to serve: the admin role {row['role']!r} " + " and ".join(reasons),
+            hint=f"Connect CARD_MCP_ADMIN_DATABASE_URL as {ADMIN_ROLE}, which owns nothing; the owner's URL is for "
+            "`card-mcp migrate` only (CARD_MCP_OWNER_DATABASE_URL).",
+        )
 
 
 async def check_app_role(conn: Connection) -> None:
@@ -249,7 +317,8 @@ async def begin(conn: Connection, tenant_id: UUID, statement_timeout_ms: int, *,
     """Start the tenant's transaction on ``conn``: BEGIN, then the tenant and the statement timeout (0 for none),
     transaction-locally, so the pooled connection carries nothing into its next use. Not ``durable``: its COMMIT
     does not wait for the WAL flush."""
-    await conn.execute("BEGIN")
+    # READ WRITE said, not assumed: a default_transaction_read_only set on the role or database changes nothing.
+    await conn.execute("BEGIN READ WRITE")
     await conn.execute(_SET_CALL if durable else _SET_RELAXED_CALL, str(tenant_id), str(statement_timeout_ms))
 
 
@@ -303,11 +372,14 @@ async def rollback(conn: Connection) -> None:
             logger.info("no rollback on a broken connection (the pool discards it): %r", exc)
 
 
-async def tenant_id_for(admin_url: str, name: str) -> UUID:
+async def tenant_id_for(admin_url: str, name: str, *, check_role: bool = False) -> UUID:
     """The id of the tenant called ``name``, created on first use; through the admin role, the only one allowed
-    to map names to tenant ids."""
+    to map names to tenant ids. ``check_role``: refuse first an admin connection a server must not hold (the
+    owner, a superuser), as ``serve`` over stdio does."""
     conn = await connect(admin_url)
     try:
+        if check_role:
+            await check_admin_role(conn)
         with translate_errors():
             value: Any = await conn.fetchval(_TENANT_ID_FOR, name)
     finally:

@@ -60,13 +60,16 @@ SELECT 'CREATE DATABASE card_mcp OWNER card_mcp_owner'
  WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = 'card_mcp') \\gexec
 """
 
-# The roles of SPEC section 6, as a superuser creates them: the owner of the schema, the application role that
-# runs tool queries and the admin role for cross-tenant work. The owner may hand functions to the admin role.
+# The roles of SPEC section 6, as a superuser creates them: the owner of the schema (migrate and `readers`), the
+# application role that runs tool queries, the admin role for the server's cross-tenant work, and the people's roles:
+# the analyst (a login here: the socket only admits this user) and the group of per-tenant readers. The owner may
+# hand functions to the admin role (membership), and creates and drops readers: CREATEROLE, and ADMIN OPTION on the
+# readers' group (PostgreSQL 16+ asks for it to grant the group; 15 lets CREATEROLE grant any non-superuser role).
 BOOTSTRAP_ROLES_SQL = """
 DO $$
 BEGIN
     IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'card_mcp_owner') THEN
-        CREATE ROLE card_mcp_owner LOGIN NOSUPERUSER NOBYPASSRLS NOCREATEDB NOCREATEROLE;
+        CREATE ROLE card_mcp_owner LOGIN NOSUPERUSER NOBYPASSRLS NOCREATEDB CREATEROLE;
     END IF;
     IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'card_mcp_app') THEN
         CREATE ROLE card_mcp_app LOGIN NOSUPERUSER NOBYPASSRLS NOCREATEDB NOCREATEROLE;
@@ -74,7 +77,21 @@ BEGIN
     IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'card_mcp_admin') THEN
         CREATE ROLE card_mcp_admin LOGIN NOSUPERUSER NOBYPASSRLS NOCREATEDB NOCREATEROLE;
     END IF;
-    GRANT card_mcp_admin TO card_mcp_owner;
+    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'card_mcp_analyst') THEN
+        CREATE ROLE card_mcp_analyst LOGIN NOSUPERUSER NOBYPASSRLS NOCREATEDB NOCREATEROLE;
+    END IF;
+    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'card_mcp_reader') THEN
+        CREATE ROLE card_mcp_reader NOLOGIN NOSUPERUSER NOBYPASSRLS NOCREATEDB NOCREATEROLE;
+    END IF;
+    IF NOT (SELECT rolcreaterole FROM pg_roles WHERE rolname = 'card_mcp_owner') THEN
+        ALTER ROLE card_mcp_owner CREATEROLE;  -- made before readers existed
+    END IF;
+    IF NOT pg_has_role('card_mcp_owner', 'card_mcp_admin', 'MEMBER') THEN
+        GRANT card_mcp_admin TO card_mcp_owner;
+    END IF;
+    IF NOT pg_has_role('card_mcp_owner', 'card_mcp_reader', 'MEMBER WITH ADMIN OPTION') THEN
+        GRANT card_mcp_reader TO card_mcp_owner WITH ADMIN OPTION;
+    END IF;
 END
 $$
 """  # sun_path holds 108 bytes on Linux, 104 on macOS; ".s.PGSQL.5432" is appended

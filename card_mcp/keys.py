@@ -1,30 +1,27 @@
 """API keys for the HTTP transport: made, listed and revoked through the admin role, stored only as hashes.
 
-A key is ``cmk_`` and 256 random bits (URL-safe base64). It is shown once, when made; the database keeps only its
-SHA-256 and a short prefix for listings. How the server verifies a presented key is auth.py's.
+A key is ``cmk_`` and 43 URL-safe base64 characters (244 random bits), made inside the database by
+``card_mcp.create_api_key`` (the admin role cannot write api_keys, nor choose a key or its hash). It is shown once,
+when made; the database keeps only its SHA-256 and a short prefix for listings. How the server verifies a presented
+key is auth.py's.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
-import secrets
 from dataclasses import dataclass
 from datetime import datetime
 from uuid import UUID
 
-from . import tenants
+import asyncpg
+
 from .db import Connection
 from .errors import InvalidArgument, NotFound
 
 KEY_PREFIX = "cmk_"
-_SHOWN_PREFIX = 12  # "cmk_" and 8 characters: enough to tell keys apart in a listing, useless to an attacker
-KEY_SHAPE = re.compile(r"cmk_[A-Za-z0-9_-]{43}")  # what generate() makes; anything else is refused unlooked-up
-
-
-def generate() -> str:
-    """A new random key (256 bits)."""
-    return KEY_PREFIX + secrets.token_urlsafe(32)
+# What card_mcp.create_api_key makes; anything else is refused unlooked-up. Listings show the first 12 characters.
+KEY_SHAPE = re.compile(r"cmk_[A-Za-z0-9_-]{43}")
 
 
 def key_hash(key: str) -> bytes:
@@ -45,10 +42,7 @@ class ApiKey:
     revoked_at: datetime | None
 
 
-_CREATE = """
-INSERT INTO card_mcp.api_keys (tenant_id, prefix, key_hash, label) VALUES ($1, $2, $3, $4)
-RETURNING key_id
-"""
+_CREATE = "SELECT key_id, key FROM card_mcp.create_api_key($1, $2)"
 
 
 async def create_key(conn: Connection, tenant: str, label: str | None = None) -> tuple[UUID, str]:
@@ -56,12 +50,11 @@ async def create_key(conn: Connection, tenant: str, label: str | None = None) ->
     if label is not None and not 1 <= len(label) <= 200:
         raise InvalidArgument("the label must be 1-200 characters", hint="Use a short label such as 'staging'.")
     try:
-        tenant_id = await tenants.tenant_id(conn, tenant)
-    except NotFound as exc:
-        raise NotFound(exc.message, hint=f"Create it first: card-mcp tenants create {tenant}") from exc
-    key = generate()
-    key_id: UUID = await conn.fetchval(_CREATE, tenant_id, key[:_SHOWN_PREFIX], key_hash(key), label)
-    return key_id, key
+        row = await conn.fetchrow(_CREATE, tenant, label)
+    except asyncpg.NoDataFoundError as exc:
+        raise NotFound(f"no tenant {tenant!r}", hint=f"Create it first: card-mcp tenants create {tenant}") from exc
+    assert row is not None  # the function returns one row or raises
+    return row["key_id"], row["key"]
 
 
 _LIST = """
@@ -77,11 +70,7 @@ async def list_keys(conn: Connection, tenant: str | None = None) -> list[ApiKey]
     return [ApiKey(**dict(row)) for row in await conn.fetch(_LIST, tenant)]
 
 
-_REVOKE = """
-UPDATE card_mcp.api_keys SET revoked_at = coalesce(revoked_at, now())
- WHERE key_id = $1
-RETURNING revoked_at
-"""
+_REVOKE = "SELECT card_mcp.revoke_api_key($1)"
 
 
 async def revoke_key(conn: Connection, key_id: str) -> datetime:

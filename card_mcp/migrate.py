@@ -36,8 +36,32 @@ CREATE TABLE IF NOT EXISTS card_mcp.schema_migrations (
     applied_at  timestamptz NOT NULL DEFAULT now()
 );
 """
+_DATABASE = "SELECT current_database()"
 _LOCK = "SELECT pg_advisory_lock($1)"
 _UNLOCK = "SELECT pg_advisory_unlock($1)"
+# The owner hands functions to card_mcp_admin in 0001-0004, which takes the right to SET ROLE to it. On PostgreSQL
+# 16+, a CREATEROLE owner that created the role (or was given ADMIN on it, as hosted providers do) holds ADMIN
+# OPTION without SET or INHERIT, which 0001's membership check mistakes for membership: give itself the full
+# membership first (creating the role as 0001 would, where it may). PostgreSQL 15 needs nothing: there, membership
+# is membership.
+_OWNER_MEMBERSHIP = """
+DO $$
+BEGIN
+    IF current_setting('server_version_num')::int >= 160000 THEN
+        IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'card_mcp_admin')
+           AND (SELECT rolcreaterole FROM pg_roles WHERE rolname = current_user) THEN
+            CREATE ROLE card_mcp_admin NOLOGIN NOSUPERUSER NOBYPASSRLS NOCREATEDB NOCREATEROLE;
+        END IF;
+        IF EXISTS (SELECT FROM pg_roles WHERE rolname = 'card_mcp_admin') THEN
+            IF NOT pg_has_role(current_user, 'card_mcp_admin', 'SET')
+               AND pg_has_role(current_user, 'card_mcp_admin', 'MEMBER WITH ADMIN OPTION') THEN
+                EXECUTE format('GRANT card_mcp_admin TO %I WITH INHERIT TRUE, SET TRUE', current_user);
+            END IF;
+        END IF;
+    END IF;
+END
+$$;
+"""
 _APPLIED = "SELECT version, checksum FROM card_mcp.schema_migrations ORDER BY version"
 _RECORD = "INSERT INTO card_mcp.schema_migrations (version, checksum) VALUES ($1, $2)"
 _LEDGER_EXISTS = "SELECT to_regclass('card_mcp.schema_migrations') IS NOT NULL"
@@ -45,6 +69,13 @@ _LEDGER_EXISTS = "SELECT to_regclass('card_mcp.schema_migrations') IS NOT NULL"
 _EXTENSION_VERSION = """
 SELECT coalesce((SELECT extversion FROM pg_catalog.pg_extension WHERE extname = $1),
                 (SELECT default_version FROM pg_catalog.pg_available_extensions WHERE name = $1))
+"""
+# The extensions a migration creates in card_mcp's schema (its objects are named card_mcp.NAME there).
+_CREATES_EXTENSION = re.compile(r"CREATE EXTENSION IF NOT EXISTS ([a-z0-9_]+) WITH SCHEMA card_mcp", re.IGNORECASE)
+# Where an extension is installed now, if it is.
+_EXTENSION_SCHEMA = """
+SELECT n.nspname FROM pg_catalog.pg_extension AS e JOIN pg_catalog.pg_namespace AS n ON n.oid = e.extnamespace
+ WHERE e.extname = $1
 """
 _REQUIRES = re.compile(r"\A-- requires extension: ([a-z0-9_]+) ([0-9.]+)\s*$", re.MULTILINE)
 
@@ -110,7 +141,7 @@ async def check_current(conn: Connection) -> None:
     if await pending(conn):
         raise SetupError(
             "the database has migrations that are not applied yet",
-            hint="Run `card-mcp migrate` with CARD_MCP_ADMIN_DATABASE_URL set to the owner's URL.",
+            hint="Run `card-mcp migrate` with CARD_MCP_OWNER_DATABASE_URL set to the owner's URL.",
         )
 
 
@@ -145,10 +176,12 @@ async def migrate(conn: Connection, migrations: list[Migration] | None = None) -
     try:
         try:
             await conn.execute(_BOOTSTRAP)
+            await conn.execute(_OWNER_MEMBERSHIP)
         except asyncpg.InsufficientPrivilegeError as exc:
             raise _privilege_error(exc) from exc
         done: list[str] = []
         waiting = await pending(conn, migrations) + await missing_optional(conn, migrations)  # never overlapping
+        await _check_extension_schemas(conn, [m for m in waiting if not m.requires])
         for migration in sorted(waiting, key=lambda m: m.version):
             if migration.requires:
                 if await _apply_optional(conn, migration):
@@ -171,6 +204,37 @@ async def migrate(conn: Connection, migrations: list[Migration] | None = None) -
         await conn.execute(_UNLOCK, _LOCK_KEY)
 
 
+async def _misplaced_extensions(conn: Connection, migration: Migration) -> list[tuple[str, str]]:
+    """(extension, schema) for each extension ``migration`` creates in card_mcp that is installed elsewhere already
+    (hosted PostgreSQL puts them in a schema such as ``extensions``): its CREATE EXTENSION IF NOT EXISTS would do
+    nothing, and the objects it names card_mcp.* would not exist."""
+    misplaced = []
+    for name in dict.fromkeys(_CREATES_EXTENSION.findall(migration.sql)):
+        schema = await conn.fetchval(_EXTENSION_SCHEMA, name)
+        if schema is not None and schema != "card_mcp":
+            misplaced.append((name, schema))
+    return misplaced
+
+
+async def _check_extension_schemas(conn: Connection, waiting: list[Migration]) -> None:
+    """Refuse, before applying anything, when a pending migration needs an extension in card_mcp's schema that was
+    created in another one: say exactly what an administrator must run."""
+    misplaced: dict[str, str] = {}
+    for migration in waiting:
+        misplaced.update(await _misplaced_extensions(conn, migration))
+    if not misplaced:
+        return
+    database = await conn.fetchval(_DATABASE)
+    where = ", ".join(f"{name} in schema {schema}" for name, schema in misplaced.items())
+    statements = " ".join(f"ALTER EXTENSION {name} SET SCHEMA card_mcp;" for name in misplaced)
+    raise SetupError(
+        f"card-mcp needs its extensions in the schema card_mcp, but this database has {where}; "
+        f"a superuser (or the extensions' owner) must run, in database {database}: {statements}",
+        hint="Then run `card-mcp migrate` again. (Anything else that uses these extensions must then name them "
+        "card_mcp.*; nothing has been applied.)",
+    )
+
+
 async def _apply_optional(conn: Connection, migration: Migration) -> bool:
     """Apply an optional migration if its extension allows; log why not otherwise (it is tried again next time)."""
     assert migration.requires is not None
@@ -184,6 +248,15 @@ async def _apply_optional(conn: Connection, migration: Migration) -> bool:
             migration.requires,
             wanted,
             found or "none",
+        )
+        return False
+    misplaced = await _misplaced_extensions(conn, migration)
+    if misplaced:
+        logger.warning(
+            "migration %s left out: %s; a superuser (or its owner) can run %s in this database, then migrate again",
+            migration.version,
+            ", ".join(f"the {name} extension is in schema {schema}, not card_mcp" for name, schema in misplaced),
+            " ".join(f"ALTER EXTENSION {name} SET SCHEMA card_mcp;" for name, _ in misplaced),
         )
         return False
     logger.info("applying migration %s", migration.version)
@@ -206,6 +279,6 @@ async def _apply_optional(conn: Connection, migration: Migration) -> bool:
 def _privilege_error(exc: asyncpg.PostgresError) -> SetupError:
     return SetupError(
         f"the role running migrate lacks a privilege: {exc}",
-        hint="Run migrate with the owner's URL (CARD_MCP_ADMIN_DATABASE_URL); the README section "
+        hint="Run migrate with the owner's URL (CARD_MCP_OWNER_DATABASE_URL); the README section "
         "'Using your own PostgreSQL' lists what an administrator must run first.",
     )

@@ -191,7 +191,7 @@ async def _lifespan(server: CardServer) -> AsyncIterator[AppState]:
             server.verifier.pool = state.admin_pool
             logger.info("card-mcp %s serving every tenant with an API key over %s", __version__, settings.transport)
         else:
-            state.tenant_id = await db.tenant_id_for(admin_url, settings.tenant)
+            state.tenant_id = await db.tenant_id_for(admin_url, settings.tenant, check_role=True)
             logger.info("card-mcp %s serving tenant %r over %s", __version__, settings.tenant, settings.transport)
         async with anyio.create_task_group() as background:
             background.start_soon(idempotency.expire_periodically, admin_url)

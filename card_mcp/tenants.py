@@ -1,4 +1,5 @@
-"""Tenant administration, run through the admin role (its policy sees every tenant)."""
+"""Tenant administration, run through the admin role: it reads every tenant (its policy) and creates one only
+through card_mcp.create_tenant, a SECURITY DEFINER function of the owner (it has no INSERT of its own)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from .db import Connection
 from .errors import Conflict, InvalidArgument, NotFound
 from .models import Tenant
 
-_CREATE = "INSERT INTO card_mcp.tenants (name) VALUES ($1) RETURNING tenant_id, name, created_at"
+_CREATE = "SELECT tenant_id, name, created_at FROM card_mcp.create_tenant($1)"
 _ID = "SELECT tenant_id FROM card_mcp.tenants WHERE name = $1"
 _LIST = "SELECT tenant_id, name, created_at FROM card_mcp.tenants ORDER BY name"
 

@@ -134,7 +134,11 @@ def settings(database: TestDatabase) -> Settings:
     # Semantic search off: the suite's answers must not depend on whether the semantic extra is installed
     # (tests/test_semantic.py turns it on).
     return Settings(
-        database_url=database.app_url, admin_database_url=database.owner_url, pool_max_size=8, semantic="off"
+        database_url=database.app_url,
+        admin_database_url=database.admin_url,
+        owner_database_url=database.owner_url,
+        pool_max_size=8,
+        semantic="off",
     )
 
 

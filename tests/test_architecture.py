@@ -14,7 +14,7 @@ FLOORS = {
     0: {"cli", "server", "http_app", "stdio", "auth"},
     1: {"tools", "registry", "resources", "prompts"},
     2: {"calls"},
-    3: {"cards", "search", "usage", "idempotency", "keys", "tenants", "semantic", "chart"},
+    3: {"cards", "search", "usage", "idempotency", "keys", "tenants", "readers", "semantic", "chart"},
     4: {"db", "migrate", "embedded"},
     5: {"models", "errors", "config", "__init__"},
 }

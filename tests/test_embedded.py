@@ -197,5 +197,5 @@ def test_pip_install_then_migrate_and_db_url_work_with_no_other_setup(data_dir: 
         [str(venv / "bin" / "card-mcp"), "db", "url"], env=env, cwd=elsewhere, capture_output=True, text=True
     )
     assert url.returncode == 0
-    assert url.stdout.strip().startswith("postgresql://card_mcp_app@/card_mcp?host=")
+    assert url.stdout.strip().startswith("postgresql://card_mcp_analyst@/card_mcp?host=")  # people get the analyst
     assert postgres_processes(data_dir / "pgdata") == []

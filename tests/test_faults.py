@@ -98,7 +98,7 @@ async def test_while_the_database_is_down_calls_answer_unavailable_and_the_same_
     name = f"card_mcp_faults_{uuid.uuid4().hex[:8]}"
     await create_migrated_database(superuser_url, name)
     app_url, admin_url = with_user(superuser_url, db.APP_ROLE, name), with_user(superuser_url, db.ADMIN_ROLE, name)
-    settings = Settings(database_url=app_url, admin_database_url=with_user(superuser_url, db.OWNER_ROLE, name))
+    settings = Settings(database_url=app_url, admin_database_url=admin_url)
     tenant = "faults"
     tenant_id = await db.tenant_id_for(admin_url, tenant)
     answered: Counter[tuple[str, str | None]] = Counter()  # the calls that got an answer other than unavailable

@@ -708,7 +708,7 @@ def stdio(portal: BlockingPortal, admin: asyncpg.Connection, database: TestDatab
     env = {
         **os.environ,
         "CARD_MCP_DATABASE_URL": database.app_url,
-        "CARD_MCP_ADMIN_DATABASE_URL": database.owner_url,
+        "CARD_MCP_ADMIN_DATABASE_URL": database.admin_url,
         "CARD_MCP_DATA_DIR": str(folder),
         "CARD_MCP_TENANT": tenant,
     }

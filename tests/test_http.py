@@ -56,7 +56,7 @@ def http_server(
     environment = {
         **os.environ,
         "CARD_MCP_DATABASE_URL": app_url or database.app_url,
-        "CARD_MCP_ADMIN_DATABASE_URL": database.owner_url,
+        "CARD_MCP_ADMIN_DATABASE_URL": database.admin_url,
         "CARD_MCP_POOL_MAX_SIZE": "8",
         **env,
     }
@@ -218,8 +218,8 @@ async def test_a_used_key_is_not_looked_up_again_until_it_is_revoked(database: T
     tenant = name()
     key_id, key = await new_key(database, tenant)
     with (
-        TurnCounter.threaded(database.owner_url) as admin,
-        http_server(database, CARD_MCP_ADMIN_DATABASE_URL=admin.url(db.OWNER_ROLE, database.name)) as running,
+        TurnCounter.threaded(database.admin_url) as admin,
+        http_server(database, CARD_MCP_ADMIN_DATABASE_URL=admin.url(db.ADMIN_ROLE, database.name)) as running,
     ):
         await logged(running, "caching API keys")  # once it has proven that revocations reach it
         async with mcp_client(running.url, key) as client:
@@ -463,7 +463,8 @@ def run_cli(database: TestDatabase, *args: str) -> subprocess.CompletedProcess[s
         env={
             **os.environ,
             "CARD_MCP_DATABASE_URL": database.app_url,
-            "CARD_MCP_ADMIN_DATABASE_URL": database.owner_url,
+            "CARD_MCP_ADMIN_DATABASE_URL": database.admin_url,
+            "CARD_MCP_OWNER_DATABASE_URL": database.owner_url,
         },
         capture_output=True,
         text=True,

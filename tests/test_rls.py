@@ -27,8 +27,9 @@ async def raw_tenant(pool: asyncpg.Pool, tenant: uuid.UUID) -> AsyncIterator[asy
 
 # The tables the application role may read (api_keys it may not touch at all; see the test below).
 TENANT_TABLES = ("tenants", "cards", "idempotency_store", "card_usage")
-# Tables without tenant_id: the migrations ledger only.
-NOT_TENANT_TABLES = {"schema_migrations"}
+# Tables without tenant_id: the migrations ledger, and the secret name of the key-revocation channel (readable by
+# the admin role only).
+NOT_TENANT_TABLES = {"schema_migrations", "notify_channels"}
 
 
 async def test_other_tenant_cannot_get_list_update_or_delete_a_card_through_the_functions(
@@ -179,7 +180,9 @@ async def test_every_key_and_foreign_key_of_a_tenant_table_includes_tenant_id(da
     for row in unique_indexes:
         # tenants and api_keys become Citus reference tables (read before a tenant is known), where any unique
         # index is fine.
-        if row["tbl"].endswith(tuple(NOT_TENANT_TABLES)) or row["tbl"] in ("card_mcp.tenants", "card_mcp.api_keys"):
+        # readers (role name -> tenant) likewise: it is read before the tenant is known.
+        reference = ("card_mcp.tenants", "card_mcp.api_keys", "card_mcp.readers")
+        if row["tbl"].endswith(tuple(NOT_TENANT_TABLES)) or row["tbl"] in reference:
             continue
         assert row["has_tenant"], row["idx"]
 
@@ -204,23 +207,50 @@ async def test_every_view_is_security_invoker_and_every_definer_function_has_a_s
         assert any(c.startswith("search_path=") for c in function["proconfig"] or []), function["proname"]
 
 
-async def test_security_definer_functions_are_owned_by_the_admin_role_and_not_public(
+# Every SECURITY DEFINER function, and exactly who may call it. A new one fails the audit until it is listed here
+# (and in docs/security.md).
+DEFINERS = {
+    "tenant_id_for": {db.ADMIN_ROLE},
+    "delete_expired_idempotency_keys": {db.ADMIN_ROLE},
+    "api_key_lookup": {db.ADMIN_ROLE},
+    "search_cards": {db.APP_ROLE, db.ADMIN_ROLE},
+    "create_tenant": {db.ADMIN_ROLE},
+    "create_api_key": {db.ADMIN_ROLE},
+    "revoke_api_key": {db.ADMIN_ROLE},
+    "announce_api_key_change": set(),  # a trigger: fires without EXECUTE
+}
+
+
+async def test_security_definer_functions_are_the_owners_with_a_fixed_search_path_and_listed_grantees(
     database: TestDatabase,
 ) -> None:
     conn = await asyncpg.connect(database.owner_url)
     try:
         rows = await conn.fetch(
             """
-            SELECT proname, proowner::regrole::text AS owner,
-                   has_function_privilege('public', oid, 'EXECUTE') AS public_exec
-              FROM pg_proc WHERE pronamespace = 'card_mcp'::regnamespace AND prosecdef
+            SELECT p.proname, p.proowner::regrole::text AS owner, p.proconfig,
+                   p.proowner = n.nspowner AS schema_owner,
+                   has_function_privilege('public', p.oid, 'EXECUTE') AS public_exec,
+                   array(SELECT a.grantee::regrole::text FROM aclexplode(p.proacl) AS a
+                          WHERE a.privilege_type = 'EXECUTE' AND a.grantee <> p.proowner) AS grantees
+              FROM pg_proc AS p JOIN pg_namespace AS n ON n.oid = p.pronamespace
+             WHERE n.nspname = 'card_mcp' AND p.prosecdef
             """
         )
     finally:
         await conn.close()
+    assert {row["proname"] for row in rows} == set(DEFINERS)
     for row in rows:
-        assert row["owner"] == db.ADMIN_ROLE, row["proname"]
-        assert not row["public_exec"], row["proname"]
+        name = row["proname"]
+        assert row["owner"] == db.OWNER_ROLE and row["schema_owner"], name  # never a role a server holds
+        assert row["owner"] not in (db.APP_ROLE, db.ADMIN_ROLE, db.ANALYST_ROLE, db.READER_GROUP), name
+        search_path = [c for c in row["proconfig"] or [] if c.startswith("search_path=")]
+        assert len(search_path) == 1, name
+        schemas = [part.strip() for part in search_path[0].removeprefix("search_path=").split(",")]
+        assert schemas[0] == "pg_catalog" and schemas[-1] == "pg_temp", name  # pg_temp last: no temp shadowing
+        assert set(schemas) <= {"pg_catalog", "card_mcp", "pg_temp"}, name  # nothing a person can create in
+        assert not row["public_exec"], name
+        assert set(row["grantees"]) == DEFINERS[name], name
 
 
 async def test_the_application_role_owns_nothing_and_is_no_member_of_the_owner(
