@@ -82,7 +82,7 @@ async def get_card(conn: Connection, card_id: UUID) -> Card:
 
 
 # The same read as a whole call: sets the tenant, reads, and writes the usage row (schema/0005_calls.sql).
-_GET_RECORDED = "SELECT * FROM card_mcp.get_card_call($1, $2, $3, $4, $5, $6, $7, $8)"
+_GET_RECORDED = "SELECT * FROM card_mcp.get_card_call($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"  # OAuth (#23): 10
 
 
 async def get_card_recorded(
@@ -102,6 +102,8 @@ async def get_card_recorded(
         entry.transport,
         entry.api_key_id,
         elapsed_ms,
+        entry.connection_id,  # OAuth (#23)
+        entry.oauth_client_id,
     )
     entry.mark_recorded()
     if not rows:

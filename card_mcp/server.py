@@ -30,7 +30,6 @@ from anyio.abc import ObjectReceiveStream, ObjectSendStream
 from mcp import MCPError
 from mcp.server import MCPServer
 from mcp.server.auth.middleware.auth_context import get_access_token
-from mcp.server.auth.settings import AuthSettings
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.server.mcpserver.utilities.func_metadata import ArgModelBase, FuncMetadata
 from mcp.server.stdio import stdio_server
@@ -47,17 +46,19 @@ from mcp.types import (
     TextContent,
     ToolAnnotations,
 )
-from pydantic import AnyHttpUrl, ConfigDict, ValidationError
+from pydantic import ConfigDict, ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from . import __version__, db, idempotency, semantic, usage
+from . import __version__, db, idempotency, oauth, semantic, usage
 from . import cards as card_store
 from .config import Settings
 from .errors import CardMcpError, Internal, InvalidArgument, LimitExceeded
 from .keys import KeyToken, KeyVerifier
 from .models import BatchCreateResult, Card
+from .oauth import ConnectionToken, oauth_usage
 from .semantic import Semantic
+from .signin import SignInPages
 from .usage import UsageEntry
 
 logger = logging.getLogger(__name__)
@@ -243,7 +244,11 @@ class CardServer(MCPServer[AppState]):
     error shape of SPEC section 4."""
 
     def __init__(self, settings: Settings, verifier: KeyVerifier | None = None, **kwargs: Any) -> None:
-        super().__init__(token_verifier=verifier, **kwargs)
+        # OAuth (#23): with card-mcp's own authorization server, the provider checks bearer tokens (keys included);
+        # with an external issuer, its verifier does.
+        if "auth_server_provider" not in kwargs:
+            kwargs.setdefault("token_verifier", verifier)
+        super().__init__(**kwargs)
         self.card_settings = settings  # not `settings`: MCPServer has its own
         self.verifier = verifier
         self.state: AppState | None = None  # while the lifespan runs
@@ -325,6 +330,7 @@ class CardServer(MCPServer[AppState]):
         tenant_id, key_id = _caller(state)
         entry = _usage_entry(name, context, state.settings)
         entry.api_key_id = key_id
+        oauth_usage(entry)  # OAuth (#23): the usage row names the connection and client instead of a key
         started = time.perf_counter()
         finished = False
         try:
@@ -576,6 +582,8 @@ def _caller(state: AppState) -> tuple[UUID, UUID | None]:
     if state.tenant_id is not None:
         return state.tenant_id, None
     token = get_access_token()
+    if isinstance(token, ConnectionToken):  # OAuth (#23): calls limited per connection
+        return token.tenant_id, token.limit_key
     if not isinstance(token, KeyToken):  # the auth middleware lets no such request through
         raise MCPError(code=INVALID_REQUEST, message="this request carries no valid API key")
     return token.tenant_id, token.key_id
@@ -681,10 +689,11 @@ def build_server(settings: Settings) -> CardServer:
     from . import prompts, resources, tools  # what the server offers, registered on it
 
     verifier = KeyVerifier(settings.key_cache_seconds) if settings.transport == "http" else None
+    auth = _auth(settings, verifier) if verifier is not None else {}
     server = CardServer(
         settings,
         verifier,
-        auth=_auth_settings(settings) if verifier is not None else None,
+        **auth,
         name="card-mcp",
         title="Brand cards",
         version=__version__,
@@ -697,17 +706,24 @@ def build_server(settings: Settings) -> CardServer:
     prompts.register(server)
     if verifier is not None:
         server.custom_route("/healthz", methods=["GET"])(partial(_healthz, server))
+        if verifier is not None and "auth_server_provider" in auth:  # OAuth (#23): the sign-in page of /authorize
+            pages = SignInPages(settings, lambda: verifier.pool)
+            server.custom_route("/signin", methods=["GET"])(pages.get)
+            server.custom_route("/signin", methods=["POST"])(pages.post)
     return server
 
 
-def _auth_settings(settings: Settings) -> AuthSettings:
-    """API keys are bearer tokens of this resource server; the metadata names an authorization server (this
-    server itself, unless an OAuth one is configured in front)."""
-    return AuthSettings(
-        issuer_url=AnyHttpUrl(settings.auth_issuer_url or settings.url),
-        resource_server_url=AnyHttpUrl(settings.url + "/mcp"),
-        validate_token_resource=False,  # API keys are not audience-bound OAuth tokens
-    )
+def _auth(settings: Settings, verifier: KeyVerifier) -> dict[str, Any]:
+    """OAuth (#23): the SDK's auth settings and who checks bearer tokens. API keys always; besides them, tokens of
+    card-mcp's own authorization server, or with CARD_MCP_AUTH_ISSUER_URL an external issuer's JWTs."""
+    auth: dict[str, Any] = {"auth": oauth.auth_settings(settings)}
+    if settings.auth_issuer_url:
+        auth["token_verifier"] = oauth.JwtVerifier(settings, verifier)
+    elif oauth.own_issuer_possible(settings):
+        auth["auth_server_provider"] = oauth.CardOAuthProvider(settings, verifier)
+    else:
+        logger.warning("OAuth sign-in is off: it needs an https CARD_MCP_PUBLIC_URL (or a loopback address)")
+    return auth
 
 
 async def _healthz(server: CardServer, request: Request) -> JSONResponse:
