@@ -28,6 +28,20 @@ async def raw_tenant(pool: asyncpg.Pool, tenant: uuid.UUID) -> AsyncIterator[asy
 TENANT_TABLES = ("tenants", "cards", "idempotency_store", "card_usage")
 # Tables without tenant_id: the migrations ledger only.
 NOT_TENANT_TABLES = {"schema_migrations"}
+# Tables of what exists before any tenant is known (OAuth clients and pending sign-ins): forced RLS and a policy all
+# the same. Citus: reference tables, like tenants and api_keys.
+BEFORE_TENANT_TABLES = {"oauth_clients", "oauth_requests"}
+# Looked up by a secret's hash before the tenant is known: reference tables too, where any unique index is fine.
+REFERENCE_TABLES = (
+    "card_mcp.tenants",
+    "card_mcp.api_keys",
+    "card_mcp.connect_codes",
+    "card_mcp.oauth_connections",
+    "card_mcp.oauth_codes",
+    "card_mcp.oauth_tokens",
+    "card_mcp.oauth_clients",
+    "card_mcp.oauth_requests",
+)
 
 
 async def test_other_tenant_cannot_get_list_update_or_delete_a_card_through_the_functions(
@@ -139,7 +153,7 @@ async def test_every_table_is_a_tenant_table_with_forced_rls_and_a_policy(databa
     for row in tables:
         if row["relname"] in NOT_TENANT_TABLES:
             continue
-        assert row["has_tenant"], row["relname"]
+        assert row["has_tenant"] or row["relname"] in BEFORE_TENANT_TABLES, row["relname"]
         assert row["relrowsecurity"] and row["relforcerowsecurity"], row["relname"]
         assert row["policies"] >= 1, row["relname"]
 
@@ -172,13 +186,15 @@ async def test_every_key_and_foreign_key_of_a_tenant_table_includes_tenant_id(da
         await conn.close()
     assert rows
     for row in rows:
-        if row["tbl"].endswith(tuple(NOT_TENANT_TABLES)):
+        if row["tbl"].endswith(tuple(NOT_TENANT_TABLES | BEFORE_TENANT_TABLES)):
+            continue
+        if row["conname"] == "oauth_connections_client_fkey":  # between reference tables: Citus allows it
             continue
         assert row["has_tenant"], f"{row['tbl']}.{row['conname']}"
     for row in unique_indexes:
         # tenants and api_keys become Citus reference tables (read before a tenant is known), where any unique
         # index is fine.
-        if row["tbl"].endswith(tuple(NOT_TENANT_TABLES)) or row["tbl"] in ("card_mcp.tenants", "card_mcp.api_keys"):
+        if row["tbl"].endswith(tuple(NOT_TENANT_TABLES)) or row["tbl"] in REFERENCE_TABLES:
             continue
         assert row["has_tenant"], row["idx"]
 
@@ -218,7 +234,9 @@ async def test_security_definer_functions_are_owned_by_the_admin_role_and_not_pu
     finally:
         await conn.close()
     for row in rows:
-        assert row["owner"] == db.ADMIN_ROLE, row["proname"]
+        # OAuth's (schema/0008_oauth.sql) are the owner's, so the admin role can run them but not change them.
+        expected = db.OWNER_ROLE if row["proname"].startswith("oauth_") else db.ADMIN_ROLE
+        assert row["owner"] == expected, row["proname"]
         assert not row["public_exec"], row["proname"]
 
 
