@@ -282,7 +282,10 @@ async def _connections(args: argparse.Namespace, settings: Settings) -> int:
             "connection_id": str(c.connection_id),
             "tenant": c.tenant,
             "client_id": c.client_id,
-            "client_name": c.client_name,
+            # What the client said about itself: untrusted, so no terminal control characters.
+            "client_name": None
+            if c.client_name is None
+            else "".join(ch if ch.isprintable() else "?" for ch in c.client_name),
             "signed_in_with": c.signed_in_with,
             "created_at": when(c.created_at),
             "last_used_at": when(c.last_used_at),

@@ -65,7 +65,7 @@ def _page(title: str, body: str, *, status: int = 200, redirect_uri: str | None 
     document = (
         '<!doctype html><html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width,initial-scale=1">'
-        f'<meta name="referrer" content="no-referrer"><title>{_e(title)}</title><style>{_STYLE}</style></head>'
+        f'<meta name="referrer" content="same-origin"><title>{_e(title)}</title><style>{_STYLE}</style></head>'
         f"<body><h1>{_e(title)}</h1>{body}</body></html>"
     )
     return HTMLResponse(
@@ -75,7 +75,8 @@ def _page(title: str, body: str, *, status: int = 200, redirect_uri: str | None 
             "Content-Security-Policy": _csp(redirect_uri),
             "X-Frame-Options": "DENY",
             "X-Content-Type-Options": "nosniff",
-            "Referrer-Policy": "no-referrer",
+            # Not no-referrer: browsers then send `Origin: null` with the form, and the request id stays on this site.
+            "Referrer-Policy": "same-origin",
             "Cache-Control": "no-store",
         },
     )
