@@ -362,7 +362,16 @@ async def test_sign_in_refuses_a_wrong_or_reused_connect_code_and_another_tenant
         page = await person.open(authorize_url(server, client, challenge))
         assert (await person.sign_in(page, tenant, code)).status_code == 401
         # The other tenant's code was left unused by the refusals: it still signs in to its own tenant.
-        assert "Allow access?" in (await person.sign_in(page, other, others_code)).text
+        consent = await person.sign_in(page, other, others_code)
+        assert "Allow access?" in consent.text
+        # Denied: the client hears access_denied (RFC 6749 4.1.2.1) with its state, and no connection is made.
+        before = await counts(database)
+        denied = await person.consent(consent, "deny")
+        assert denied["error"] == "access_denied" and denied["state"].startswith("st-") and "code" not in denied
+        after = await counts(database)
+        assert (
+            after["oauth_connections"] == before["oauth_connections"] and after["oauth_codes"] == before["oauth_codes"]
+        )
     # Another browser (no cookie) can neither see nor use the pending request; a forged form is refused.
     async with browser(server) as stranger:
         page = await stranger.open(authorize_url(server, client, challenge))
@@ -658,7 +667,8 @@ def callback_server() -> Iterator[tuple[str, list[dict[str, str]]]]:
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
-            received.append({k: v[0] for k, v in parse_qs(urlsplit(self.path).query).items()})
+            if urlsplit(self.path).path == "/callback":  # not the browser's /favicon.ico
+                received.append({k: v[0] for k, v in parse_qs(urlsplit(self.path).query).items()})
             body = b"<!doctype html><title>done</title><p>You can close this window.</p>"
             self.send_response(200)
             self.send_header("Content-Type", "text/html")
