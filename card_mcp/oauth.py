@@ -305,6 +305,7 @@ class CardOAuthProvider:
             scopes=list(row["scopes"]),
             expires_at=int(row["expires_at"].timestamp()),
             resource=row["resource"],
+            subject=str(row["connection_id"]),  # the SDK binds sessions to (client, issuer, subject): one connection
             tenant_id=row["tenant_id"],
             connection_id=row["connection_id"],
             limit_key=row["connection_id"],
