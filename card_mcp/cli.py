@@ -20,7 +20,7 @@ from typing import Any
 
 import anyio
 
-from . import __version__, db, keys, migrate, oauth, tenants, usage
+from . import __version__, connections, db, keys, migrate, tenants, usage
 from .config import Settings
 from .errors import CardMcpError, InvalidArgument, SetupError
 
@@ -247,7 +247,7 @@ async def _connect(args: argparse.Namespace, settings: Settings) -> int:
         conn = await db.connect(database.require_owner_url())
         try:
             with db.translate_errors():
-                code, expires = await oauth.create_connect_code(conn, args.tenant, settings.connect_code_minutes)
+                code, expires = await connections.create_connect_code(conn, args.tenant, settings.connect_code_minutes)
         finally:
             await conn.close()
     print(code)
@@ -265,9 +265,9 @@ async def _connections(args: argparse.Namespace, settings: Settings) -> int:
         try:
             with db.translate_errors():
                 if args.action == "revoke":
-                    revoked_at = await oauth.revoke_connection(conn, args.connection_id)
+                    revoked_at = await connections.revoke_connection(conn, args.connection_id)
                 else:
-                    listed = await oauth.list_connections(conn, args.tenant)
+                    listed = await connections.list_connections(conn, args.tenant)
         finally:
             await conn.close()
     if args.action == "revoke":

@@ -18,14 +18,12 @@ import secrets
 import uuid
 from contextvars import ContextVar
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any
 from urllib.parse import urlsplit
 from uuid import UUID
 
-import anyio
 import asyncpg
-import jwt
 from mcp.server.auth.middleware.auth_context import get_access_token
 from mcp.server.auth.provider import (
     AccessToken,
@@ -42,10 +40,9 @@ from pydantic import AnyHttpUrl, AnyUrl
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from . import db, tenants
+from . import db
 from .config import Settings
-from .db import Connection
-from .errors import InvalidArgument, NotFound, Unavailable
+from .errors import Unavailable
 from .keys import KEY_PREFIX, KeyVerifier
 from .usage import UsageEntry
 
@@ -55,8 +52,6 @@ ACCESS_PREFIX = "cma_"
 REFRESH_PREFIX = "cmr_"
 _REQUEST_TTL = timedelta(minutes=15)  # from /authorize to consent
 _CODE_TTL = timedelta(minutes=2)  # an authorization code, until the client exchanges it
-_CODE_ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"  # 32 symbols, none that read alike
-_CODE_GROUPS, _GROUP_LENGTH = 4, 5  # 20 symbols: 100 bits
 
 
 class ConnectionToken(AccessToken):
@@ -395,132 +390,3 @@ async def decide(pool: asyncpg.Pool, request: str, browser: str, approve: bool) 
 
 def csrf_matches(form_token: str, cookie: str | None) -> bool:
     return cookie is not None and hmac.compare_digest(form_token.encode(), cookie.encode())
-
-
-# --- Connect codes and connections, for the command line ---
-
-
-def new_connect_code() -> str:
-    symbols = "".join(secrets.choice(_CODE_ALPHABET) for _ in range(_CODE_GROUPS * _GROUP_LENGTH))
-    return "-".join(symbols[i : i + _GROUP_LENGTH] for i in range(0, len(symbols), _GROUP_LENGTH))
-
-
-async def create_connect_code(conn: Connection, tenant: str, minutes: float) -> tuple[str, datetime]:
-    """A one-time connect code for ``tenant``, as the owner: (the code, to show once; when it expires)."""
-    try:
-        tenant_id = await tenants.tenant_id(conn, tenant)
-    except NotFound as exc:
-        raise NotFound(exc.message, hint=f"Create it first: card-mcp tenants create {tenant}") from exc
-    code = new_connect_code()
-    expires: datetime = await conn.fetchval(
-        "SELECT card_mcp.oauth_connect_code_create($1, $2, $3)",
-        tenant_id,
-        normalize_proof(code),
-        timedelta(minutes=minutes),
-    )
-    return code, expires
-
-
-@dataclass(frozen=True)
-class OAuthConnection:
-    """A connection as listed: never a token."""
-
-    connection_id: UUID
-    tenant: str
-    client_id: str
-    client_name: str | None
-    signed_in_with: str
-    created_at: datetime
-    last_used_at: datetime | None
-    revoked_at: datetime | None
-
-
-_LIST = """
-SELECT k.connection_id, t.name AS tenant, k.client_id, c.metadata ->> 'client_name' AS client_name, k.signed_in_with,
-       k.created_at, k.last_used_at, k.revoked_at
-  FROM card_mcp.oauth_connections AS k
-  JOIN card_mcp.tenants AS t USING (tenant_id)
-  JOIN card_mcp.oauth_clients AS c USING (client_id)
- WHERE $1::text IS NULL OR t.name = $1
- ORDER BY t.name, k.created_at, k.connection_id
-"""
-
-
-async def list_connections(conn: Connection, tenant: str | None = None) -> list[OAuthConnection]:
-    """Every OAuth connection (of one tenant, if given), as the admin role."""
-    return [OAuthConnection(**dict(row)) for row in await conn.fetch(_LIST, tenant)]
-
-
-async def revoke_connection(conn: Connection, connection_id: str) -> datetime:
-    """Revoke a connection: its tokens stop working at their next request. Revoking twice is harmless."""
-    try:
-        parsed = UUID(connection_id)
-    except ValueError as exc:
-        raise InvalidArgument(
-            f"{connection_id!r} is not a connection id", hint="Use the id `card-mcp connections list` shows."
-        ) from exc
-    revoked: datetime | None = await conn.fetchval("SELECT card_mcp.oauth_revoke_connection($1)", parsed)
-    if revoked is None:
-        raise NotFound(f"no connection with id {parsed}", hint="`card-mcp connections list` shows them.")
-    return revoked
-
-
-# --- An external authorization server ---
-
-
-class JwtVerifier:
-    """Bearer tokens when CARD_MCP_AUTH_ISSUER_URL names an external issuer: JWT access tokens signed by a key of
-    its JWKS, with this issuer, this server's resource as audience, unexpired; the tenant is the claim
-    CARD_MCP_AUTH_TENANT_CLAIM names, looked up by the admin role (an unknown tenant is refused). API keys keep
-    working beside them."""
-
-    def __init__(self, settings: Settings, keys: KeyVerifier) -> None:
-        assert settings.auth_issuer_url is not None
-        self.keys = keys
-        self.issuer = settings.auth_issuer_url
-        self.audience = resource_url(settings)
-        self.claim = settings.auth_tenant_claim
-        jwks_url = settings.auth_jwks_url or self.issuer.rstrip("/") + "/.well-known/jwks.json"
-        self.jwks = jwt.PyJWKClient(jwks_url, cache_keys=True, lifespan=300, timeout=10)
-
-    async def verify_token(self, token: str) -> AccessToken | None:
-        if token.startswith(KEY_PREFIX):
-            return await self.keys.verify_token(token)
-        try:
-            key = await anyio.to_thread.run_sync(self.jwks.get_signing_key_from_jwt, token)
-            claims: dict[str, Any] = jwt.decode(
-                token,
-                key.key,
-                algorithms=["RS256", "RS384", "RS512", "ES256", "ES384", "PS256"],
-                audience=self.audience,
-                issuer=self.issuer,
-                options={"require": ["exp", "iss", "aud"]},
-            )
-        except jwt.PyJWKClientConnectionError as exc:
-            logger.warning("cannot fetch the issuer's JWKS: %s", exc)
-            raise Unavailable("the authorization server's keys cannot be fetched", hint="Retry later.") from exc
-        except jwt.PyJWTError:
-            return None
-        name = claims.get(self.claim)
-        if not isinstance(name, str) or self.keys.pool is None:
-            return None
-        with db.translate_errors():
-            async with self.keys.pool.acquire(timeout=db.ACQUIRE_TIMEOUT) as conn:
-                tenant_id = await conn.fetchval("SELECT tenant_id FROM card_mcp.tenants WHERE name = $1", name)
-        if tenant_id is None:
-            return None
-        client = str(claims.get("client_id") or claims.get("azp") or "unknown")[:100]
-        subject = str(claims["sub"]) if "sub" in claims else None
-        scope = claims.get("scope")
-        return ConnectionToken(
-            token=token,
-            client_id=client,
-            scopes=scope.split() if isinstance(scope, str) else [],
-            expires_at=int(claims["exp"]),
-            resource=self.audience,
-            subject=subject,
-            claims={"iss": self.issuer},
-            tenant_id=tenant_id,
-            connection_id=None,
-            limit_key=uuid.uuid5(uuid.NAMESPACE_URL, f"{self.issuer}#{client}#{subject}"),
-        )

@@ -54,6 +54,7 @@ from . import __version__, db, idempotency, oauth, semantic, usage
 from . import cards as card_store
 from .config import Settings
 from .errors import CardMcpError, Internal, InvalidArgument, LimitExceeded
+from .issuer import JwtVerifier
 from .keys import KeyToken, KeyVerifier
 from .models import BatchCreateResult, Card
 from .oauth import ConnectionToken, oauth_usage
@@ -718,7 +719,7 @@ def _auth(settings: Settings, verifier: KeyVerifier) -> dict[str, Any]:
     card-mcp's own authorization server, or with CARD_MCP_AUTH_ISSUER_URL an external issuer's JWTs."""
     auth: dict[str, Any] = {"auth": oauth.auth_settings(settings)}
     if settings.auth_issuer_url:
-        auth["token_verifier"] = oauth.JwtVerifier(settings, verifier)
+        auth["token_verifier"] = JwtVerifier(settings, verifier)
     elif oauth.own_issuer_possible(settings):
         auth["auth_server_provider"] = oauth.CardOAuthProvider(settings, verifier)
     else:

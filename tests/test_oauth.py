@@ -38,7 +38,7 @@ from mcp.shared.auth import AuthorizationCodeResult, OAuthClientInformationFull,
 from mcp.types import Implementation
 from pydantic import AnyUrl
 
-from card_mcp import db, oauth
+from card_mcp import connections, db
 from tests.chromium import Chromium
 from tests.conftest import TestDatabase
 from tests.test_http import CARD_MCP, INITIALIZE, HttpServer, http_server, mcp_client, name, new_key
@@ -185,7 +185,7 @@ async def connected(
 async def make_code(database: TestDatabase, tenant: str) -> str:
     conn = await db.connect(database.owner_url)
     try:
-        code, _ = await oauth.create_connect_code(conn, tenant, 10)
+        code, _ = await connections.create_connect_code(conn, tenant, 10)
     finally:
         await conn.close()
     return code
@@ -281,7 +281,7 @@ async def test_a_remote_client_signs_in_once_with_the_sdks_oauth_client_and_call
 
     conn = await db.connect(database.admin_url)
     try:
-        listed = await oauth.list_connections(conn, tenant)
+        listed = await connections.list_connections(conn, tenant)
         rows = await conn.fetch(
             "SELECT u.tool, u.api_key_id, u.connection_id, u.oauth_client_id FROM card_mcp.card_usage u"
             " JOIN card_mcp.tenants t USING (tenant_id) WHERE t.name = $1 ORDER BY u.usage_id",
