@@ -1,6 +1,6 @@
 """OAuth 2.1 for remote MCP clients (issue #23): card-mcp as the authorization server of its tenants, on the SDK's
-provider interface and routes (metadata, /register, /authorize, /token, /revoke), or, with CARD_MCP_AUTH_ISSUER_URL,
-a resource server that trusts an external issuer's JWT access tokens.
+provider interface and routes (metadata, /register, /authorize, /token, /revoke). (With CARD_MCP_AUTH_ISSUER_URL
+it is a resource server of an external issuer instead: issuer.py.)
 
 Everything secret is random and stored only as a hash, through the narrow functions of schema/0008_oauth.sql (the
 admin role writes no table directly). A connection is one tenant, one client and this server's resource; its
