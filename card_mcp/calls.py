@@ -53,6 +53,9 @@ class Caller:
     tenant_id: UUID
     transport: str
     api_key_id: UUID | None = None
+    limit_key: UUID | None = None  # what the per-caller limit counts calls by (the key, or the OAuth connection)
+    connection_id: UUID | None = None  # an OAuth call's connection and registered client
+    oauth_client_id: str | None = None
     client_name: str = "unknown"
     client_version: str | None = None
 
@@ -151,9 +154,9 @@ class Call:
     async def fetch_recorded(self, sql: str, *args: object) -> list[asyncpg.Record]:
         """The call's whole work as one statement outside any transaction, which sets the tenant, does the work and
         writes the call's usage row, committing both: one round trip. ``sql`` takes the tenant id, then ``args``,
-        then the usage row's fields (tool, client name, client version, transport, API key id, and the
-        milliseconds the call took before the statement). The statement decides the row's status; a body that
-        then fails must raise the error the statement recorded."""
+        then the usage row's fields (tool, client name, client version, transport, API key id, the milliseconds
+        the call took before the statement, the OAuth connection id and client id). The statement decides the
+        row's status; a body that then fails must raise the error the statement recorded."""
         if self.begun:
             raise RuntimeError("a recorded statement must be the call's only statement")
         self.recorded = True  # before the await: once sent, the statement may have committed
@@ -170,6 +173,8 @@ class Call:
                 entry.transport,
                 entry.api_key_id,
                 elapsed_ms,
+                entry.connection_id,
+                entry.oauth_client_id,
             )
         return rows
 
@@ -238,12 +243,14 @@ class Edge:
             client_name=caller.client_name,
             client_version=caller.client_version,
             api_key_id=caller.api_key_id,
+            connection_id=caller.connection_id,
+            oauth_client_id=caller.oauth_client_id,
         )
         started = time.perf_counter()
         call: Call | None = None
         committed = False
         try:
-            with self.limiter.slot(caller.api_key_id), db.translate_errors():
+            with self.limiter.slot(caller.limit_key), db.translate_errors():
                 async with self.pool.acquire(timeout=db.ACQUIRE_TIMEOUT) as conn:
                     call = Call(conn, caller, entry, self, durable=durable, started=started, progress=progress)
                     token = _current.set(call)

@@ -71,7 +71,7 @@ async def create_card(
 # get_card as a whole call in one statement (schema/0005_calls.sql), for calls.Call.fetch_recorded: the tenant set,
 # the active card read (no row when there is none for this tenant) and the call's usage row written, `ok` with the
 # card's id or `not_found`.
-GET_CARD_CALL = "SELECT * FROM card_mcp.get_card_call($1, $2, $3, $4, $5, $6, $7, $8)"
+GET_CARD_CALL = "SELECT * FROM card_mcp.get_card_call($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
 
 _GET = f"""
 SELECT {CARD}

@@ -20,7 +20,7 @@ from typing import Any
 
 import anyio
 
-from . import __version__, db, keys, migrate, readers, tenants, usage
+from . import __version__, connections, db, keys, migrate, readers, tenants, usage
 from .config import Settings
 from .errors import CardMcpError, InvalidArgument, SetupError
 
@@ -83,6 +83,18 @@ def _parser() -> argparse.ArgumentParser:
     r_revoke = rdr.add_parser("revoke", help="drop a reader's role (or, if it cannot be dropped, its login)")
     r_revoke.add_argument("name", metavar="READER")
 
+    con = commands.add_parser("connect", help="a one-time code for the OAuth sign-in page of a remote MCP client")
+    con.add_argument("--tenant", required=True, help="the tenant the code signs in to")
+
+    conns = commands.add_parser("connections", help="OAuth connections of remote MCP clients").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    conns_list = conns.add_parser("list", help="list connections (never their tokens)")
+    conns_list.add_argument("--tenant", help="only this tenant's connections")
+    conns_list.add_argument("--format", choices=["table", "json"], default="table")
+    conns_revoke = conns.add_parser("revoke", help="revoke a connection; its tokens stop working at once")
+    conns_revoke.add_argument("connection_id", metavar="CONNECTION_ID")
+
     use = commands.add_parser("usage", help="usage figures: calls, errors and durations per tool, card, day or client")
     use.add_argument("--tenant", help="one tenant (default: every tenant, with a tenant column)")
     use.add_argument("--since", default="30d", help="start: 7d, 24h or a UTC date/time (default: 30d)")
@@ -132,6 +144,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "tenants": _tenants,
         "keys": _keys,
         "readers": _readers,
+        "connect": _connect,
+        "connections": _connections,
         "usage": _usage,
         "embed": _embed,
         "db": _db,
@@ -290,6 +304,62 @@ async def _readers(args: argparse.Namespace, settings: Settings) -> int:
             for r in listed
         ]
         _print_rows(rows, args.format, key="readers")
+    return 0
+
+
+async def _connect(args: argparse.Namespace, settings: Settings) -> int:
+    async with migrate.open_migrated(settings) as database:
+        # The owner's: the runtime admin role cannot make codes (schema/0008_oauth.sql).
+        conn = await db.connect(database.require_owner_url("connect"))
+        try:
+            with db.translate_errors():
+                code, expires = await connections.create_connect_code(conn, args.tenant, settings.connect_code_minutes)
+        finally:
+            await conn.close()
+    print(code)
+    print(
+        f"card-mcp: connect code for tenant {args.tenant!r}, shown only this once; enter it on the sign-in page "
+        f"before {expires.isoformat(timespec='seconds')} (it works once)",
+        file=sys.stderr,
+    )
+    return 0
+
+
+async def _connections(args: argparse.Namespace, settings: Settings) -> int:
+    async with migrate.open_migrated(settings) as database:
+        conn = await db.connect(database.require_admin_url())
+        try:
+            with db.translate_errors():
+                if args.action == "revoke":
+                    revoked_at = await connections.revoke_connection(conn, args.connection_id)
+                else:
+                    listed = await connections.list_connections(conn, args.tenant)
+        finally:
+            await conn.close()
+    if args.action == "revoke":
+        print(f"card-mcp: connection {args.connection_id} revoked at {revoked_at.isoformat()}", file=sys.stderr)
+        return 0
+
+    def when(value: datetime | None) -> str | None:
+        return value.isoformat(timespec="seconds") if value else None
+
+    rows = [
+        {
+            "connection_id": str(c.connection_id),
+            "tenant": c.tenant,
+            "client_id": c.client_id,
+            # What the client said about itself: untrusted, so no terminal control characters.
+            "client_name": None
+            if c.client_name is None
+            else "".join(ch if ch.isprintable() else "?" for ch in c.client_name),
+            "signed_in_with": c.signed_in_with,
+            "created_at": when(c.created_at),
+            "last_used_at": when(c.last_used_at),
+            "revoked_at": when(c.revoked_at),
+        }
+        for c in listed
+    ]
+    _print_rows(rows, args.format, key="connections")
     return 0
 
 

@@ -53,7 +53,29 @@ class Settings(BaseSettings):
         default=None, description="HTTP: the URL clients reach the server at; default http://HOST:PORT."
     )
     auth_issuer_url: str | None = Field(
-        default=None, description="HTTP: the OAuth authorization server named in the protected-resource metadata."
+        default=None,
+        description="HTTP: trust this external OAuth authorization server (JWT access tokens) instead of being one.",
+    )
+    auth_jwks_url: str | None = Field(
+        default=None, description="HTTP, external issuer: its JWKS URL; default ISSUER/.well-known/jwks.json."
+    )
+    auth_tenant_claim: str = Field(
+        default="tenant", min_length=1, description="HTTP, external issuer: the JWT claim naming the tenant."
+    )
+    oauth_access_token_seconds: int = Field(
+        default=3600, ge=60, le=86_400, description="HTTP: lifetime of an OAuth access token card-mcp issues."
+    )
+    oauth_refresh_token_days: float = Field(
+        default=30.0, gt=0, le=365, description="HTTP: lifetime of an OAuth refresh token (rotated at each use)."
+    )
+    oauth_clients_per_address: int = Field(
+        default=20, ge=1, description="HTTP: OAuth clients one address may register a day."
+    )
+    oauth_client_idle_days: float = Field(
+        default=30.0, gt=0, description="HTTP: days an OAuth client with no live connection is kept unused."
+    )
+    connect_code_minutes: float = Field(
+        default=10.0, gt=0, le=1440, description="How long a `card-mcp connect` code may be used."
     )
     allowed_hosts: str = Field(
         default="", description="HTTP: extra Host header values to accept (comma-separated; 'name:*' for any port)."

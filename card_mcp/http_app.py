@@ -20,6 +20,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .config import Settings
 from .errors import SetupError, Unavailable
+from .oauth import RegistrationAddress
 from .server import CardServer
 
 logger = logging.getLogger(__name__)
@@ -68,6 +69,7 @@ def build_app(server: CardServer, settings: Settings) -> Starlette:
         transport_security=transport_security(settings),
         host=settings.host,
     )
+    app.add_middleware(RegistrationAddress)  # OAuth (#23): /register's caller address, for its limit
     app.add_middleware(_UnavailableAs503)  # outside the authentication middleware, whose key lookup may fail
     return app
 

@@ -21,7 +21,6 @@ import pydantic_core
 from mcp import MCPError
 from mcp.server import MCPServer
 from mcp.server.auth.middleware.auth_context import get_access_token
-from mcp.server.auth.settings import AuthSettings
 from mcp.types import (
     INTERNAL_ERROR,
     INVALID_PARAMS,
@@ -30,17 +29,19 @@ from mcp.types import (
     TextContent,
 )
 from mcp.types import Tool as McpTool
-from pydantic import AnyHttpUrl
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from . import __version__, db, idempotency, migrate, prompts, resources, semantic
+from . import __version__, db, idempotency, migrate, oauth, prompts, resources, semantic
 from .auth import KeyToken, KeyVerifier
 from .calls import Caller, CallFailed, Edge
 from .config import Settings
 from .errors import CardMcpError
+from .issuer import JwtVerifier
+from .oauth import ConnectionToken
 from .registry import Tool
 from .semantic import Semantic
+from .signin import SignInPages
 from .tools import TOOLS
 
 logger = logging.getLogger(__name__)
@@ -68,7 +69,11 @@ class CardServer(MCPServer[AppState]):
     the call edge: the tenant's transaction, the usage row, and the error shape of SPEC section 4."""
 
     def __init__(self, settings: Settings, verifier: KeyVerifier | None = None, **kwargs: Any) -> None:
-        super().__init__(token_verifier=verifier, **kwargs)
+        # With card-mcp's own authorization server, its provider checks bearer tokens (API keys included); with an
+        # external issuer, its verifier does; otherwise the API-key verifier.
+        if "auth_server_provider" not in kwargs:
+            kwargs.setdefault("token_verifier", verifier)
+        super().__init__(**kwargs)
         self.card_settings = settings  # not `settings`: MCPServer has its own
         self.verifier = verifier
         self.tools: dict[str, Tool] = {tool.name: tool for tool in TOOLS}
@@ -144,14 +149,19 @@ def _mcp_error(error: CardMcpError) -> MCPError:
 def _caller(context: Any, settings: Settings) -> tuple[AppState, Caller]:
     """The lifespan's state and who is calling: the tenant over HTTP from the verified key of the request, over
     stdio from the server's --tenant, never from an argument; the client's name and version from its MCP client
-    info, or over stateless HTTP (where a request may carry none) from its User-Agent; else unknown."""
+    info, or over stateless HTTP (where a request may carry none) from its User-Agent; else unknown. An OAuth
+    call names its connection and registered client instead of a key, and is limited per connection."""
     state: AppState = context.request_context.lifespan_context
-    tenant_id, key_id = state.tenant_id, None
+    tenant_id, key_id, limit_key, connection_id, oauth_client = state.tenant_id, None, None, None, None
     if tenant_id is None:
         token = get_access_token()
-        if not isinstance(token, KeyToken):  # the auth middleware lets no such request through
-            raise MCPError(code=INVALID_REQUEST, message="this request carries no valid API key")
-        tenant_id, key_id = token.tenant_id, token.key_id
+        if isinstance(token, ConnectionToken):
+            tenant_id, limit_key = token.tenant_id, token.limit_key
+            connection_id, oauth_client = token.connection_id, token.client_id
+        elif isinstance(token, KeyToken):
+            tenant_id, key_id = token.tenant_id, token.key_id
+        else:  # the auth middleware lets no such request through
+            raise MCPError(code=INVALID_REQUEST, message="this request carries no valid API key or token")
     name, version = "unknown", None
     params = getattr(getattr(context, "session", None), "client_params", None)
     request = getattr(getattr(context, "request_context", None), "request", None)
@@ -164,6 +174,9 @@ def _caller(context: Any, settings: Settings) -> tuple[AppState, Caller]:
         tenant_id=tenant_id,
         transport=settings.transport,
         api_key_id=key_id,
+        limit_key=limit_key or key_id,
+        connection_id=connection_id,
+        oauth_client_id=oauth_client,
         client_name=_printable(name)[:200] or "unknown",
         client_version=_printable(version)[:100] or None,
     )
@@ -234,10 +247,11 @@ async def _semantic_search(edge: Edge, admin_url: str) -> None:
 def build_server(settings: Settings) -> CardServer:
     """The card-mcp MCP server for ``settings``; nothing connects until its lifespan starts."""
     verifier = KeyVerifier(settings.key_cache_seconds) if settings.transport == "http" else None
+    auth = _auth(settings, verifier) if verifier is not None else {}
     server = CardServer(
         settings,
         verifier,
-        auth=_auth_settings(settings) if verifier is not None else None,
+        **auth,
         name="card-mcp",
         title="Brand cards",
         version=__version__,
@@ -249,17 +263,24 @@ def build_server(settings: Settings) -> CardServer:
     prompts.register(server)
     if verifier is not None:
         server.custom_route("/healthz", methods=["GET"])(partial(_healthz, server))
+        if "auth_server_provider" in auth:  # the sign-in page of /authorize
+            pages = SignInPages(settings, lambda: verifier.pool)
+            server.custom_route("/signin", methods=["GET"])(pages.get)
+            server.custom_route("/signin", methods=["POST"])(pages.post)
     return server
 
 
-def _auth_settings(settings: Settings) -> AuthSettings:
-    """API keys are bearer tokens of this resource server; the metadata names an authorization server (this
-    server itself, unless an OAuth one is configured in front)."""
-    return AuthSettings(
-        issuer_url=AnyHttpUrl(settings.auth_issuer_url or settings.url),
-        resource_server_url=AnyHttpUrl(settings.url + "/mcp"),
-        validate_token_resource=False,  # API keys are not audience-bound OAuth tokens
-    )
+def _auth(settings: Settings, verifier: KeyVerifier) -> dict[str, Any]:
+    """The SDK's auth settings and who checks bearer tokens: API keys always; besides them, tokens of card-mcp's
+    own authorization server, or with CARD_MCP_AUTH_ISSUER_URL an external issuer's JWTs."""
+    auth: dict[str, Any] = {"auth": oauth.auth_settings(settings)}
+    if settings.auth_issuer_url:
+        auth["token_verifier"] = JwtVerifier(settings, verifier)
+    elif oauth.own_issuer_possible(settings):
+        auth["auth_server_provider"] = oauth.CardOAuthProvider(settings, verifier)
+    else:
+        logger.warning("OAuth sign-in is off: it needs an https CARD_MCP_PUBLIC_URL (or a loopback address)")
+    return auth
 
 
 async def _healthz(server: CardServer, request: Request) -> JSONResponse:

@@ -22,6 +22,8 @@ class UsageEntry:
     client_name: str = "unknown"
     client_version: str | None = None
     api_key_id: UUID | None = None
+    connection_id: UUID | None = None  # OAuth (#23): the connection and registered client of the call
+    oauth_client_id: str | None = None
     card_ids: list[UUID] = field(default_factory=list)
     status: Literal["ok", "error"] = "ok"
     error_code: str | None = None
@@ -34,9 +36,13 @@ class UsageEntry:
 
 # The row, and the id of the transaction it commits in (in the same round trip): if the connection is lost during
 # the COMMIT, that id tells whether the call happened (db.committed).
-_RECORD = "SELECT pg_current_xact_id()::text FROM card_mcp.record_call($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+_RECORD = (
+    "SELECT pg_current_xact_id()::text FROM card_mcp.record_call($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
+)
 
-_RECORD_ALONE = "SELECT card_mcp.record_call_alone($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+_RECORD_ALONE = (
+    "SELECT card_mcp.record_call_alone($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"  # OAuth (#23): 12
+)
 
 
 def _values(tenant_id: UUID, entry: UsageEntry) -> tuple[object, ...]:
@@ -51,6 +57,8 @@ def _values(tenant_id: UUID, entry: UsageEntry) -> tuple[object, ...]:
         entry.client_version,
         entry.transport,
         entry.api_key_id,
+        entry.connection_id,  # OAuth (#23)
+        entry.oauth_client_id,
     )
 
 

@@ -11,10 +11,10 @@ PACKAGE = Path(card_mcp.__file__).parent
 
 # docs/architecture.md's floors, top (0) to bottom; a module may import its own floor or lower ones.
 FLOORS = {
-    0: {"cli", "server", "http_app", "stdio", "auth"},
+    0: {"cli", "server", "http_app", "stdio", "auth", "oauth", "issuer", "signin"},
     1: {"tools", "registry", "resources", "prompts"},
     2: {"calls"},
-    3: {"cards", "search", "usage", "idempotency", "keys", "tenants", "readers", "semantic", "chart"},
+    3: {"cards", "search", "usage", "idempotency", "keys", "tenants", "readers", "connections", "semantic", "chart"},
     4: {"db", "migrate", "embedded"},
     5: {"models", "errors", "config", "__init__"},
 }

@@ -30,6 +30,22 @@ TENANT_TABLES = ("tenants", "cards", "idempotency_store", "card_usage")
 # Tables without tenant_id: the migrations ledger, and the secret name of the key-revocation channel (readable by
 # the admin role only).
 NOT_TENANT_TABLES = {"schema_migrations", "notify_channels"}
+# Tables of what exists before any tenant is known (OAuth clients and pending sign-ins): forced RLS and a policy all
+# the same. Citus: reference tables, like tenants and api_keys.
+BEFORE_TENANT_TABLES = {"oauth_clients", "oauth_requests"}
+# Looked up before the tenant is known (readers: role name -> tenant; the rest by a secret's hash): reference tables
+# too, where any unique index is fine.
+REFERENCE_TABLES = (
+    "card_mcp.tenants",
+    "card_mcp.api_keys",
+    "card_mcp.readers",
+    "card_mcp.connect_codes",
+    "card_mcp.oauth_connections",
+    "card_mcp.oauth_codes",
+    "card_mcp.oauth_tokens",
+    "card_mcp.oauth_clients",
+    "card_mcp.oauth_requests",
+)
 
 
 async def test_other_tenant_cannot_get_list_update_or_delete_a_card_through_the_functions(
@@ -141,7 +157,7 @@ async def test_every_table_is_a_tenant_table_with_forced_rls_and_a_policy(databa
     for row in tables:
         if row["relname"] in NOT_TENANT_TABLES:
             continue
-        assert row["has_tenant"], row["relname"]
+        assert row["has_tenant"] or row["relname"] in BEFORE_TENANT_TABLES, row["relname"]
         assert row["relrowsecurity"] and row["relforcerowsecurity"], row["relname"]
         assert row["policies"] >= 1, row["relname"]
 
@@ -174,15 +190,15 @@ async def test_every_key_and_foreign_key_of_a_tenant_table_includes_tenant_id(da
         await conn.close()
     assert rows
     for row in rows:
-        if row["tbl"].endswith(tuple(NOT_TENANT_TABLES)):
+        if row["tbl"].endswith(tuple(NOT_TENANT_TABLES | BEFORE_TENANT_TABLES)):
+            continue
+        if row["conname"] == "oauth_connections_client_fkey":  # between reference tables: Citus allows it
             continue
         assert row["has_tenant"], f"{row['tbl']}.{row['conname']}"
     for row in unique_indexes:
         # tenants and api_keys become Citus reference tables (read before a tenant is known), where any unique
         # index is fine.
-        # readers (role name -> tenant) likewise: it is read before the tenant is known.
-        reference = ("card_mcp.tenants", "card_mcp.api_keys", "card_mcp.readers")
-        if row["tbl"].endswith(tuple(NOT_TENANT_TABLES)) or row["tbl"] in reference:
+        if row["tbl"].endswith(tuple(NOT_TENANT_TABLES)) or row["tbl"] in REFERENCE_TABLES:
             continue
         assert row["has_tenant"], row["idx"]
 
@@ -218,6 +234,24 @@ DEFINERS = {
     "create_api_key": {db.ADMIN_ROLE},
     "revoke_api_key": {db.ADMIN_ROLE},
     "announce_api_key_change": set(),  # a trigger: fires without EXECUTE
+    # OAuth (schema/0008_oauth.sql): each step of a sign-in, for the running server; connect codes the owner's only.
+    **{
+        f"oauth_{step}": {db.ADMIN_ROLE}
+        for step in (
+            "register_client",
+            "request_create",
+            "request_get",
+            "sign_in",
+            "decide",
+            "code_lookup",
+            "refresh_lookup",
+            "issue",
+            "access_lookup",
+            "revoke_token",
+            "revoke_connection",
+        )
+    },
+    "oauth_connect_code_create": set(),
 }
 
 

@@ -356,6 +356,8 @@ PRIVILEGES = {
         "card_usage": {S},
         "api_keys": {S},
         "notify_channels": {S},
+        "oauth_clients": {S},  # OAuth (schema/0008_oauth.sql): every write through the owner's functions
+        "oauth_connections": {S},
         "usage_daily": {S},
         "usage_by_card": {S},
         "usage_by_client": {S},
