@@ -58,6 +58,9 @@ def http_server(
         "CARD_MCP_DATABASE_URL": app_url or database.app_url,
         "CARD_MCP_ADMIN_DATABASE_URL": database.admin_url,
         "CARD_MCP_POOL_MAX_SIZE": "8",
+        # As the in-process servers (conftest's settings): answers must not depend on whether the semantic extra
+        # is installed, and its embedding worker would add the admin pool's traffic that tests here count.
+        "CARD_MCP_SEMANTIC": "off",
         **env,
     }
     process = subprocess.Popen(
