@@ -375,6 +375,8 @@ async def in_process(t: Target, out: Results, calls: int) -> None:
                     entry.transport,
                     entry.api_key_id,
                     0.0,
+                    entry.connection_id,
+                    entry.oauth_client_id,
                 )
 
             async def transaction() -> None:
