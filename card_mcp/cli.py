@@ -6,9 +6,7 @@ Exit status: 0 on success, 1 on a user error (one line on stderr), 2 on bad usag
 from __future__ import annotations
 
 import argparse
-import csv
 import importlib.util
-import json
 import logging
 import signal
 import sys
@@ -16,11 +14,10 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 import anyio
 
-from . import __version__, connections, db, keys, migrate, readers, tenants, usage
+from . import __version__, connections, db, keys, migrate, output, readers, tenants, usage
 from .config import Settings
 from .errors import CardMcpError, InvalidArgument, SetupError
 
@@ -221,7 +218,7 @@ async def _tenants(args: argparse.Namespace, settings: Settings) -> int:
                 rows = await tenants.list_tenants(conn)
         finally:
             await conn.close()
-    _print_rows(
+    output.print_rows(
         [{"tenant_id": str(t.tenant_id), "name": t.name, "created_at": t.created_at.isoformat()} for t in rows],
         args.format,
         key="tenants",
@@ -264,7 +261,7 @@ async def _keys(args: argparse.Namespace, settings: Settings) -> int:
             }
             for k in listed
         ]
-        _print_rows(rows, args.format, key="keys")
+        output.print_rows(rows, args.format, key="keys")
     return 0
 
 
@@ -303,7 +300,7 @@ async def _readers(args: argparse.Namespace, settings: Settings) -> int:
             }
             for r in listed
         ]
-        _print_rows(rows, args.format, key="readers")
+        output.print_rows(rows, args.format, key="readers")
     return 0
 
 
@@ -359,7 +356,7 @@ async def _connections(args: argparse.Namespace, settings: Settings) -> int:
         }
         for c in listed
     ]
-    _print_rows(rows, args.format, key="connections")
+    output.print_rows(rows, args.format, key="connections")
     return 0
 
 
@@ -384,38 +381,13 @@ async def _embed(args: argparse.Namespace, settings: Settings) -> int:
                 hint="Install pgvector on the PostgreSQL server, have a superuser run CREATE EXTENSION vector WITH "
                 "SCHEMA card_mcp in card-mcp's database, then run card-mcp migrate.",
             )
-        bar = _ProgressBar("embedding cards")
+        bar = output.ProgressBar("embedding cards")
         started = time.perf_counter()
         queued, done = await semantic.backfill(admin_url, model, everything=args.all, progress=bar.update)
         bar.close()
     seconds = time.perf_counter() - started
     print(f"embedded {done} cards in {seconds:.1f} s ({queued} newly queued) with {model.id}")
     return 0
-
-
-class _ProgressBar:
-    """A progress bar on stderr: redrawn in place on a terminal, a line every 10% otherwise (logs, CI)."""
-
-    def __init__(self, label: str) -> None:
-        self.label = label
-        self.tty = sys.stderr.isatty()
-        self.started = time.perf_counter()
-        self.shown = -1
-
-    def update(self, done: int, total: int) -> None:
-        percent = 100 if total == 0 else done * 100 // total
-        rate = done / max(time.perf_counter() - self.started, 1e-9)
-        filled = percent * 30 // 100
-        line = f"{self.label} [{'#' * filled}{'.' * (30 - filled)}] {percent:3d}% {done}/{total} ({rate:.1f}/s)"
-        if self.tty:
-            print("\r" + line, end="", file=sys.stderr, flush=True)
-        elif percent // 10 > self.shown // 10 or (percent == 100 and self.shown != 100):
-            print(line, file=sys.stderr, flush=True)
-        self.shown = percent
-
-    def close(self) -> None:
-        if self.tty:
-            print(file=sys.stderr)
 
 
 async def _usage(args: argparse.Namespace, settings: Settings) -> int:
@@ -441,7 +413,7 @@ async def _usage(args: argparse.Namespace, settings: Settings) -> int:
         for row in rows:  # readable figures; json and csv keep full precision
             row["p50_ms"], row["p95_ms"] = f"{row['p50_ms']:.1f}", f"{row['p95_ms']:.1f}"
             row["last_at"] = row["last_at"][:19].replace("T", " ")
-    _print_rows(rows, args.format, key="rows")
+    output.print_rows(rows, args.format, key="rows")
     if args.chart:
         from .chart import write_chart
 
@@ -492,27 +464,6 @@ async def _db(args: argparse.Namespace, settings: Settings) -> int:
             file=sys.stderr,
         )
     return 0
-
-
-def _print_rows(rows: list[dict[str, Any]], fmt: str, *, key: str) -> None:
-    if fmt == "json":
-        print(json.dumps({key: rows}, indent=2))
-        return
-    if fmt == "csv":
-        if rows:
-            writer = csv.DictWriter(sys.stdout, fieldnames=list(rows[0]), lineterminator="\n")
-            writer.writeheader()
-            writer.writerows(rows)
-        return
-    if not rows:
-        print(f"no {key}", file=sys.stderr)
-        return
-    columns = list(rows[0])
-    cells = [{c: "" if r[c] is None else str(r[c]) for c in columns} for r in rows]  # JSON's null, blank here
-    widths = {c: max(len(c), *(len(r[c]) for r in cells)) for c in columns}
-    print("  ".join(c.ljust(widths[c]) for c in columns).rstrip())
-    for row in cells:
-        print("  ".join(row[c].ljust(widths[c]) for c in columns).rstrip())
 
 
 def _has_uvloop() -> bool:
