@@ -11,7 +11,8 @@ import logging
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -209,15 +210,11 @@ async def _migrate(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _tenants(args: argparse.Namespace, settings: Settings) -> int:
-    async with migrate.open_migrated(settings) as database:
-        conn = await db.connect(database.require_admin_url())
-        try:
-            if args.action == "create":
-                rows = [await tenants.create_tenant(conn, args.name)]
-            else:
-                rows = await tenants.list_tenants(conn)
-        finally:
-            await conn.close()
+    async with _connection(settings, db.Database.require_admin_url) as conn:
+        if args.action == "create":
+            rows = [await tenants.create_tenant(conn, args.name)]
+        else:
+            rows = await tenants.list_tenants(conn)
     output.print_rows(
         [{"tenant_id": str(t.tenant_id), "name": t.name, "created_at": t.created_at.isoformat()} for t in rows],
         args.format,
@@ -227,18 +224,13 @@ async def _tenants(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _keys(args: argparse.Namespace, settings: Settings) -> int:
-    async with migrate.open_migrated(settings) as database:
-        conn = await db.connect(database.require_admin_url())
-        try:
-            with db.translate_errors():
-                if args.action == "create":
-                    key_id, key = await keys.create_key(conn, args.tenant, args.label)
-                elif args.action == "revoke":
-                    revoked_at = await keys.revoke_key(conn, args.key_id)
-                else:
-                    listed = await keys.list_keys(conn, args.tenant)
-        finally:
-            await conn.close()
+    async with _connection(settings, db.Database.require_admin_url) as conn:
+        if args.action == "create":
+            key_id, key = await keys.create_key(conn, args.tenant, args.label)
+        elif args.action == "revoke":
+            revoked_at = await keys.revoke_key(conn, args.key_id)
+        else:
+            listed = await keys.list_keys(conn, args.tenant)
     if args.action == "create":
         print(key)
         print(
@@ -266,18 +258,13 @@ async def _keys(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _readers(args: argparse.Namespace, settings: Settings) -> int:
-    async with migrate.open_migrated(settings) as database:
-        conn = await db.connect(database.require_owner_url(f"readers {args.action}"))
-        try:
-            with db.translate_errors():
-                if args.action == "create":
-                    password = await readers.create_reader(conn, args.tenant, args.name, password=not args.no_password)
-                elif args.action == "revoke":
-                    dropped = await readers.revoke_reader(conn, args.name)
-                else:
-                    listed = await readers.list_readers(conn, args.tenant)
-        finally:
-            await conn.close()
+    async with _connection(settings, lambda database: database.require_owner_url(f"readers {args.action}")) as conn:
+        if args.action == "create":
+            password = await readers.create_reader(conn, args.tenant, args.name, password=not args.no_password)
+        elif args.action == "revoke":
+            dropped = await readers.revoke_reader(conn, args.name)
+        else:
+            listed = await readers.list_readers(conn, args.tenant)
     if args.action == "create":
         if password is not None:
             print(password)
@@ -305,14 +292,9 @@ async def _readers(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _connect(args: argparse.Namespace, settings: Settings) -> int:
-    async with migrate.open_migrated(settings) as database:
-        # The owner's: the runtime admin role cannot make codes (schema/0008_oauth.sql).
-        conn = await db.connect(database.require_owner_url("connect"))
-        try:
-            with db.translate_errors():
-                code, expires = await connections.create_connect_code(conn, args.tenant, settings.connect_code_minutes)
-        finally:
-            await conn.close()
+    # The owner's: the runtime admin role cannot make codes (schema/0008_oauth.sql).
+    async with _connection(settings, lambda database: database.require_owner_url("connect")) as conn:
+        code, expires = await connections.create_connect_code(conn, args.tenant, settings.connect_code_minutes)
     print(code)
     print(
         f"card-mcp: connect code for tenant {args.tenant!r}, shown only this once; enter it on the sign-in page "
@@ -323,16 +305,11 @@ async def _connect(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _connections(args: argparse.Namespace, settings: Settings) -> int:
-    async with migrate.open_migrated(settings) as database:
-        conn = await db.connect(database.require_admin_url())
-        try:
-            with db.translate_errors():
-                if args.action == "revoke":
-                    revoked_at = await connections.revoke_connection(conn, args.connection_id)
-                else:
-                    listed = await connections.list_connections(conn, args.tenant)
-        finally:
-            await conn.close()
+    async with _connection(settings, db.Database.require_admin_url) as conn:
+        if args.action == "revoke":
+            revoked_at = await connections.revoke_connection(conn, args.connection_id)
+        else:
+            listed = await connections.list_connections(conn, args.tenant)
     if args.action == "revoke":
         print(f"card-mcp: connection {args.connection_id} revoked at {revoked_at.isoformat()}", file=sys.stderr)
         return 0
@@ -397,17 +374,13 @@ async def _usage(args: argparse.Namespace, settings: Settings) -> int:
     since = _since(args.since, until)
     if since >= until:
         raise InvalidArgument("--since must be before --until", hint="Widen the window, e.g. --since 30d.")
-    async with migrate.open_migrated(settings) as database:
-        conn = await db.connect(database.require_admin_url())  # the admin role's policies see every tenant
-        try:
-            with db.translate_errors():
-                tenant_id = await tenants.tenant_id(conn, args.tenant) if args.tenant else None
-                figures = await usage.stats(
-                    conn, since=since, until=until, group_by=args.group_by, limit=args.limit, tenant_id=tenant_id
-                )
-                series = await usage.daily_by_tool(conn, since=since, until=until, tenant_id=tenant_id)
-        finally:
-            await conn.close()
+    # The admin role's policies see every tenant.
+    async with _connection(settings, db.Database.require_admin_url) as conn:
+        tenant_id = await tenants.tenant_id(conn, args.tenant) if args.tenant else None
+        figures = await usage.stats(
+            conn, since=since, until=until, group_by=args.group_by, limit=args.limit, tenant_id=tenant_id
+        )
+        series = await usage.daily_by_tool(conn, since=since, until=until, tenant_id=tenant_id)
     rows = [{**({} if args.tenant else {"tenant": f.tenant}), **f.row.model_dump(mode="json")} for f in figures]
     if args.format == "table":
         for row in rows:  # readable figures; json and csv keep full precision
@@ -464,6 +437,19 @@ async def _db(args: argparse.Namespace, settings: Settings) -> int:
             file=sys.stderr,
         )
     return 0
+
+
+@asynccontextmanager
+async def _connection(settings: Settings, url: Callable[[db.Database], str]) -> AsyncIterator[db.Connection]:
+    """The database ready for a command (migrate.open_migrated) and one connection to it, as the role whose URL
+    ``url`` picks; database errors inside become card-mcp's errors (one line on stderr, exit 1)."""
+    async with migrate.open_migrated(settings) as database:
+        conn = await db.connect(url(database))
+        try:
+            with db.translate_errors():
+                yield conn
+        finally:
+            await conn.close()
 
 
 def _has_uvloop() -> bool:
