@@ -114,6 +114,82 @@ async def test_paging_through_1000_matches_while_cards_are_inserted_returns_each
     assert len(seen) == len(set(seen))
 
 
+async def test_paging_a_typo_query_one_card_at_a_time_never_repeats_a_card_while_the_right_spelling_arrives(
+    app_pool: asyncpg.Pool, tenant_a: uuid.UUID
+) -> None:
+    """A typo card's score must not depend on whether another card spells the word right (before, a query word got
+    a trigram lookup only while no card matched it exactly, so the first correctly spelled card changed the typo
+    cards' scores between two pages and served one of them twice)."""
+    typos = [
+        NewCard(card_type="insight", title=f"Onbording checklist {who}", content={"steps": [f"welcome {who}"]})
+        for who in ("for new hires", "for managers", "for contractors")
+    ]
+    async with tenant_transaction(app_pool, tenant_a) as conn:
+        await cards.insert_cards(conn, tenant_a, typos)
+    seen: list[uuid.UUID] = []
+    cursor = None
+    while True:
+        async with tenant_transaction(app_pool, tenant_a) as conn:
+            hits, pinned = await search.search_cards(conn, query="onboarding checklist", limit=1, cursor=cursor)
+            page = search.paginate(hits, pinned, 1)
+        seen += [hit.id for hit in page.cards]
+        if len(seen) == 1:  # the right spelling arrives after the first page
+            right = NewCard(card_type="insight", title="Onboarding checklist", content={"steps": ["laptop"]})
+            async with tenant_transaction(app_pool, tenant_a) as conn:
+                await cards.insert_cards(conn, tenant_a, [right])
+        cursor = page.next_cursor
+        if cursor is None:
+            break
+    assert len(seen) == len(set(seen)), seen
+    assert len(seen) >= len(typos)
+
+
+async def test_a_long_query_searches_its_first_16_distinct_words_in_the_order_written(
+    app_pool: asyncpg.Pool, tenant_a: uuid.UUID
+) -> None:
+    """Which 16 words of a long query are searched must not be left to a hash: the first ones written are."""
+    words = [f"zq{chr(97 + i)}{chr(97 + i)}word" for i in range(24)]
+    new = [NewCard(card_type="insight", title=f"Card about {word}", content={"n": i}) for i, word in enumerate(words)]
+    async with tenant_transaction(app_pool, tenant_a) as conn:
+        made = await cards.insert_cards(conn, tenant_a, new)
+        hits, _ = await search.search_cards(conn, query=" ".join(words + words[:3]), limit=50)
+    by_id = {item.card_id: word for item, word in zip(made, words, strict=True)}
+    assert sorted(by_id[hit.id] for hit in hits) == sorted(words[:16])
+
+
+async def test_a_cards_content_keys_and_numbers_are_searchable_and_keys_weigh_less_than_values(
+    settings: Settings,
+) -> None:
+    async with connect(settings, f"keys-{uuid.uuid4().hex[:10]}") as client:
+        voice = ok(
+            await client.call_tool(
+                "create_card",
+                {"card_type": "voice", "title": "How we sound", "content": {"tone": ["warm", "plain", "direct"]}},
+            )
+        )["card"]
+        company = ok(
+            await client.call_tool(
+                "create_card", {"card_type": "company", "title": "Acme", "content": {"founded": 2009, "staff": 41}}
+            )
+        )["card"]
+        valued = ok(
+            await client.call_tool(
+                "create_card",
+                {"card_type": "insight", "title": "Email results", "content": {"note": "a friendly tone won"}},
+            )
+        )["card"]
+        for query, expected in (
+            ("tone", {voice["id"], valued["id"]}),
+            ("what tone should we write in", {voice["id"], valued["id"]}),
+            ("2009", {company["id"]}),
+            ("founded", {company["id"]}),
+        ):
+            hits = ok(await client.call_tool("search_cards", {"query": query}))["cards"]
+            assert {h["id"] for h in hits} == expected, (query, [h["title"] for h in hits])
+        hits = ok(await client.call_tool("search_cards", {"query": "tone"}))["cards"]
+        assert [h["id"] for h in hits] == [valued["id"], voice["id"]]  # a value outweighs a key
+
+
 @pytest.fixture
 async def own_database(superuser_url: str) -> AsyncIterator[TestDatabase]:
     """A freshly migrated database for this test alone: a plan depends on the table's statistics, which the rest of
@@ -149,10 +225,12 @@ async def test_searching_a_tenant_of_10000_cards_uses_the_indexes_not_a_scan_as_
         await conn.execute(f"SET ROLE {db.APP_ROLE}")
         async with conn.transaction():
             await conn.execute("SELECT set_config('app.current_tenant_id', $1, true)", str(big))
-            rows = await conn.fetch(search._RANKED, "Topic123 notes", None, None, None, None, 11)
-    assert len(rows) == 10  # the ten cards with topic123 (g * 7919 % 1000 == 123)
+            rows = await conn.fetch(search._RANKED, "Topic123 zzqxv", None, None, None, None, 11)
+    # The ten cards with topic123 (g * 7919 % 1000 == 123) first; then the similar words' (topic12, topic23...).
+    topics = [json.loads(r["content"])["topic"] for r in rows]
+    assert topics[:10] == ["topic123"] * 10 and "topic123" not in topics[10:], topics
     text = "\n".join(plans)
-    assert "cards_search_doc_idx" in text and "cards_search_words_idx" in text, text
+    assert "cards_search_doc_idx" in text and "search_vocabulary" in text, text
     assert "Seq Scan on cards" not in text, text
 
 
