@@ -1,6 +1,7 @@
 """The call edge: the one way a tool call, a resource read or a prompt reaches the database and the usage log.
 
-    Edge.call(caller, name, durable=...)  yields a Call to the body (tools.py, resources.py, prompts.py)
+    Edge.call(caller, name, durable=...)  yields a Call to the body (tools.py, resources.py, prompts.py); the
+                                     pooled connection is taken when the call first needs it, not before
       the body's first query         BEGIN, then the tenant and the statement timeout (db.begin)
       the body returns               the usage row in the same transaction, COMMIT; a COMMIT whose answer is lost
                                      with its connection is resolved by asking PostgreSQL (db.committed)
@@ -20,7 +21,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -103,7 +104,7 @@ class Call:
 
     def __init__(
         self,
-        conn: db.Connection,
+        held: AsyncExitStack,
         caller: Caller,
         entry: UsageEntry,
         edge: Edge,
@@ -116,7 +117,8 @@ class Call:
         self.entry = entry
         self.edge = edge
         self.durable = durable
-        self._conn = conn
+        self._held = held  # the pooled connection is acquired into it on first use, and released with it
+        self._connection: db.Connection | None = None
         self._started = started
         self._progress = progress
         self.begun = False
@@ -138,6 +140,19 @@ class Call:
         """Semantic search, once its model has loaded (None until then, and when it is off)."""
         return self.edge.semantic
 
+    @property
+    def _conn(self) -> db.Connection:
+        if self._connection is None:
+            raise RuntimeError("this call has not taken a connection")
+        return self._connection
+
+    async def _acquire(self) -> None:
+        """Take a pooled connection on first use: a call holds none while it does other work first (a search
+        embeds its query before it reads), so a slow embedding never keeps a connection from other calls."""
+        if self._connection is None:
+            pool = self.edge.pool
+            self._connection = await self._held.enter_async_context(pool.acquire(timeout=db.ACQUIRE_TIMEOUT))
+
     def touched(self, *card_ids: UUID) -> None:
         """Name cards this call read or wrote, for its usage row."""
         self.entry.card_ids.extend(card_ids)
@@ -146,6 +161,7 @@ class Call:
         """The connection, inside the tenant's transaction (begun on first use)."""
         if self.recorded:
             raise RuntimeError("this call was recorded by its single statement; it has no transaction")
+        await self._acquire()
         if not self.begun:
             self.begun = True  # before the await: a failed or cancelled BEGIN is rolled back all the same
             await db.begin(self._conn, self.tenant_id, self.settings.statement_timeout_ms, durable=self.durable)
@@ -159,6 +175,7 @@ class Call:
         row's status; a body that then fails must raise the error the statement recorded."""
         if self.begun:
             raise RuntimeError("a recorded statement must be the call's only statement")
+        await self._acquire()
         self.recorded = True  # before the await: once sent, the statement may have committed
         entry = self.entry
         elapsed_ms = (time.perf_counter() - self._started) * 1000
@@ -193,6 +210,7 @@ class Call:
             return
         self.entry.duration_ms = (time.perf_counter() - self._started) * 1000
         if not self.begun:  # nothing read or written: the row in a statement of its own
+            await self._acquire()
             with anyio.CancelScope(shield=True):  # it commits: its outcome must be known
                 await usage.record_alone(self._conn, self.tenant_id, self.entry)
             self.recorded = True
@@ -251,8 +269,8 @@ class Edge:
         committed = False
         try:
             with self.limiter.slot(caller.limit_key), db.translate_errors():
-                async with self.pool.acquire(timeout=db.ACQUIRE_TIMEOUT) as conn:
-                    call = Call(conn, caller, entry, self, durable=durable, started=started, progress=progress)
+                async with AsyncExitStack() as held:  # the connection, once the body asks for one
+                    call = Call(held, caller, entry, self, durable=durable, started=started, progress=progress)
                     token = _current.set(call)
                     try:
                         yield call

@@ -45,42 +45,62 @@ SELECT {CARD}, score
 
 
 # Words and the query's vector (semantic search): a card's score is 0.2 x its lexical score (card_mcp.search_cards,
-# full-text and trigram, in [0, 1]) + 0.8 x its cosine similarity to the query, scaled from the model's floor..ceiling
-# ($6, $7) to 0..1; candidates are the lexical matches (the best 10,000) and the 200 cards nearest the query (HNSW
-# index; row-level security keeps the tenant's, the iterative scan reads on until 200 are found) above the floor.
-# Ties break by id. Like the lexical score, the fused one depends only on the query and the card, so keyset paging
-# on (score, id) never serves a card twice while others are written. (Reciprocal rank fusion was measured first;
-# it ranks a card against the others, which breaks that paging rule, and it did no better: docs/benchmarks.md.)
+# in [0, 1]) + 0.8 x its own vector's cosine similarity to the query, scaled from the model's floor..ceiling ($6, $7)
+# to 0..1: a function of the query and the card alone, so keyset paging on (score, id) never serves a card twice.
+# Candidates: every lexical match (uncapped), and the cards whose vectors are above the floor. A tenant with at most
+# EXACT_VECTORS vectors compares every one of them (exact; a few thousand take a millisecond or two); a bigger one
+# takes its $11 nearest through the HNSW index, whose iterative scan reads on (with no scan budget: the settings
+# below) until that many of the tenant's own are found, so other tenants' vectors never starve it; $11 grows with
+# the pages already served (the cursor counts them), so page N never runs out of candidates page 1 had.
+EXACT_VECTORS = 5000
+NEAREST = 200  # the vector candidates of a big tenant beyond the cards already served and this page
 _HYBRID = f"""
 WITH lexical AS (
-    SELECT s.id, s.score FROM card_mcp.search_cards($1, $2, $3, NULL, NULL, 10000) AS s
+    SELECT s.id, s.score FROM card_mcp.search_cards($1, $2, $3, NULL, NULL, NULL) AS s
+), few AS (
+    SELECT count(*) <= {EXACT_VECTORS} AS yes
+      FROM (SELECT FROM card_mcp.card_vectors LIMIT {EXACT_VECTORS + 1}) AS v
+), exact AS (
+    SELECT v.card_id AS id
+      FROM card_mcp.card_vectors AS v
+     WHERE (SELECT yes FROM few) AND v.model = $5
+       AND 1 - (v.embedding OPERATOR(card_mcp.<=>) $4::text::card_mcp.halfvec) > $6
 ), nearest AS (
-    SELECT n.id, n.similarity
+    SELECT n.id
       FROM (SELECT c.id, 1 - (v.embedding OPERATOR(card_mcp.<=>) $4::text::card_mcp.halfvec) AS similarity
               FROM card_mcp.card_vectors AS v
               JOIN card_mcp.cards AS c ON c.tenant_id = v.tenant_id AND c.id = v.card_id
-             WHERE c.is_active AND v.model = $5
+             WHERE NOT (SELECT yes FROM few) AND c.is_active AND v.model = $5
                AND ($2::text IS NULL OR c.card_type = $2)
                AND ($3::text[] IS NULL OR c.tags @> $3)
              ORDER BY v.embedding OPERATOR(card_mcp.<=>) $4::text::card_mcp.halfvec
-             LIMIT 200) AS n
+             LIMIT $11) AS n
      WHERE n.similarity > $6
+), candidates AS (
+    SELECT id FROM lexical UNION SELECT id FROM exact UNION SELECT id FROM nearest
 ), fused AS (
-    SELECT id,
+    SELECT k.id,
            (0.2 * coalesce(l.score, 0)
-            + 0.8 * least(greatest((coalesce(n.similarity, 0) - $6) / ($7 - $6), 0), 1))::float8 AS score
-      FROM lexical AS l FULL JOIN nearest AS n USING (id)
+            + 0.8 * least(greatest((coalesce(1 - (v.embedding OPERATOR(card_mcp.<=>) $4::text::card_mcp.halfvec), 0)
+                                    - $6) / ($7 - $6), 0), 1))::float8 AS score
+      FROM candidates AS k
+      LEFT JOIN lexical AS l ON l.id = k.id
+      LEFT JOIN card_mcp.card_vectors AS v ON v.card_id = k.id AND v.model = $5
 )
-SELECT {CARD}, score
+SELECT {{CARD}}, score
   FROM fused AS f
   JOIN card_mcp.cards AS c USING (id)
  WHERE c.is_active AND ($8::float8 IS NULL OR (score, id) < ($8, $9))
+   AND ($2::text IS NULL OR c.card_type = $2)
+   AND ($3::text[] IS NULL OR c.tags @> $3)
  ORDER BY score DESC, id DESC
  LIMIT $10
-"""  # noqa: S608 - only CARD is interpolated
-# The HNSW index under a filter (row-level security, type, tags): keep scanning until the page is full.
+""".replace("{CARD}", CARD)  # noqa: S608 - only constants are interpolated
+# The HNSW index under a filter (row-level security, type, tags): keep scanning until the page is full, with no
+# budget of tuples (pgvector's default, 20,000, would stop short for a tenant among a million other vectors).
 _NEAREST_SETTINGS = (
-    "SELECT set_config('hnsw.iterative_scan', 'relaxed_order', true), set_config('hnsw.ef_search', '100', true)"
+    "SELECT set_config('hnsw.iterative_scan', 'relaxed_order', true), set_config('hnsw.ef_search', '100', true),"
+    " set_config('hnsw.max_scan_tuples', '2147483647', true)"
 )
 
 
@@ -117,6 +137,8 @@ def paginate(hits: list[ScoredCard], pinned: dict[str, Any], limit: int, *, max_
             break
         kept.append(hit)
     more = len(kept) < len(hits)
+    if more and "n" in pinned:  # a hybrid search counts the cards served, for its candidates' depth
+        pinned = {**pinned, "n": pinned["n"] + len(kept)}
     return Page(kept, encode_cursor(pinned, kept[-1]) if more else None)
 
 
@@ -156,11 +178,12 @@ def _read_cursor(cursor: str) -> Any:
         ) from exc
 
 
-def _decode_cursor(cursor: str, pinned: dict[str, Any]) -> tuple[float, datetime, UUID]:
+def _decode_cursor(cursor: str, pinned: dict[str, Any]) -> tuple[float, datetime, UUID, int]:
     try:
         data = _read_cursor(cursor)
         score, stamp, card_id = data.pop("after")
-        position = float(score), datetime.fromisoformat(stamp), UUID(card_id)
+        served = int(data.pop("n", 0))
+        position = float(score), datetime.fromisoformat(stamp), UUID(card_id), max(served, 0)
     except (ValueError, TypeError, KeyError, AttributeError, OverflowError, RecursionError) as exc:
         raise InvalidArgument(
             "the cursor is not one this server made", hint="Pass next_cursor exactly as returned, or omit it."
@@ -201,14 +224,15 @@ async def search_cards(
     if hybrid:
         assert nearest is not None
         pinned["m"] = nearest.model
-    score, updated_at, after_id = _decode_cursor(cursor, pinned) if cursor else (None, None, None)
+    score, updated_at, after_id, served = _decode_cursor(cursor, pinned) if cursor else (None, None, None, 0)
     wanted = list(tags) if tags else None
     if hybrid:
         assert nearest is not None
         await conn.execute(_NEAREST_SETTINGS)
         vector = json.dumps(nearest.vector)
         args = (words, card_type, wanted, vector, nearest.model, nearest.floor, nearest.ceiling, score, after_id)
-        rows = await conn.fetch(_HYBRID, *args, limit + 1)
+        rows = await conn.fetch(_HYBRID, *args, limit + 1, served + limit + NEAREST)
+        pinned["n"] = served
     elif words:
         rows = await conn.fetch(_RANKED, words, card_type, wanted, score, after_id, limit + 1)
     else:

