@@ -440,13 +440,20 @@ async def test_no_tenants_semantic_search_is_starved_by_other_tenants_nearer_vec
             cursor = page.next_cursor
             if cursor is None:
                 break
-        async with tenant_transaction(pool, big) as conn:
-            hits, pinned = await search.search_cards(conn, query="qqzx", limit=25, nearest=probe)
-            owned = {r["id"] for r in await conn.fetch("SELECT id FROM card_mcp.cards")}
+        deep: list[search.ScoredCard] = []  # past the first NEAREST vector candidates: nothing cut
+        cursor = None
+        for _ in range(6):
+            async with tenant_transaction(pool, big) as conn:
+                hits, pinned = await search.search_cards(conn, query="qqzx", limit=50, cursor=cursor, nearest=probe)
+                page = search.paginate(hits, pinned, 50)
+                owned = {r["id"] for r in await conn.fetch("SELECT id FROM card_mcp.cards")}
+            deep += page.cards
+            cursor = page.next_cursor
     finally:
         await pool.close()
     assert len(seen) == len(set(seen)) == 40
-    assert len(hits) == 26 and {hit.id for hit in hits} <= owned
+    assert len(deep) == len({hit.id for hit in deep}) == 300 > search.NEAREST and {hit.id for hit in deep} <= owned
+    assert [hit.score for hit in deep] == sorted((hit.score for hit in deep), reverse=True)
 
 
 def test_card_mcp_embed_backfills_every_card_with_a_progress_bar(database: TestDatabase) -> None:
