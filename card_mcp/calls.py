@@ -180,19 +180,23 @@ class Call:
         entry = self.entry
         elapsed_ms = (time.perf_counter() - self._started) * 1000
         with anyio.CancelScope(shield=True):  # it commits: its outcome must be known
-            rows = await self._conn.fetch(
-                sql,
-                self.tenant_id,
-                *args,
-                entry.tool,
-                entry.client_name,
-                entry.client_version,
-                entry.transport,
-                entry.api_key_id,
-                elapsed_ms,
-                entry.connection_id,
-                entry.oauth_client_id,
-            )
+            try:
+                rows = await self._conn.fetch(
+                    sql,
+                    self.tenant_id,
+                    *args,
+                    entry.tool,
+                    entry.client_name,
+                    entry.client_version,
+                    entry.transport,
+                    entry.api_key_id,
+                    elapsed_ms,
+                    entry.connection_id,
+                    entry.oauth_client_id,
+                )
+            except asyncpg.PostgresError:  # PostgreSQL refused it (a bad value, a timeout): nothing committed, so
+                self.recorded = False  # the edge records the failure
+                raise
         return rows
 
     async def report_progress(self, done: float, total: float, message: str) -> None:

@@ -17,22 +17,13 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID
 
+import asyncpg
+
 from .cards import CARD
 from .db import Connection
 from .errors import InvalidArgument, Unavailable
 from .models import CardType, ScoredCard
 
-# No words: the newest-updated first, keyset-paged on (updated_at, id); every card scores 0.
-_LIST = f"""
-SELECT {CARD}, 0::float8 AS score
-  FROM card_mcp.cards
- WHERE is_active
-   AND ($1::text IS NULL OR card_type = $1)
-   AND ($2::text[] IS NULL OR tags @> $2)
-   AND ($3::timestamptz IS NULL OR (updated_at, id) < ($3, $4))
- ORDER BY updated_at DESC, id DESC
- LIMIT $5
-"""  # noqa: S608 - only CARD is interpolated
 # Words: ranked by card_mcp.search_cards (see schema/0004_search.sql), which pages on (score, id) and returns ids
 # of the tenant set in this transaction; the cards themselves are read here, under this role's own policy.
 _RANKED = f"""
@@ -44,64 +35,24 @@ SELECT {CARD}, score
 """  # noqa: S608 - only CARD is interpolated
 
 
-# Words and the query's vector (semantic search): a card's score is 0.2 x its lexical score (card_mcp.search_cards,
-# in [0, 1]) + 0.8 x its own vector's cosine similarity to the query, scaled from the model's floor..ceiling ($6, $7)
-# to 0..1: a function of the query and the card alone, so keyset paging on (score, id) never serves a card twice.
-# Candidates: every lexical match (uncapped), and the cards whose vectors are above the floor. A tenant with at most
-# EXACT_VECTORS vectors compares every one of them (exact; a few thousand take a millisecond or two); a bigger one
-# takes its $11 nearest through the HNSW index, whose iterative scan reads on (with no scan budget: the settings
-# below) until that many of the tenant's own are found, so other tenants' vectors never starve it; $11 grows with
-# the pages already served (the cursor counts them), so page N never runs out of candidates page 1 had.
-EXACT_VECTORS = 5000
-NEAREST = 200  # the vector candidates of a big tenant beyond the cards already served and this page
-_HYBRID = f"""
-WITH lexical AS (
-    SELECT s.id, s.score FROM card_mcp.search_cards($1, $2, $3, NULL, NULL, NULL) AS s
-), few AS (
-    SELECT count(*) <= {EXACT_VECTORS} AS yes
-      FROM (SELECT FROM card_mcp.card_vectors LIMIT {EXACT_VECTORS + 1}) AS v
-), exact AS (
-    SELECT v.card_id AS id
-      FROM card_mcp.card_vectors AS v
-     WHERE (SELECT yes FROM few) AND v.model = $5
-       AND 1 - (v.embedding OPERATOR(card_mcp.<=>) $4::text::card_mcp.halfvec) > $6
-), nearest AS (
-    SELECT n.id
-      FROM (SELECT c.id, 1 - (v.embedding OPERATOR(card_mcp.<=>) $4::text::card_mcp.halfvec) AS similarity
-              FROM card_mcp.card_vectors AS v
-              JOIN card_mcp.cards AS c ON c.tenant_id = v.tenant_id AND c.id = v.card_id
-             WHERE NOT (SELECT yes FROM few) AND c.is_active AND v.model = $5
-               AND ($2::text IS NULL OR c.card_type = $2)
-               AND ($3::text[] IS NULL OR c.tags @> $3)
-             ORDER BY v.embedding OPERATOR(card_mcp.<=>) $4::text::card_mcp.halfvec
-             LIMIT $11) AS n
-     WHERE n.similarity > $6
-), candidates AS (
-    SELECT id FROM lexical UNION SELECT id FROM exact UNION SELECT id FROM nearest
-), fused AS (
-    SELECT k.id,
-           (0.2 * coalesce(l.score, 0)
-            + 0.8 * least(greatest((coalesce(1 - (v.embedding OPERATOR(card_mcp.<=>) $4::text::card_mcp.halfvec), 0)
-                                    - $6) / ($7 - $6), 0), 1))::float8 AS score
-      FROM candidates AS k
-      LEFT JOIN lexical AS l ON l.id = k.id
-      LEFT JOIN card_mcp.card_vectors AS v ON v.card_id = k.id AND v.model = $5
-)
-SELECT {{CARD}}, score
-  FROM fused AS f
+# One page of any search (schema/0011_search_exact.sql, card_mcp.search_page: a listing without words, a ranking
+# with them, hybrid with a query vector too), best first, each hit marked kept when it belongs to this page; one
+# more row, unkept, when more exist.
+_PAGE = f"""
+SELECT {CARD}, p.score, p.kept
+  FROM card_mcp.search_page($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+       WITH ORDINALITY AS p(id, score, kept, n)
   JOIN card_mcp.cards AS c USING (id)
- WHERE c.is_active AND ($8::float8 IS NULL OR (score, id) < ($8, $9))
-   AND ($2::text IS NULL OR c.card_type = $2)
-   AND ($3::text[] IS NULL OR c.tags @> $3)
- ORDER BY score DESC, id DESC
- LIMIT $10
-""".replace("{CARD}", CARD)  # noqa: S608 - only constants are interpolated
-# The HNSW index under a filter (row-level security, type, tags): keep scanning until the page is full, with no
-# budget of tuples (pgvector's default, 20,000, would stop short for a tenant among a million other vectors).
-_NEAREST_SETTINGS = (
-    "SELECT set_config('hnsw.iterative_scan', 'relaxed_order', true), set_config('hnsw.ef_search', '100', true),"
-    " set_config('hnsw.max_scan_tuples', '2147483647', true)"
+ ORDER BY p.n
+"""  # noqa: S608 - only CARD is interpolated
+# search_cards as a whole call in one statement, for calls.Call.fetch_recorded: the tenant set, the page ranked,
+# the call's usage row written naming the cards of the page, all committed; the rows of _PAGE.
+SEARCH_CARDS_CALL = (
+    "SELECT * FROM card_mcp.search_cards_call("
+    "$1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22)"
 )
+EXACT_VECTORS = 5000  # a tenant with at most this many vectors is searched exactly (as in search_page)
+NEAREST = 200  # a big tenant's vector candidates beyond the cards already served and this page
 
 
 @dataclass(frozen=True)
@@ -196,8 +147,15 @@ def _decode_cursor(cursor: str, pinned: dict[str, Any]) -> tuple[float, datetime
     return position
 
 
-async def search_cards(
-    conn: Connection,
+@dataclass(frozen=True)
+class Plan:
+    """A search read from its arguments: the search_page arguments, and what its cursor pins."""
+
+    args: tuple[Any, ...]
+    pinned: dict[str, Any]
+
+
+def plan(
     *,
     query: str | None = None,
     card_type: CardType | None = None,
@@ -205,11 +163,10 @@ async def search_cards(
     limit: int = 10,
     cursor: str | None = None,
     nearest: Nearest | None = None,
-) -> tuple[list[ScoredCard], dict[str, Any]]:
-    """Active cards matching ``query`` best first (newest-updated first without one), filtered by type and by
-    tags (all must match); with ``nearest`` (semantic search), ranked by lexical and vector rankings fused.
-    Returns up to ``limit + 1`` hits, so the caller can tell whether more exist, and the arguments a cursor must
-    pin."""
+    max_bytes: int = MAX_PAGE_BYTES,
+) -> Plan:
+    """The search as card_mcp.search_page takes it; InvalidArgument for a cursor this server did not make or made
+    for other arguments, Unavailable for a semantic search's cursor while semantic search is not running."""
     words = _words(query)
     pinned: dict[str, Any] = {"q": words, "t": card_type, "g": sorted(tags) if tags else None}
     hybrid = bool(words) and nearest is not None
@@ -226,15 +183,42 @@ async def search_cards(
         pinned["m"] = nearest.model
     score, updated_at, after_id, served = _decode_cursor(cursor, pinned) if cursor else (None, None, None, 0)
     wanted = list(tags) if tags else None
+    semantic: tuple[Any, ...] = (None, None, None, None, None)
     if hybrid:
         assert nearest is not None
-        await conn.execute(_NEAREST_SETTINGS)
-        vector = json.dumps(nearest.vector)
-        args = (words, card_type, wanted, vector, nearest.model, nearest.floor, nearest.ceiling, score, after_id)
-        rows = await conn.fetch(_HYBRID, *args, limit + 1, served + limit + NEAREST)
         pinned["n"] = served
-    elif words:
-        rows = await conn.fetch(_RANKED, words, card_type, wanted, score, after_id, limit + 1)
-    else:
-        rows = await conn.fetch(_LIST, card_type, wanted, updated_at, after_id, limit + 1)
-    return [ScoredCard.model_validate(dict(row)) for row in rows], pinned
+        vector = json.dumps(nearest.vector)
+        semantic = (vector, nearest.model, nearest.floor, nearest.ceiling, served + limit + NEAREST)
+    after = (score, None, after_id) if words else (None, updated_at, after_id)
+    return Plan((words, card_type, wanted, *after, limit, max_bytes, *semantic), pinned)
+
+
+async def search_cards(
+    conn: Connection,
+    *,
+    query: str | None = None,
+    card_type: CardType | None = None,
+    tags: Sequence[str] | None = None,
+    limit: int = 10,
+    cursor: str | None = None,
+    nearest: Nearest | None = None,
+) -> tuple[list[ScoredCard], dict[str, Any]]:
+    """Active cards matching ``query`` best first (newest-updated first without one), filtered by type and by
+    tags (all must match); with ``nearest`` (semantic search), ranked by words and the query's vector. Returns up
+    to ``limit + 1`` hits, so the caller can tell whether more exist, and the arguments a cursor must pin."""
+    planned = plan(query=query, card_type=card_type, tags=tags, limit=limit, cursor=cursor, nearest=nearest)
+    rows = await conn.fetch(_PAGE, *planned.args)
+    return [to_hit(row) for row in rows], planned.pinned
+
+
+def to_hit(row: asyncpg.Record) -> ScoredCard:
+    return ScoredCard.model_validate({k: v for k, v in row.items() if k != "kept"})
+
+
+def page_of(rows: Sequence[asyncpg.Record], pinned: dict[str, Any]) -> Page:
+    """The page card_mcp.search_page marked (its kept rows), and the cursor of the next when more exist."""
+    kept = [to_hit(row) for row in rows if row["kept"]]
+    more = len(kept) < len(rows)
+    if more and "n" in pinned:  # a hybrid search counts the cards served, for its candidates' depth
+        pinned = {**pinned, "n": pinned["n"] + len(kept)}
+    return Page(kept, encode_cursor(pinned, kept[-1]) if more else None)

@@ -193,3 +193,163 @@ BEGIN
      LIMIT p_limit;
 END
 $$;
+
+-- One page of a search, as (id, score, kept), best first: p_limit + 1 rows at most, so the caller can tell whether
+-- more exist; kept marks the page itself (at most p_limit hits and about p_max_bytes of cards, always the first).
+-- Under the caller's own policy (SECURITY INVOKER), in the tenant set in its transaction.
+--   no words (p_words NULL or empty): the newest-updated first, after (p_after_updated, p_after_id); score 0.
+--   words: card_mcp.search_cards, after (p_after_score, p_after_id).
+--   words and a query vector (p_vector, its model p_model; semantic search): a card's score is 0.2 x its lexical
+--     score + 0.8 x its own vector's cosine similarity to the query, scaled from the model's floor..ceiling
+--     (p_floor, p_ceiling) to 0..1: a function of the query and the card alone, so keyset paging on (score, id)
+--     never serves a card twice. Candidates: every lexical match (uncapped), and the cards whose vectors are above
+--     the floor: a tenant with at most 5,000 vectors compares every one (exact; a few thousand take a millisecond
+--     or two); a bigger one takes its p_depth nearest through the HNSW index, whose iterative scan reads on, with
+--     no tuple budget, until that many of its own are found (other tenants' vectors never starve it); the caller
+--     grows p_depth with the pages already served, so page N never runs out of the candidates page 1 had.
+CREATE FUNCTION card_mcp.search_page(
+    p_words text, p_card_type text, p_tags text[], p_after_score double precision, p_after_updated timestamptz,
+    p_after_id uuid, p_limit integer, p_max_bytes integer, p_vector text, p_model text, p_floor double precision,
+    p_ceiling double precision, p_depth integer
+) RETURNS TABLE (id uuid, score double precision, kept boolean)
+    LANGUAGE plpgsql
+    SECURITY INVOKER
+    SET search_path = pg_catalog, card_mcp, pg_temp
+AS $$
+BEGIN
+    IF coalesce(p_words, '') = '' THEN
+        RETURN QUERY
+        SELECT h.id, 0::double precision,
+               h.n = 1 OR (h.n <= p_limit AND h.bytes <= p_max_bytes)
+          FROM (SELECT c.id, row_number() OVER w AS n,
+                       sum(octet_length(c.content::text) + octet_length(c.title) + 300) OVER w AS bytes
+                  FROM card_mcp.cards AS c
+                 WHERE c.is_active
+                   AND (p_card_type IS NULL OR c.card_type = p_card_type)
+                   AND (p_tags IS NULL OR c.tags @> p_tags)
+                   AND (p_after_updated IS NULL OR (c.updated_at, c.id) < (p_after_updated, p_after_id))
+                WINDOW w AS (ORDER BY c.updated_at DESC, c.id DESC)
+                 ORDER BY c.updated_at DESC, c.id DESC
+                 LIMIT p_limit + 1) AS h
+         ORDER BY h.n;
+    ELSIF p_vector IS NULL THEN
+        RETURN QUERY
+        SELECT h.id, h.score,
+               h.n = 1 OR (h.n <= p_limit AND h.bytes <= p_max_bytes)
+          FROM (SELECT s.id, s.score, row_number() OVER w AS n,
+                       sum(octet_length(c.content::text) + octet_length(c.title) + 300) OVER w AS bytes
+                  FROM card_mcp.search_cards(p_words, p_card_type, p_tags, p_after_score, p_after_id, p_limit + 1)
+                       AS s
+                  JOIN card_mcp.cards AS c ON c.id = s.id
+                 WHERE c.is_active
+                WINDOW w AS (ORDER BY s.score DESC, s.id DESC)) AS h
+         ORDER BY h.n;
+    ELSE
+        PERFORM set_config('hnsw.iterative_scan', 'relaxed_order', true), set_config('hnsw.ef_search', '100', true),
+                set_config('hnsw.max_scan_tuples', '2147483647', true);
+        RETURN QUERY
+        WITH lexical AS (
+            SELECT s.id, s.score FROM card_mcp.search_cards(p_words, p_card_type, p_tags, NULL, NULL, NULL) AS s
+        ), few AS (
+            SELECT count(*) <= 5000 AS yes FROM (SELECT FROM card_mcp.card_vectors LIMIT 5001) AS v
+        ), exact AS (
+            SELECT v.card_id AS id
+              FROM card_mcp.card_vectors AS v
+             WHERE (SELECT f.yes FROM few AS f) AND v.model = p_model
+               AND 1 - (v.embedding OPERATOR(card_mcp.<=>) p_vector::card_mcp.halfvec) > p_floor
+        ), nearest AS (
+            SELECT n.id
+              FROM (SELECT c.id, 1 - (v.embedding OPERATOR(card_mcp.<=>) p_vector::card_mcp.halfvec) AS similarity
+                      FROM card_mcp.card_vectors AS v
+                      JOIN card_mcp.cards AS c ON c.tenant_id = v.tenant_id AND c.id = v.card_id
+                     WHERE NOT (SELECT f.yes FROM few AS f) AND c.is_active AND v.model = p_model
+                       AND (p_card_type IS NULL OR c.card_type = p_card_type)
+                       AND (p_tags IS NULL OR c.tags @> p_tags)
+                     ORDER BY v.embedding OPERATOR(card_mcp.<=>) p_vector::card_mcp.halfvec
+                     LIMIT p_depth) AS n
+             WHERE n.similarity > p_floor
+        ), candidates AS (
+            SELECT l.id FROM lexical AS l UNION SELECT e.id FROM exact AS e UNION SELECT n.id FROM nearest AS n
+        ), fused AS (
+            SELECT k.id,
+                   (0.2 * coalesce(l.score, 0)
+                    + 0.8 * least(greatest((coalesce(1 - (v.embedding OPERATOR(card_mcp.<=>)
+                                                          p_vector::card_mcp.halfvec), 0)
+                                            - p_floor) / (p_ceiling - p_floor), 0), 1))::double precision AS score
+              FROM candidates AS k
+              LEFT JOIN lexical AS l ON l.id = k.id
+              LEFT JOIN card_mcp.card_vectors AS v ON v.card_id = k.id AND v.model = p_model
+        )
+        SELECT h.id, h.score,
+               h.n = 1 OR (h.n <= p_limit AND h.bytes <= p_max_bytes)
+          FROM (SELECT f.id, f.score, row_number() OVER w AS n,
+                       sum(octet_length(c.content::text) + octet_length(c.title) + 300) OVER w AS bytes
+                  FROM fused AS f
+                  JOIN card_mcp.cards AS c ON c.id = f.id
+                 WHERE c.is_active AND (p_after_score IS NULL OR (f.score, f.id) < (p_after_score, p_after_id))
+                   AND (p_card_type IS NULL OR c.card_type = p_card_type)
+                   AND (p_tags IS NULL OR c.tags @> p_tags)
+                WINDOW w AS (ORDER BY f.score DESC, f.id DESC)
+                 ORDER BY f.score DESC, f.id DESC
+                 LIMIT p_limit + 1) AS h
+         ORDER BY h.n;
+    END IF;
+END
+$$;
+
+-- search_cards as one statement (one round trip, like get_card_call): the tenant set transaction-locally, the page
+-- ranked (card_mcp.search_page), its usage row written (`ok`, naming the cards of the page), committed with the
+-- statement; the cards (kept: the page; one more unkept row when more exist). Only reads: its commit does not wait
+-- for the WAL flush.
+CREATE FUNCTION card_mcp.search_cards_call(
+    p_tenant_id uuid, p_words text, p_card_type text, p_tags text[], p_after_score double precision,
+    p_after_updated timestamptz, p_after_id uuid, p_limit integer, p_max_bytes integer, p_vector text, p_model text,
+    p_floor double precision, p_ceiling double precision, p_depth integer,
+    p_tool text, p_client_name text, p_client_version text, p_transport text, p_api_key_id uuid,
+    p_elapsed_ms double precision, p_connection_id uuid, p_oauth_client_id text
+) RETURNS TABLE (
+    id uuid, card_type text, title text, content jsonb, tags text[], version integer, content_hash text,
+    created_at timestamptz, updated_at timestamptz, score double precision, kept boolean
+)
+    LANGUAGE plpgsql
+    SECURITY INVOKER
+    SET search_path = pg_catalog, card_mcp, pg_temp
+AS $$
+DECLARE
+    v_ids uuid[];
+    v_scores double precision[];
+    v_kept boolean[];
+BEGIN
+    PERFORM set_config('app.current_tenant_id', p_tenant_id::text, true),
+            set_config('synchronous_commit', 'off', true);
+    SELECT array_agg(p.id ORDER BY n), array_agg(p.score ORDER BY n), array_agg(p.kept ORDER BY n)
+      INTO v_ids, v_scores, v_kept
+      FROM card_mcp.search_page(p_words, p_card_type, p_tags, p_after_score, p_after_updated, p_after_id, p_limit,
+                                p_max_bytes, p_vector, p_model, p_floor, p_ceiling, p_depth)
+           WITH ORDINALITY AS p(id, score, kept, n);
+    PERFORM card_mcp.record_call(
+        p_tenant_id, p_tool, 'ok', NULL,
+        coalesce((SELECT array_agg(h.id ORDER BY h.n) FROM unnest(v_ids, v_kept) WITH ORDINALITY AS h(id, kept, n)
+                   WHERE h.kept), '{}'::uuid[]),
+        p_elapsed_ms + 1000 * extract(epoch FROM clock_timestamp() - statement_timestamp()),
+        p_client_name, p_client_version, p_transport, p_api_key_id, p_connection_id, p_oauth_client_id
+    );
+    RETURN QUERY
+    SELECT c.id, c.card_type, c.title, c.content, c.tags, c.version, c.content_hash, c.created_at, c.updated_at,
+           h.score, h.kept
+      FROM unnest(v_ids, v_scores, v_kept) WITH ORDINALITY AS h(id, score, kept, n)
+      JOIN card_mcp.cards AS c ON c.id = h.id
+     ORDER BY h.n;
+END
+$$;
+
+REVOKE ALL ON FUNCTION card_mcp.search_page(text, text, text[], double precision, timestamptz, uuid, integer, integer,
+    text, text, double precision, double precision, integer) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION card_mcp.search_page(text, text, text[], double precision, timestamptz, uuid, integer,
+    integer, text, text, double precision, double precision, integer) TO card_mcp_app;
+REVOKE ALL ON FUNCTION card_mcp.search_cards_call(uuid, text, text, text[], double precision, timestamptz, uuid,
+    integer, integer, text, text, double precision, double precision, integer, text, text, text, text, uuid,
+    double precision, uuid, text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION card_mcp.search_cards_call(uuid, text, text, text[], double precision, timestamptz, uuid,
+    integer, integer, text, text, double precision, double precision, integer, text, text, text, text, uuid,
+    double precision, uuid, text) TO card_mcp_app;

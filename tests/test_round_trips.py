@@ -50,7 +50,7 @@ async def test_get_card_is_one_round_trip_and_other_calls_two_plus_their_queries
     assert counted == {
         "get_card": 1,  # one statement: tenant, read, usage row, commit
         "get_card of no card": 1,
-        "search_cards": 5,  # BEGIN; the settings; the search; the usage row; COMMIT
+        "search_cards": 1,  # one statement: tenant, search, usage row, commit
         "create_card": 5,  # the same, with the insert
         "create_card of invalid arguments": 1,  # nothing read or written: the usage row in one statement
         "batch retried exactly": 5,  # answered from the key and the arguments' hash, before validation
