@@ -100,13 +100,16 @@ CREATE TRIGGER cards_learn_updated_words AFTER UPDATE ON card_mcp.cards
 -- The active cards of the current tenant (app.current_tenant_id) that match p_query, best first, as (id, score):
 -- at most p_limit of them (NULL: all), after the position (p_after_score, p_after_id) of a previous page, filtered
 -- by type and by tags (all must match). The query's words are its first 16 distinct ones, lower case, letters and
--- digits. A card matches a word when the word, stemmed, starts a word of its text (full-text search, prefix
--- match): credit 1; or, for a word of 4 letters or more that is no stop word, when one of the card's own words is
--- similar to it (a typo, a partial word): credit that word's trigram word-similarity (at least 0.6). The score, in
--- [0, 1], is a function of the query and the card alone, so keyset paging on (score, id) never serves a card twice:
---   0.7 x full-text rank (cover density; title 1.0 > tags 0.4 > content values 0.2 > content keys 0.1; scaled to
---         [0, 1) by rank/(rank+1))
--- + 0.3 x the mean credit of the query's words.
+-- digits; stop words are not searched. A card has a word when the word, stemmed, starts a word of its text
+-- (full-text search, prefix match); a word of 4 letters or more it does not have it may resemble (a typo, a partial
+-- word): the best trigram word-similarity (at least 0.6) of the card's own words to it. With n searched words, of
+-- which the card has e and resembles others by similarities summing to f, and r its full-text rank (cover density;
+-- title 1.0 > tags 0.4 > content values 0.2 > content keys 0.1; scaled to [0, 1) by rank/(rank+1)):
+--   score = (e + 0.5 x f / n + 0.5 x r) / (n + 1)
+-- in [0, 1), and in [e / (n + 1), (e + 1) / (n + 1)): a card with more of the words always ranks higher. So the
+-- cards that have every word are ranked first, alone (an AND of the words, which the index answers without
+-- reading the cards that share one common word), and the others only while the page is not full. The score is a
+-- function of the query and the card alone, so keyset paging on (score, id) never serves a card twice.
 CREATE OR REPLACE FUNCTION card_mcp.search_cards(
     p_query text,
     p_card_type text,
@@ -123,13 +126,16 @@ AS $$
 DECLARE
     v_tenant uuid := NULLIF(current_setting('app.current_tenant_id', true), '')::uuid;
     v_words text[];        -- the query's first 16 distinct words, lower case, in the order written
-    v_word_ts tsquery[];   -- per word: its stemmed lexemes as prefixes; NULL for a stop word
-    v_fuzzy text[];        -- per word: the word where it is looked up by trigrams too (4 letters, no stop word)
+    v_word_ts tsquery[];   -- per searched word (no stop word): its stemmed lexemes as prefixes
+    v_fuzzy text[];        -- per searched word: the word where it is looked up by trigrams too (4 letters or more)
+    v_n integer;           -- how many words are searched
     v_ts tsquery;          -- every word, any may match
-    v_similar_n bigint[];  -- (query word's position, tenant's word, similarity) of the tenant's words similar
-    v_similar_word text[]; -- to a query word that the word's own prefixes do not match
+    v_all tsquery;         -- every word, all must match
+    v_similar_n bigint[];  -- (searched word's position, tenant's word, similarity) of the tenant's words similar
+    v_similar_word text[]; -- to a searched word that the word's own prefixes do not match
     v_similar real[];
     v_similar_ts tsquery;  -- those words, stemmed, any may match
+    v_found integer := 0;  -- cards that have every word, on this page
 BEGIN
     IF v_tenant IS NULL THEN
         RETURN;  -- fail closed, like the policies
@@ -141,20 +147,22 @@ BEGIN
              GROUP BY w
              ORDER BY min(n)
              LIMIT 16) AS first_words;
-    IF v_words IS NULL THEN
-        RETURN;
-    END IF;
-    SELECT array_agg(q ORDER BY n),
-           array_agg(CASE WHEN q IS NOT NULL AND length(w) >= 4 THEN w END ORDER BY n)
+    SELECT array_agg(per_word.q ORDER BY x.n),
+           array_agg(CASE WHEN length(x.w) >= 4 THEN x.w END ORDER BY x.n)
       INTO v_word_ts, v_fuzzy
       FROM unnest(v_words) WITH ORDINALITY AS x(w, n),
            LATERAL (SELECT to_tsquery('simple', string_agg(quote_literal(l) || ':*', ' | ')) AS q
-                      FROM unnest(tsvector_to_array(to_tsvector('english', w))) AS l) AS per_word;
-    SELECT to_tsquery('simple', string_agg(quote_literal(l) || ':*', ' | ')) INTO v_ts
-      FROM unnest(tsvector_to_array(to_tsvector('english', array_to_string(v_words, ' ')))) AS l;
+                      FROM unnest(tsvector_to_array(to_tsvector('english', x.w))) AS l) AS per_word
+     WHERE per_word.q IS NOT NULL;
+    v_n := coalesce(cardinality(v_word_ts), 0);
+    IF v_n = 0 THEN
+        RETURN;  -- no words, or stop words only
+    END IF;
+    SELECT string_agg(q, ' | ')::tsquery, string_agg('(' || q || ')', ' & ')::tsquery INTO v_ts, v_all
+      FROM unnest(v_word_ts::text[]) AS q;
 
     -- Per fuzzy word: the tenant's words at least 0.6 similar to it that its own prefixes do not match (cards with
-    -- those have credit 1 already).
+    -- those have the word already).
     SELECT array_agg(x.n ORDER BY x.n, v.word), array_agg(v.word ORDER BY x.n, v.word),
            array_agg(word_similarity(x.w, v.word) ORDER BY x.n, v.word)
       INTO v_similar_n, v_similar_word, v_similar
@@ -165,32 +173,59 @@ BEGIN
     SELECT to_tsquery('simple', string_agg(DISTINCT quote_literal(l), ' | ')) INTO v_similar_ts
       FROM unnest(v_similar_word) AS s(word), unnest(tsvector_to_array(to_tsvector('english', s.word))) AS l;
 
+    -- The cards that have every word rank above all others: first them alone, unless an earlier page is past them.
+    IF p_after_score IS NULL OR p_after_score >= v_n::double precision / (v_n + 1) THEN
+        RETURN QUERY
+        SELECT c.id, ((v_n + 0.5 * ts_rank_cd('{0.1, 0.2, 0.4, 1.0}', c.search_doc, v_ts, 32))
+                      / (v_n + 1))::double precision AS score
+          FROM card_mcp.cards AS c
+         WHERE c.tenant_id = v_tenant AND c.is_active AND c.search_doc @@ v_all
+           AND (p_card_type IS NULL OR c.card_type = p_card_type)
+           AND (p_tags IS NULL OR c.tags @> p_tags)
+           AND (p_after_score IS NULL
+                OR ((v_n + 0.5 * ts_rank_cd('{0.1, 0.2, 0.4, 1.0}', c.search_doc, v_ts, 32)) / (v_n + 1), c.id)
+                   < (p_after_score, p_after_id))
+         ORDER BY 2 DESC, 1 DESC
+         LIMIT p_limit;
+        GET DIAGNOSTICS v_found = ROW_COUNT;
+        IF v_found >= p_limit THEN
+            RETURN;
+        END IF;
+    END IF;
+
+    -- Then the cards with some of the words, or words like them.
     RETURN QUERY
     WITH candidates AS (
-        SELECT c.id, c.search_doc, string_to_array(c.search_words, ' ') AS words
+        SELECT c.id, c.search_doc, c.search_words
           FROM card_mcp.cards AS c
          WHERE c.tenant_id = v_tenant AND c.is_active
            AND c.search_doc @@ (CASE WHEN v_similar_ts IS NULL THEN v_ts ELSE v_ts || v_similar_ts END)
+           AND NOT c.search_doc @@ v_all
            AND (p_card_type IS NULL OR c.card_type = p_card_type)
            AND (p_tags IS NULL OR c.tags @> p_tags)
-    ), scored AS (
-        SELECT m.id,
-               0.7 * coalesce(ts_rank_cd('{0.1, 0.2, 0.4, 1.0}', m.search_doc, v_ts, 32), 0)
-               + 0.3 * (SELECT coalesce(sum(CASE WHEN q.ts IS NOT NULL AND m.search_doc @@ q.ts THEN 1
-                                                 ELSE (SELECT coalesce(max(s.similarity), 0)
-                                                         FROM unnest(v_similar_n, v_similar_word, v_similar)
-                                                              AS s(n, word, similarity)
-                                                        WHERE s.n = q.n AND s.word = ANY (m.words)) END), 0)
-                          FROM unnest(v_word_ts) WITH ORDINALITY AS q(ts, n))
-                     / cardinality(v_words) AS score
+    ), credited AS (
+        SELECT m.id, m.search_doc,
+               (SELECT count(*) FROM unnest(v_word_ts) AS q(ts) WHERE m.search_doc @@ q.ts) AS e,
+               CASE WHEN v_similar_n IS NULL THEN 0
+                    ELSE (SELECT coalesce(sum(best.similarity), 0)
+                            FROM (SELECT max(s.similarity) AS similarity
+                                    FROM unnest(v_similar_n, v_similar_word, v_similar) AS s(n, word, similarity)
+                                   WHERE s.word = ANY (string_to_array(m.search_words, ' '))
+                                     AND NOT m.search_doc @@ v_word_ts[s.n]
+                                   GROUP BY s.n) AS best) END AS f
           FROM candidates AS m
+    ), scored AS (
+        SELECT k.id,
+               ((k.e + 0.5 * k.f / v_n + 0.5 * ts_rank_cd('{0.1, 0.2, 0.4, 1.0}', k.search_doc, v_ts, 32))
+                / (v_n + 1))::double precision AS score
+          FROM credited AS k
     )
-    SELECT s.id, s.score::double precision
+    SELECT s.id, s.score
       FROM scored AS s
      WHERE s.score > 0
        AND (p_after_score IS NULL OR (s.score, s.id) < (p_after_score, p_after_id))
      ORDER BY s.score DESC, s.id DESC
-     LIMIT p_limit;
+     LIMIT p_limit - v_found;
 END
 $$;
 
