@@ -2,13 +2,13 @@
 -- searchable, its content's keys and numbers included.
 --
 -- 1. The stored full-text document gains the content's numbers (with its strings, weight C) and its keys (weight D,
---    below every value), so {"tone": [...]} is found by "tone" and {"founded": 2009} by "2009"; the word list used
---    for typos gains them too. The word list's trigram index goes: typos are looked up in the vocabulary below.
--- 2. A per-tenant vocabulary (every word any of its cards has had, kept by triggers) turns a query word's typos
---    into the tenant's real words with a trigram lookup over words, not over every card. It only finds candidates:
---    a card's credit for a typo is the similarity of its own best word, so the score never depends on other cards
---    (before, a word got a trigram lookup only while no card of the tenant matched it exactly, and a card inserted
---    between two pages could change another card's score and serve it twice).
+--    below every value), so {"tone": [...]} is found by "tone" and {"founded": 2009} by "2009". The word list and
+--    its trigram index go: typos are looked up in the vocabulary below.
+-- 2. A per-tenant vocabulary (every stemmed word, lexeme, any of its cards has had, kept by triggers) turns a query
+--    word's typos into the tenant's real lexemes with a trigram lookup over lexemes, not over every card. It only
+--    finds candidates: a card's credit for a typo is the similarity of its own best lexeme, so the score never
+--    depends on other cards (before, a word got a trigram lookup only while no card of the tenant matched it
+--    exactly, and a card inserted between two pages could change another card's score and serve it twice).
 -- 3. card_mcp.search_cards reads the query's first 16 distinct words in the order written (before: any 16).
 
 ALTER TABLE card_mcp.cards DROP COLUMN search_doc, DROP COLUMN search_words;
@@ -18,19 +18,12 @@ ALTER TABLE card_mcp.cards
         || setweight(to_tsvector('english'::regconfig, card_mcp.join_words(tags)), 'B')
         || setweight(jsonb_to_tsvector('english'::regconfig, content, '["string", "numeric"]'), 'C')
         || setweight(jsonb_to_tsvector('english'::regconfig, content, '["key"]'), 'D')
-    ) STORED,
-    ADD COLUMN search_words text GENERATED ALWAYS AS (
-        card_mcp.join_words(tsvector_to_array(
-            to_tsvector('simple'::regconfig, title)
-            || to_tsvector('simple'::regconfig, card_mcp.join_words(tags))
-            || jsonb_to_tsvector('simple'::regconfig, content, '["string", "numeric", "key"]')
-        ))
     ) STORED;
 
 CREATE INDEX cards_search_doc_idx ON card_mcp.cards USING gin (tenant_id, search_doc) WHERE is_active;
 
--- Every word (as in search_words) any card of the tenant has had. Never shrinks: a word no card has any more only
--- costs the lookup a row (a card's credit is checked against its own words).
+-- Every lexeme (as in search_doc) any card of the tenant has had. Never shrinks: a lexeme no card has any more only
+-- costs the lookup a row (a card's credit is checked against its own lexemes).
 CREATE TABLE card_mcp.search_vocabulary (
     tenant_id  uuid NOT NULL,
     word       text NOT NULL,
@@ -52,9 +45,9 @@ GRANT SELECT ON card_mcp.search_vocabulary TO card_mcp_admin;
 
 INSERT INTO card_mcp.search_vocabulary (tenant_id, word)
 SELECT DISTINCT c.tenant_id, w
-  FROM card_mcp.cards AS c, unnest(string_to_array(c.search_words, ' ')) AS w
- WHERE w <> ''
+  FROM card_mcp.cards AS c, unnest(tsvector_to_array(c.search_doc)) AS w
 ON CONFLICT DO NOTHING;
+ANALYZE card_mcp.search_vocabulary;  -- its trigram index, not a scan of the tenant's whole vocabulary
 
 -- New words of a statement's cards, once per statement, in word order (two writers never wait on each other in
 -- opposite orders). SECURITY INVOKER: under the writer's own policy (its tenant's rows only).
@@ -65,8 +58,7 @@ AS $$
 BEGIN
     INSERT INTO card_mcp.search_vocabulary (tenant_id, word)
     SELECT DISTINCT n.tenant_id, w
-      FROM new_cards AS n, unnest(string_to_array(n.search_words, ' ')) AS w
-     WHERE w <> ''
+      FROM new_cards AS n, unnest(tsvector_to_array(n.search_doc)) AS w
      ORDER BY 1, 2
     ON CONFLICT DO NOTHING;
     RETURN NULL;
@@ -82,8 +74,8 @@ BEGIN
     SELECT DISTINCT n.tenant_id, w
       FROM new_cards AS n
       JOIN old_cards AS o ON o.tenant_id = n.tenant_id AND o.id = n.id,
-           unnest(string_to_array(n.search_words, ' ')) AS w
-     WHERE w <> '' AND n.search_words IS DISTINCT FROM o.search_words
+           unnest(tsvector_to_array(n.search_doc)) AS w
+     WHERE n.search_doc IS DISTINCT FROM o.search_doc
      ORDER BY 1, 2
     ON CONFLICT DO NOTHING;
     RETURN NULL;
@@ -102,7 +94,7 @@ CREATE TRIGGER cards_learn_updated_words AFTER UPDATE ON card_mcp.cards
 -- by type and by tags (all must match). The query's words are its first 16 distinct ones, lower case, letters and
 -- digits; stop words are not searched. A card has a word when the word, stemmed, starts a word of its text
 -- (full-text search, prefix match); a word of 4 letters or more it does not have it may resemble (a typo, a partial
--- word): the best trigram word-similarity (at least 0.6) of the card's own words to it. With n searched words, of
+-- word): the best trigram word-similarity (at least 0.5) of the card's own lexemes to the word's stem. With n searched words, of
 -- which the card has e and resembles others by similarities summing to f, and r its full-text rank (cover density;
 -- title 1.0 > tags 0.4 > content values 0.2 > content keys 0.1; scaled to [0, 1) by rank/(rank+1)):
 --   score = (e + 0.5 x f / n + 0.5 x r) / (n + 1)
@@ -121,21 +113,22 @@ CREATE OR REPLACE FUNCTION card_mcp.search_cards(
     LANGUAGE plpgsql STABLE SECURITY DEFINER
     ROWS 20
     SET search_path = pg_catalog, card_mcp, pg_temp
-    SET pg_trgm.word_similarity_threshold = 0.6
+    SET pg_trgm.word_similarity_threshold = 0.5
 AS $$
 DECLARE
     v_tenant uuid := NULLIF(current_setting('app.current_tenant_id', true), '')::uuid;
     v_words text[];        -- the query's first 16 distinct words, lower case, in the order written
     v_word_ts tsquery[];   -- per searched word (no stop word): its stemmed lexemes as prefixes
-    v_fuzzy text[];        -- per searched word: the word where it is looked up by trigrams too (4 letters or more)
+    v_fuzzy text[];        -- per searched word: its stem where it is looked up by trigrams too (4 letters or more)
     v_n integer;           -- how many words are searched
     v_ts tsquery;          -- every word, any may match
     v_all tsquery;         -- every word, all must match
-    v_similar_n bigint[];  -- (searched word's position, tenant's word, similarity) of the tenant's words similar
-    v_similar_word text[]; -- to a searched word that the word's own prefixes do not match
+    v_similar_n bigint[];  -- (searched word's position, tenant's lexeme, similarity) of the tenant's lexemes similar
+    v_similar_q tsquery[]; -- to a searched word's stem that the word's own prefixes do not match
     v_similar real[];
-    v_similar_ts tsquery;  -- those words, stemmed, any may match
+    v_similar_ts tsquery;  -- those lexemes, any may match
     v_found integer := 0;  -- cards that have every word, on this page
+    v_top integer;         -- the most words a card below the previous page's last may have
 BEGIN
     IF v_tenant IS NULL THEN
         RETURN;  -- fail closed, like the policies
@@ -148,10 +141,10 @@ BEGIN
              ORDER BY min(n)
              LIMIT 16) AS first_words;
     SELECT array_agg(per_word.q ORDER BY x.n),
-           array_agg(CASE WHEN length(x.w) >= 4 THEN x.w END ORDER BY x.n)
+           array_agg(CASE WHEN length(x.w) >= 4 THEN per_word.stem END ORDER BY x.n)
       INTO v_word_ts, v_fuzzy
       FROM unnest(v_words) WITH ORDINALITY AS x(w, n),
-           LATERAL (SELECT to_tsquery('simple', string_agg(quote_literal(l) || ':*', ' | ')) AS q
+           LATERAL (SELECT to_tsquery('simple', string_agg(quote_literal(l) || ':*', ' | ')) AS q, min(l) AS stem
                       FROM unnest(tsvector_to_array(to_tsvector('english', x.w))) AS l) AS per_word
      WHERE per_word.q IS NOT NULL;
     v_n := coalesce(cardinality(v_word_ts), 0);
@@ -161,17 +154,25 @@ BEGIN
     SELECT string_agg(q, ' | ')::tsquery, string_agg('(' || q || ')', ' & ')::tsquery INTO v_ts, v_all
       FROM unnest(v_word_ts::text[]) AS q;
 
-    -- Per fuzzy word: the tenant's words at least 0.6 similar to it that its own prefixes do not match (cards with
-    -- those have the word already).
-    SELECT array_agg(x.n ORDER BY x.n, v.word), array_agg(v.word ORDER BY x.n, v.word),
-           array_agg(word_similarity(x.w, v.word) ORDER BY x.n, v.word)
-      INTO v_similar_n, v_similar_word, v_similar
-      FROM unnest(v_fuzzy) WITH ORDINALITY AS x(w, n)
-      JOIN card_mcp.search_vocabulary AS v ON v.tenant_id = v_tenant AND v.word %> x.w
-     WHERE x.w IS NOT NULL
-       AND NOT to_tsvector('english', v.word) @@ v_word_ts[x.n];
-    SELECT to_tsquery('simple', string_agg(DISTINCT quote_literal(l), ' | ')) INTO v_similar_ts
-      FROM unnest(v_similar_word) AS s(word), unnest(tsvector_to_array(to_tsvector('english', s.word))) AS l;
+    -- Per fuzzy word: the tenant's lexemes at least 0.5 similar to its stem that its own prefixes do not match
+    -- (cards with those have the word already), best first.
+    -- One word at a time: each lookup is its own trigram index scan.
+    FOR i IN 1 .. v_n LOOP
+        CONTINUE WHEN v_fuzzy[i] IS NULL;
+        SELECT v_similar_n || array_agg(i::bigint ORDER BY sim.similarity DESC, sim.word),
+               v_similar_q || array_agg(quote_literal(sim.word)::tsquery ORDER BY sim.similarity DESC, sim.word),
+               v_similar || array_agg(sim.similarity ORDER BY sim.similarity DESC, sim.word)
+          INTO v_similar_n, v_similar_q, v_similar
+          FROM (SELECT v.word, word_similarity(v_fuzzy[i], v.word) AS similarity
+                  FROM card_mcp.search_vocabulary AS v
+                 WHERE v.tenant_id = v_tenant AND v.word %> v_fuzzy[i]
+                   AND NOT quote_literal(v.word)::tsvector @@ v_word_ts[i]) AS sim;
+    END LOOP;
+    IF cardinality(v_similar_q) = 0 THEN
+        v_similar_n := NULL;
+    ELSE
+        SELECT string_agg(DISTINCT q::text, ' | ')::tsquery INTO v_similar_ts FROM unnest(v_similar_q) AS q;
+    END IF;
 
     -- The cards that have every word rank above all others: first them alone, unless an earlier page is past them.
     IF p_after_score IS NULL OR p_after_score >= v_n::double precision / (v_n + 1) THEN
@@ -193,27 +194,42 @@ BEGIN
         END IF;
     END IF;
 
-    -- Then the cards with some of the words, or words like them.
+    -- Then the cards with some of the words, or words like them, by how many words they have: only as many of
+    -- those groups are scored as it takes to fill the page, counting as available only the groups below the one
+    -- the previous page ended in (v_top; the score's e is floor(score x (n + 1)), the margin is for rounding).
+    v_top := CASE WHEN p_after_score IS NULL THEN v_n ELSE floor(p_after_score * (v_n + 1) + 1e-6)::integer END;
     RETURN QUERY
-    WITH candidates AS (
-        SELECT c.id, c.search_doc, c.search_words
+    WITH partial AS MATERIALIZED (  -- the cards with some of the words
+        SELECT c.id, c.search_doc,
+               (SELECT count(*) FROM unnest(v_word_ts) AS q(ts) WHERE c.search_doc @@ q.ts)::integer AS e
           FROM card_mcp.cards AS c
-         WHERE c.tenant_id = v_tenant AND c.is_active
-           AND c.search_doc @@ (CASE WHEN v_similar_ts IS NULL THEN v_ts ELSE v_ts || v_similar_ts END)
-           AND NOT c.search_doc @@ v_all
+         WHERE c.tenant_id = v_tenant AND c.is_active AND c.search_doc @@ v_ts AND NOT c.search_doc @@ v_all
+           AND (p_card_type IS NULL OR c.card_type = p_card_type)
+           AND (p_tags IS NULL OR c.tags @> p_tags)
+    ), groups AS (
+        SELECT m.e, count(*) AS cards FROM partial AS m WHERE m.e < v_top GROUP BY m.e
+    ), cut AS (  -- the fewest words a scored card has: enough cards with more, surely after the cursor
+        SELECT coalesce(max(g.e) FILTER (WHERE g.available >= p_limit - v_found), 0) AS fewest
+          FROM (SELECT groups.e, sum(groups.cards) OVER (ORDER BY groups.e DESC) AS available FROM groups) AS g
+    ), candidates AS (  -- and, only when those do not fill the page, the cards with none but words like them
+        SELECT m.id, m.search_doc, m.e FROM partial AS m
+        UNION ALL
+        SELECT c.id, c.search_doc, 0
+          FROM card_mcp.cards AS c
+         WHERE (SELECT cut.fewest FROM cut) = 0 AND v_similar_ts IS NOT NULL
+           AND c.tenant_id = v_tenant AND c.is_active AND c.search_doc @@ v_similar_ts AND NOT c.search_doc @@ v_ts
            AND (p_card_type IS NULL OR c.card_type = p_card_type)
            AND (p_tags IS NULL OR c.tags @> p_tags)
     ), credited AS (
-        SELECT m.id, m.search_doc,
-               (SELECT count(*) FROM unnest(v_word_ts) AS q(ts) WHERE m.search_doc @@ q.ts) AS e,
+        SELECT m.id, m.search_doc, m.e,
                CASE WHEN v_similar_n IS NULL THEN 0
                     ELSE (SELECT coalesce(sum(best.similarity), 0)
                             FROM (SELECT max(s.similarity) AS similarity
-                                    FROM unnest(v_similar_n, v_similar_word, v_similar) AS s(n, word, similarity)
-                                   WHERE s.word = ANY (string_to_array(m.search_words, ' '))
-                                     AND NOT m.search_doc @@ v_word_ts[s.n]
+                                    FROM unnest(v_similar_n, v_similar_q, v_similar) AS s(n, q, similarity)
+                                   WHERE m.search_doc @@ s.q AND NOT m.search_doc @@ v_word_ts[s.n]
                                    GROUP BY s.n) AS best) END AS f
           FROM candidates AS m
+         WHERE m.e <= v_top AND m.e >= (SELECT cut.fewest FROM cut)
     ), scored AS (
         SELECT k.id,
                ((k.e + 0.5 * k.f / v_n + 0.5 * ts_rank_cd('{0.1, 0.2, 0.4, 1.0}', k.search_doc, v_ts, 32))
