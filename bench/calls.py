@@ -287,6 +287,20 @@ async def stdio_latency(t: Target, out: Results, calls: int) -> None:
     out.add("get_card over stdio, p99", 1000 * percentile(mine, 0.99), 1000 * percentile(base, 0.99), "ms")
 
 
+async def search_stdio_latency(t: Target, out: Results, calls: int) -> None:
+    """search_cards (a word of the tenant's titles, 10 hits) against get_card, on one `card-mcp serve` over stdio:
+    the floor of a search is the cheapest call of the same server (issue 16's target: at most 2x)."""
+    rng = random.Random(3)
+    async with Client(stdio_params(t), mode="legacy") as ours:
+        search = lambda: ours.call_tool("search_cards", {"query": rng.choice(t.words)})  # noqa: E731
+        mine, base = await side_by_side(search, get_card(ours, t, rng), calls)
+    p50 = ("search_cards vs get_card over stdio, p50", 1000 * statistics.median(mine), 1000 * statistics.median(base))
+    out.add(*p50, "ms", "≤ 2")
+    out.add(
+        "search_cards vs get_card over stdio, p95", 1000 * percentile(mine, 0.95), 1000 * percentile(base, 0.95), "ms"
+    )
+
+
 async def http_latency(t: Target, out: Results, calls: int) -> None:
     rng = random.Random(2)
     port = free_port()
@@ -587,6 +601,7 @@ async def run(args: argparse.Namespace) -> list[Row]:
         print(f"PostgreSQL {server_version}", file=sys.stderr)
         steps: dict[str, Callable[[], Awaitable[None]]] = {
             "stdio": lambda: stdio_latency(t, out, args.calls),
+            "search-stdio": lambda: search_stdio_latency(t, out, args.calls),
             "http": lambda: http_latency(t, out, args.calls),
             "round-trips": lambda: round_trips(t, out),
             "edge": lambda: in_process(t, out, args.calls),
@@ -611,7 +626,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, default=20, help="length of each throughput run")
     p.add_argument("--cards", type=int, default=500, help="cards of the benchmark tenant")
     p.add_argument("--database-url", help="a superuser URL of an external server (default: embedded)")
-    p.add_argument("--only", nargs="*", choices=["stdio", "http", "round-trips", "edge", "throughput", "memory"])
+    p.add_argument(
+        "--only", nargs="*", choices=["stdio", "search-stdio", "http", "round-trips", "edge", "throughput", "memory"]
+    )
     return p
 
 

@@ -336,7 +336,11 @@ async def test_the_brief_keeps_card_text_out_of_its_instructions(database: TestD
 
 
 RELEVANCE = Path(__file__).parent / "data" / "relevance.json"
+BENCHMARKS = Path(__file__).parent.parent / "docs" / "benchmarks.md"
 Scores = dict[str, list[tuple[float, float]]]  # kind -> (reciprocal rank, recall@5) per query
+# Kinds lexical search cannot be expected to find (other words for the idea, another language): reported, and in
+# "all", but the lexical figure held to the target is "all but these".
+BY_MEANING = ("paraphrase", "second_language")
 
 
 async def load_relevance_set(
@@ -362,10 +366,14 @@ async def relevance(
     tenants: dict[str, uuid.UUID],
     app_pool: asyncpg.Pool,
     nearest: Callable[[str], Awaitable[search.Nearest | None]] | None = None,
+    half: str | None = None,
 ) -> Scores:
-    """Each query's reciprocal rank and recall@5 in the top 10, by kind; with ``nearest``, semantic search."""
+    """Each query's reciprocal rank and recall@5 in the top 10, by kind (of ``half`` only, if given); with
+    ``nearest``, semantic search."""
     by_kind: Scores = defaultdict(list)
     for query in data["queries"]:
+        if half is not None and query["half"] != half:
+            continue
         vector = await nearest(query["query"]) if nearest else None
         async with tenant_transaction(app_pool, tenants[query["brand"]]) as conn:
             hits, _ = await search.search_cards(
@@ -386,26 +394,54 @@ def mean(scores: list[tuple[float, float]]) -> tuple[float, float]:
 
 
 def rows(by_kind: Scores) -> dict[str, list[tuple[float, float]]]:
-    """Every kind, then "all but paraphrase" and "all"."""
+    """Every kind, then "all but paraphrase" (and the other kinds found by meaning) and "all"."""
     everything = [score for scores in by_kind.values() for score in scores]
-    lexical = [score for kind, scores in by_kind.items() if kind != "paraphrase" for score in scores]
+    lexical = [score for kind, scores in by_kind.items() if kind not in BY_MEANING for score in scores]
     return {**dict(sorted(by_kind.items())), "all but paraphrase": lexical, "all": everything}
 
 
-async def test_ranking_reaches_mrr_and_recall_at_5_of_085_on_the_relevance_set_except_its_paraphrases(
+def published(table: str) -> dict[str, tuple[float, ...]]:
+    """The rows of the table in docs/benchmarks.md that follows the line ``<!-- table -->``: kind -> figures."""
+    text = BENCHMARKS.read_text()
+    lines = text[text.index(f"<!-- {table} -->") :].splitlines()[3:]
+    figures: dict[str, tuple[float, ...]] = {}
+    for line in lines:
+        if not line.startswith("|"):
+            break
+        cells = [cell.strip().strip("*") for cell in line.strip("|").split("|")]
+        figures[cells[0]] = tuple(float(cell) for cell in cells[2:])
+    return figures
+
+
+# How far a held-out figure may move from the published one (the ranking is deterministic; the margin absorbs a
+# tie broken otherwise by card ids, which are random). Lexical figures of the kinds found by meaning (and "all",
+# which holds them) are printed, not compared: their queries share a common word or two with many cards, and which
+# of those tied cards comes first is up to the random ids.
+MARGIN = 0.03
+
+
+async def test_lexical_ranking_on_the_held_out_half_is_what_docs_benchmarks_md_publishes(
     database: TestDatabase, app_pool: asyncpg.Pool
 ) -> None:
-    """The set (tests/data/relevance.json) was written before ranking was tuned and is not changed to fit it.
-    MRR: 1 / the rank of the first expected card found; recall@5: the share of expected cards in the top 5.
-    Paraphrases share as few word stems as possible with their cards, so lexical search is not expected to find
-    them: they are printed, and in the "all" row, but the thresholds apply to the other kinds ("all but paraphrase")."""
+    """tests/data/relevance.json: the held-out half (written before it was ever run) must score what the docs say,
+    within MARGIN, per kind, and reach MRR 0.90 on the kinds lexical search can find; the tuned half is printed.
+    MRR: 1 / the rank of the first expected card found in the top 10; recall@5: the share of expected cards in
+    the top 5."""
     data, ids, tenants = await load_relevance_set(database, app_pool)
-    table = rows(await relevance(data, ids, tenants, app_pool))
-    lines = ["| kind | queries | MRR | recall@5 |", "|---|---:|---:|---:|"]
-    lines += [
-        f"| {kind} | {len(scores)} | {mean(scores)[0]:.3f} | {mean(scores)[1]:.3f} |" for kind, scores in table.items()
-    ]
+    lines = ["| half | kind | queries | MRR | recall@5 |", "|---|---|---:|---:|---:|"]
+    measured: dict[str, dict[str, tuple[float, float]]] = {}
+    for half in ("held_out", "tuned"):
+        table = rows(await relevance(data, ids, tenants, app_pool, half=half))
+        measured[half] = {kind: mean(scores) for kind, scores in table.items()}
+        lines += [
+            f"| {half} | {kind} | {len(scores)} | {mean(scores)[0]:.3f} | {mean(scores)[1]:.3f} |"
+            for kind, scores in table.items()
+        ]
     print("\n" + "\n".join(lines))
-    mrr, recall_at_5 = mean(table["all but paraphrase"])
-    assert len(table["all but paraphrase"]) >= 40 and table["paraphrase"]
-    assert mrr >= 0.85 and recall_at_5 >= 0.85, "\n".join(lines)
+    report = "\n".join(lines)
+    assert measured["held_out"]["all but paraphrase"][0] >= 0.90, report
+    for kind, figures in published("lexical held-out").items():
+        if kind in (*BY_MEANING, "all"):  # few words in common: ties among weak matches, broken by random ids
+            continue
+        assert abs(measured["held_out"][kind][0] - figures[0]) <= MARGIN, (kind, report)
+        assert abs(measured["held_out"][kind][1] - figures[1]) <= MARGIN, (kind, report)

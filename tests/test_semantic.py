@@ -30,7 +30,7 @@ from card_mcp.server import build_server
 from tests.conftest import TestDatabase, new_database
 from tests.helpers import connect, ok, tenant_transaction, until
 from tests.helpers import superuser as superuser_of
-from tests.test_search import load_relevance_set, mean, relevance, rows
+from tests.test_search import BY_MEANING, MARGIN, load_relevance_set, mean, published, relevance, rows
 
 # CI's semantic step sets CARD_MCP_TEST_REQUIRE_SEMANTIC: there, a missing extra or pgvector fails instead of
 # skipping, so the step cannot pass by testing nothing.
@@ -47,7 +47,7 @@ READING_LEVEL = {
     "tags": ["museum"],
 }
 PARAPHRASE = "how to write exhibit text a 12-year-old can understand"
-GAIN = 0.3  # MRR on the paraphrases, hybrid over lexical: measured 0.0 -> see docs/benchmarks.md
+GAIN = 0.2  # MRR on the held-out paraphrases, hybrid over lexical: see docs/benchmarks.md
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -468,11 +468,12 @@ def test_card_mcp_embed_backfills_every_card_with_a_progress_bar(database: TestD
     assert "100%" in run.stderr
 
 
-async def test_semantic_search_finds_paraphrases_that_lexical_search_misses_on_the_relevance_set(
+async def test_hybrid_ranking_on_the_held_out_half_is_what_docs_benchmarks_md_publishes(
     database: TestDatabase, app_pool: asyncpg.Pool
 ) -> None:
-    """tests/data/relevance.json, lexical and hybrid, side by side; the paraphrases were written before semantic
-    search was measured. The gain on them must hold, and nothing else may get much worse."""
+    """tests/data/relevance.json, lexical and hybrid side by side, per half and kind. On the held-out half (written
+    before it was ever run) the hybrid figures must be what the docs publish, within MARGIN; paraphrases must gain
+    over lexical search; the tuned half is printed."""
     data, ids, tenants = await load_relevance_set(database, app_pool)
     model = semantic.load_model(1)
     assert model is not None
@@ -483,17 +484,24 @@ async def test_semantic_search_finds_paraphrases_that_lexical_search_misses_on_t
         assert vector is not None
         return search.Nearest(model.id, vector, model.floor, model.ceiling)
 
-    lexical = rows(await relevance(data, ids, tenants, app_pool))
-    hybrid = rows(await relevance(data, ids, tenants, app_pool, nearest))
     lines = [
-        "| kind | queries | lexical MRR | lexical recall@5 | hybrid MRR | hybrid recall@5 |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| half | kind | queries | lexical MRR | lexical recall@5 | hybrid MRR | hybrid recall@5 |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
-    for kind, scores in lexical.items():
-        (lm, lr), (hm, hr) = mean(scores), mean(hybrid[kind])
-        lines.append(f"| {kind} | {len(scores)} | {lm:.3f} | {lr:.3f} | {hm:.3f} | {hr:.3f} |")
+    measured: dict[str, dict[str, tuple[float, float, float, float]]] = {}
+    for half in ("held_out", "tuned"):
+        lexical = rows(await relevance(data, ids, tenants, app_pool, half=half))
+        hybrid = rows(await relevance(data, ids, tenants, app_pool, nearest, half=half))
+        measured[half] = {kind: (*mean(scores), *mean(hybrid[kind])) for kind, scores in lexical.items()}
+        for kind, scores in lexical.items():
+            lm, lr, hm, hr = measured[half][kind]
+            lines.append(f"| {half} | {kind} | {len(scores)} | {lm:.3f} | {lr:.3f} | {hm:.3f} | {hr:.3f} |")
     print("\n" + "\n".join(lines))
     table = "\n".join(lines)
-    assert mean(hybrid["paraphrase"])[0] >= mean(lexical["paraphrase"])[0] + GAIN, table
-    assert mean(hybrid["all"])[0] > mean(lexical["all"])[0], table
-    assert mean(hybrid["all but paraphrase"])[0] >= 0.85, table
+    held_out = measured["held_out"]
+    assert held_out["paraphrase"][2] >= held_out["paraphrase"][0] + GAIN, table
+    assert held_out["all"][2] > held_out["all"][0], table
+    for kind, figures in published("hybrid held-out").items():
+        compared = slice(2, 4) if kind in (*BY_MEANING, "all") else slice(0, 4)  # see tests/test_search.MARGIN
+        pairs = zip(held_out[kind][compared], figures[compared], strict=True)
+        assert all(abs(a - b) <= MARGIN for a, b in pairs), (kind, table)
