@@ -199,8 +199,8 @@ BEGIN
     -- the previous page ended in (v_top; the score's e is floor(score x (n + 1)), the margin is for rounding).
     v_top := CASE WHEN p_after_score IS NULL THEN v_n ELSE floor(p_after_score * (v_n + 1) + 1e-6)::integer END;
     RETURN QUERY
-    WITH partial AS MATERIALIZED (  -- the cards with some of the words
-        SELECT c.id, c.search_doc,
+    WITH partial AS MATERIALIZED (  -- the cards with some of the words, and how many (not their documents)
+        SELECT c.id,
                (SELECT count(*) FROM unnest(v_word_ts) AS q(ts) WHERE c.search_doc @@ q.ts)::integer AS e
           FROM card_mcp.cards AS c
          WHERE c.tenant_id = v_tenant AND c.is_active AND c.search_doc @@ v_ts AND NOT c.search_doc @@ v_all
@@ -212,24 +212,28 @@ BEGIN
         SELECT coalesce(max(g.e) FILTER (WHERE g.available >= p_limit - v_found), 0) AS fewest
           FROM (SELECT groups.e, sum(groups.cards) OVER (ORDER BY groups.e DESC) AS available FROM groups) AS g
     ), candidates AS (  -- and, only when those do not fill the page, the cards with none but words like them
-        SELECT m.id, m.search_doc, m.e FROM partial AS m
+        SELECT m.id, m.e FROM partial AS m
         UNION ALL
-        SELECT c.id, c.search_doc, 0
+        SELECT c.id, 0
           FROM card_mcp.cards AS c
          WHERE (SELECT cut.fewest FROM cut) = 0 AND v_similar_ts IS NOT NULL
            AND c.tenant_id = v_tenant AND c.is_active AND c.search_doc @@ v_similar_ts AND NOT c.search_doc @@ v_ts
            AND (p_card_type IS NULL OR c.card_type = p_card_type)
            AND (p_tags IS NULL OR c.tags @> p_tags)
+    ), chosen AS MATERIALIZED (  -- the groups the page needs, their documents read again, one by primary key
+        SELECT m.id, m.e,
+               (SELECT d.search_doc FROM card_mcp.cards AS d WHERE d.tenant_id = v_tenant AND d.id = m.id) AS doc
+          FROM candidates AS m
+         WHERE m.e <= v_top AND m.e >= (SELECT cut.fewest FROM cut)
     ), credited AS (
-        SELECT m.id, m.search_doc, m.e,
+        SELECT m.id, m.doc AS search_doc, m.e,
                CASE WHEN v_similar_n IS NULL THEN 0
                     ELSE (SELECT coalesce(sum(best.similarity), 0)
                             FROM (SELECT max(s.similarity) AS similarity
                                     FROM unnest(v_similar_n, v_similar_q, v_similar) AS s(n, q, similarity)
-                                   WHERE m.search_doc @@ s.q AND NOT m.search_doc @@ v_word_ts[s.n]
+                                   WHERE m.doc @@ s.q AND NOT m.doc @@ v_word_ts[s.n]
                                    GROUP BY s.n) AS best) END AS f
-          FROM candidates AS m
-         WHERE m.e <= v_top AND m.e >= (SELECT cut.fewest FROM cut)
+          FROM chosen AS m
     ), scored AS (
         SELECT k.id,
                ((k.e + 0.5 * k.f / v_n + 0.5 * ts_rank_cd('{0.1, 0.2, 0.4, 1.0}', k.search_doc, v_ts, 32))
