@@ -347,6 +347,7 @@ PRIVILEGES = {
         "usage_by_client": {S},
         "card_vectors": {S},
         "embedding_queue": {S, INS},
+        "search_vocabulary": {S, INS},  # the words of the cards it writes (schema/0011_search_exact.sql)
     },
     db.ADMIN_ROLE: {
         "schema_migrations": {S},
@@ -363,6 +364,7 @@ PRIVILEGES = {
         "usage_by_client": {S},
         "card_vectors": {S, INS, U, D},
         "embedding_queue": {S, INS, U, D},
+        "search_vocabulary": {S},
     },
     db.ANALYST_ROLE: PEOPLE_READ,
     db.READER_GROUP: {**PEOPLE_READ, "readers": {S}},
