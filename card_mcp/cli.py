@@ -18,7 +18,7 @@ from pathlib import Path
 
 import anyio
 
-from . import __version__, connections, db, keys, migrate, output, readers, tenants, usage
+from . import __version__, connections, db, keys, logs, migrate, output, readers, tenants, usage
 from .config import Settings
 from .errors import CardMcpError, InvalidArgument, SetupError
 
@@ -162,6 +162,7 @@ async def _serve(args: argparse.Namespace, settings: Settings) -> int:
     from . import stdio  # the MCP SDK loads only for the command that serves
     from .server import build_server
 
+    logs.keep_lines_clean(logging.getLogger().handlers)  # clients' text reaches the log from here on
     flags = {name: getattr(args, name) for name in ("transport", "host", "port", "tenant", "stateless")}
     settings = Settings.model_validate({**settings.model_dump(), **{k: v for k, v in flags.items() if v is not None}})
     if settings.transport == "http":

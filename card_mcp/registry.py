@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import re
 from collections.abc import Awaitable, Callable
 from functools import cached_property
 from types import UnionType
@@ -129,6 +130,10 @@ def admits_text(annotation: Any) -> bool:
     return any(admits_text(arg) for arg in args) if get_origin(annotation) in (Union, UnionType) else False
 
 
+# pydantic quotes pieces of the input in some messages ("invalid character: found `z` at 0" for a UUID).
+_QUOTED = re.compile(r"`[^`]*`")
+
+
 def invalid_arguments(exc: ValidationError) -> InvalidArgument:
     """A one-line message naming the fields and rules broken, never the rejected values."""
     problems = []
@@ -138,7 +143,7 @@ def invalid_arguments(exc: ValidationError) -> InvalidArgument:
             problems.append(f"{where}: unexpected argument (see the inputSchema for the allowed names)")
             continue
         where = ".".join(str(part) for part in err["loc"]) or "arguments"
-        problems.append(f"{where}: {err['msg']}")
+        problems.append(f"{where}: {_QUOTED.sub('a character', err['msg'])}")
     return InvalidArgument(
         "; ".join(problems), hint="Fix these arguments to match the tool's inputSchema and call again."
     )

@@ -17,6 +17,9 @@ from .errors import NotFound
 from .models import CARD_TYPES, Card
 from .tools import read_card as read_one_card
 
+# The schemes of the resources there are (the usage row of a read names one of them, or "unknown").
+SCHEMES = frozenset({"card", "cards"})
+
 # At most this many cards in a cards://{card_type} listing (it is a glance, not a search: search_cards pages).
 LISTING_LIMIT = 50
 
@@ -42,6 +45,14 @@ async def read_cards_of_type(card_type: str) -> str:
     listed = [Card.model_validate(hit.model_dump(exclude={"score"})) for hit in hits[:LISTING_LIMIT]]
     call.touched(*(card.id for card in listed))
     return "[" + ",".join(card.model_dump_json() for card in listed) + "]"
+
+
+def no_such_resource() -> NotFound:
+    """What a URI that names no resource of card-mcp gets (the URI itself is not echoed)."""
+    return NotFound(
+        "no such resource",
+        hint="Read card://{card_id} (a card's id) or cards://{card_type} (company, audience, voice or insight).",
+    )
 
 
 async def complete(ref: Any, argument: CompletionArgument, context: Any) -> Completion | None:

@@ -21,6 +21,7 @@ import pydantic_core
 from mcp import MCPError
 from mcp.server import MCPServer
 from mcp.server.auth.middleware.auth_context import get_access_token
+from mcp.server.mcpserver.exceptions import ResourceNotFoundError
 from mcp.types import (
     INTERNAL_ERROR,
     INVALID_PARAMS,
@@ -95,7 +96,7 @@ class CardServer(MCPServer[AppState]):
     async def call_tool(self, name: str, arguments: dict[str, Any], context: Any = None) -> CallToolResult:
         tool = self.tools.get(name)
         if tool is None:
-            raise MCPError(code=INVALID_PARAMS, message=f"Unknown tool: {name}")
+            raise MCPError(code=INVALID_PARAMS, message="Unknown tool: tools/list names the tools there are")
         state, caller = _caller(context, self.card_settings)
 
         async def progress(done: float, total: float, message: str) -> None:
@@ -115,19 +116,26 @@ class CardServer(MCPServer[AppState]):
         (``resource:card``); failures are JSON-RPC errors (resources have no error results)."""
         state, caller = _caller(context, self.card_settings)
         scheme = str(uri).split("://", 1)[0]
+        # The usage row names what was read by a name of ours: a URI is the client's text, of any length.
+        name = f"resource:{scheme}" if scheme in resources.SCHEMES else "resource:unknown"
         try:
-            async with state.edge.call(caller, f"resource:{scheme}", durable=False):
-                return await super().read_resource(uri, context)
+            async with state.edge.call(caller, name, durable=False):
+                try:
+                    return await super().read_resource(uri, context)
+                except ResourceNotFoundError:
+                    raise resources.no_such_resource() from None
         except CallFailed as failed:
             raise _mcp_error(failed.error) from None
 
     async def get_prompt(self, name: str, arguments: dict[str, Any] | None = None, context: Any = None) -> Any:
         """A prompt, rendered like a tool call: in the tenant's transaction, with its usage row (``prompt:NAME``)."""
-        if name not in {prompt.name for prompt in await self.list_prompts()}:
-            raise MCPError(code=INVALID_PARAMS, message=f"Unknown prompt: {name}")
+        declared = {prompt.name: prompt for prompt in await self.list_prompts()}.get(name)
+        if declared is None:
+            raise MCPError(code=INVALID_PARAMS, message="Unknown prompt: prompts/list names the prompts there are")
         state, caller = _caller(context, self.card_settings)
         try:
             async with state.edge.call(caller, f"prompt:{name}", durable=False):
+                prompts.check_arguments(declared, arguments)
                 return await super().get_prompt(name, arguments, context)
         except CallFailed as failed:
             raise _mcp_error(failed.error) from None
