@@ -16,7 +16,7 @@ from uuid import UUID
 
 import asyncpg
 
-from .db import Connection
+from .db import Connection, LossyContent
 from .errors import Conflict, DuplicateContent, InvalidArgument, NotFound
 from .models import DEFAULT_MAX_CONTENT_BYTES, Card, NewCard, content_hash, encode_content
 
@@ -121,6 +121,11 @@ async def update_card(
     row = await conn.fetchrow(_LOCK, card_id)
     if row is None:
         raise not_found(card_id)
+    if content is None and isinstance(row["content"], LossyContent):
+        raise InvalidArgument(
+            "this card's stored content cannot be read back exactly, so it cannot be kept as it is",
+            hint="Send the card's content along with your change (it replaces what is stored).",
+        )
     card = to_card(row)
     if expected_version is not None and expected_version != card.version:
         raise Conflict(

@@ -8,8 +8,10 @@ Layout of the data directory::
 
     DATA_DIR/pgdata/        the PostgreSQL cluster (owned by the PostgreSQL user)
     DATA_DIR/run/           the Unix socket (or a short path under /tmp when DATA_DIR's path is too long)
-    DATA_DIR/control.lock   held exclusively while a process starts or stops the server
-    DATA_DIR/users.lock     held shared by every process that uses the server, for its lifetime
+    DATA_DIR/locks/         private to the user who runs card-mcp (0700; its files 0600), so that no other
+                            local user can take a lock and hang every command
+      control.lock          held exclusively while a process starts or stops the server
+      users.lock            held shared by every process that uses the server, for its lifetime
 
 The last process to leave stops the server: it finds no other shared holder of ``users.lock``. The kernel drops
 the locks of a killed process, so a survivor still sees that it is the last one.
@@ -27,6 +29,7 @@ import re
 import shutil
 import stat
 import subprocess
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -105,6 +108,13 @@ def _wheel_install_dir() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "pginstall"
 
 
+def _user_name() -> str:
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return f"uid {os.geteuid()}"
+
+
 def _is_root() -> bool:
     return os.geteuid() == 0
 
@@ -133,8 +143,9 @@ def installed_major_version(install_dir: Path) -> int:
 class EmbeddedPostgres:
     """One card-mcp process's handle on the PostgreSQL cluster in ``data_dir``."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, *, lock_timeout: float = 120.0) -> None:
         self.data_dir = data_dir.expanduser().absolute()
+        self.lock_timeout = lock_timeout  # seconds a command waits for the control lock
         self.pgdata = self.data_dir / "pgdata"
         self._users_fd: IO[bytes] | None = None
         self._install_dir: Path | None = None
@@ -230,14 +241,62 @@ class EmbeddedPostgres:
 
     # -- life cycle -----------------------------------------------------------------------------------------
 
+    @property
+    def lock_dir(self) -> Path:
+        return self.data_dir / "locks"
+
+    def _lock_file(self, name: str) -> IO[bytes]:
+        """A lock file of the private lock folder, opened for this process (made 0700 and 0600 if new). A folder
+        or file another user owns, or a link, is refused: whoever owns it could take the lock."""
+        folder = self.lock_dir
+        try:
+            folder.mkdir(mode=0o700, exist_ok=True)
+            info = folder.lstat()
+            if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
+                raise SetupError(
+                    f"{folder} is not a folder of this user's",
+                    hint=f"Remove it; card-mcp makes it again, private (0700) to {_user_name()}.",
+                )
+            if stat.S_IMODE(info.st_mode) & 0o077:
+                folder.chmod(0o700)
+            fd = os.open(folder / name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise SetupError(
+                f"cannot open the lock file {folder / name}: {exc.strerror}",
+                hint=f"Check that {folder} belongs to {_user_name()} and is not a link.",
+            ) from exc
+        if stat.S_IMODE(os.fstat(fd).st_mode) & 0o077:  # made by an older card-mcp, or under another umask
+            os.fchmod(fd, 0o600)
+        return os.fdopen(fd, "r+b")
+
     @contextmanager
     def _control_lock(self) -> Iterator[None]:
-        with open(self.data_dir / "control.lock", "ab") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
+        with self._lock_file("control.lock") as handle:
+            self._wait_for(handle)
             try:
                 yield
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def _wait_for(self, handle: IO[bytes]) -> None:
+        """The control lock, waited for at most lock_timeout seconds (another card-mcp starting or stopping the
+        database holds it for a few seconds at most)."""
+        deadline = time.monotonic() + self.lock_timeout
+        delay = 0.01
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise SetupError(
+                        f"waited {self.lock_timeout:g} s for {self.lock_dir / 'control.lock'}: another card-mcp "
+                        "process holds it and is still starting or stopping the embedded database",
+                        hint="Wait for it, or stop the stuck card-mcp process (`fuser -v` on the file names it); "
+                        "CARD_MCP_LOCK_TIMEOUT_SECONDS sets how long to wait.",
+                    ) from None
+                time.sleep(delay)
+                delay = min(delay * 2, 0.2)
 
     def is_running(self) -> bool:
         """Whether a postmaster serves ``pgdata`` now."""
@@ -264,7 +323,7 @@ class EmbeddedPostgres:
             if not self.is_running():
                 self._start_server()
             self._bootstrap()
-            users = open(self.data_dir / "users.lock", "ab")  # noqa: SIM115 - held until stop()
+            users = self._lock_file("users.lock")  # held until stop()
             fcntl.flock(users, fcntl.LOCK_SH)
             self._users_fd = users
 
@@ -275,7 +334,7 @@ class EmbeddedPostgres:
         with self._control_lock():
             self._users_fd.close()
             self._users_fd = None
-            with open(self.data_dir / "users.lock", "ab") as probe:
+            with self._lock_file("users.lock") as probe:
                 try:
                     fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
