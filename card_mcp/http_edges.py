@@ -295,11 +295,15 @@ class SessionQuota:
         holder = self._holders.setdefault(who, _Holder())
         holder.opening += 1
         opened: list[str] = []
+        answered = [False]
 
         async def note(message: Message) -> None:
-            if message["type"] == "http.response.start" and message["status"] < 400:
+            # Settled when the answer starts (the client may send its next request before this one's task ends).
+            if message["type"] == "http.response.start" and not answered[0]:
+                answered[0] = True
+                holder.opening -= 1
                 session_id = Headers(raw=message["headers"]).get("mcp-session-id")
-                if session_id is not None:
+                if message["status"] < 400 and session_id is not None:
                     holder.sessions[session_id] = _Open(last=time.monotonic(), in_flight=1)
                     opened.append(session_id)
             await send(message)
@@ -307,7 +311,8 @@ class SessionQuota:
         try:
             await self.app(scope, receive, note)
         finally:
-            holder.opening -= 1
+            if not answered[0]:
+                holder.opening -= 1
             for session_id in opened:
                 seen = holder.sessions.get(session_id)
                 if seen is not None:
@@ -321,19 +326,18 @@ class SessionQuota:
             await self.app(scope, receive, send)
             return
         seen.in_flight += 1
-        status = [0]
 
         async def note(message: Message) -> None:
             if message["type"] == "http.response.start":
-                status[0] = message["status"]
+                status = message["status"]
+                if status == 404 or (scope["method"] == "DELETE" and 200 <= status < 300):
+                    holder.sessions.pop(session_id, None)  # the session has ended
             await send(message)
 
         try:
             await self.app(scope, receive, note)
         finally:
             seen.in_flight, seen.last = seen.in_flight - 1, time.monotonic()
-            if status[0] == 404 or (scope["method"] == "DELETE" and 200 <= status[0] < 300):
-                holder.sessions.pop(session_id, None)  # the session has ended
             self._forget_if_empty(who)
 
     def _forget_if_empty(self, who: Hashable) -> None:
