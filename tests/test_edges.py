@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import io
 import json
+import logging
 import os
 import select
 import shutil
 import socket
 import subprocess
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +27,7 @@ import httpx2
 import pytest
 from mcp import MCPError
 
-from card_mcp import db
+from card_mcp import db, logs
 from tests.conftest import TestDatabase, make_tempdir
 from tests.helpers import error_code, ok, superuser, until, usage_rows
 from tests.test_hostile import Serve
@@ -99,18 +102,20 @@ def test_heads_over_the_bounds_are_refused_before_authentication_and_memory_stay
             answers.append(raw_request(server, post_head(server) + b"X-Big: ", filler=64 * 1024 * 1024))
 
         senders = [threading.Thread(target=one_huge_header) for _ in range(4)]
+        started = time.perf_counter()
         for sender in senders:
             sender.start()
         for sender in senders:
             sender.join(120)
+        elapsed = time.perf_counter() - started
         after = memory_mib(server.process.pid)
         many = post_head(server, *(b"X-H%d: 1" % i for i in range(101))) + b"\r\n"
         long_target = b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
         counted, long = raw_request(server, many), raw_request(server, long_target)
         healthy = httpx2.get(f"{server.base}/healthz", timeout=30)
     print(
-        f"\nfour 64 MiB headers at once: RSS {before[0]:.1f} -> {after[0]:.1f} MiB, "
-        f"peak {before[1]:.1f} -> {after[1]:.1f} MiB"
+        f"\nfour 64 MiB headers at once, all answered in {elapsed:.2f} s: RSS {before[0]:.1f} -> {after[0]:.1f} "
+        f"MiB, peak {before[1]:.1f} -> {after[1]:.1f} MiB"
     )
     assert [status_of(answer) for answer in answers] == [431] * 4
     assert status_of(counted) == 431 and status_of(long) == 414
@@ -138,14 +143,16 @@ async def test_one_key_holds_at_most_its_sessions_and_another_tenant_still_opens
                 for _ in range(count):
                     statuses.append((await initialize(http, server.url, greedy)).status_code)
 
+            started = time.perf_counter()
             async with anyio.create_task_group() as group:
                 for _ in range(8):
                     group.start_soon(opener, 250)
+            elapsed = time.perf_counter() - started
             after = memory_mib(server.process.pid)
             refused = await initialize(http, server.url, greedy)
             welcome = await initialize(http, server.url, other)
     print(
-        f"\n2,000 initialize requests with one key: {statuses.count(200)} sessions opened, "
+        f"\n2,000 initialize requests with one key in {elapsed:.1f} s: {statuses.count(200)} sessions opened, "
         f"{statuses.count(429)} refused; RSS {before[0]:.1f} -> {after[0]:.1f} MiB, "
         f"peak {before[1]:.1f} -> {after[1]:.1f} MiB"
     )
@@ -220,6 +227,7 @@ async def test_unknown_resource_uris_and_prompt_arguments_get_spec_codes_bounded
         ("prompt:brand_brief", "error", "invalid_argument"),
         ("prompt:brand_brief", "ok", None),
     ]
+    print(f"\nthe server's log: {len(log)} lines, the longest {max(len(line) for line in log)} characters")
     assert not any(line.startswith("2026-12-03 10:00:00,000") for line in log), "a client forged a log line"
     assert max(len(line) for line in log) < 20_000
     assert not any("\x00" in line for line in log)
@@ -267,6 +275,7 @@ def test_a_stdio_line_over_128_mib_is_answered_for_its_id_and_the_server_reads_o
     stdio_server: tuple[Serve, Path],
 ) -> None:
     serve, _ = stdio_server
+    before = memory_mib(serve.proc.pid)
     content = json.dumps({"text": MARK * (129 * 1024 * 1024 // len(MARK.encode()))})
     serve.send(call_line(41, f'{{"card_type": "voice", "title": "Huge", "content": {content}}}'))
     del content
@@ -276,6 +285,8 @@ def test_a_stdio_line_over_128_mib_is_answered_for_its_id_and_the_server_reads_o
     serve.send(b"x" * (129 * 1024 * 1024) + b"\n")  # no id to read: answered with id null
     probe = serve.request("tools/call", {"name": "search_cards", "arguments": {"limit": 1}})
     response, others = serve.answer(probe)
+    after = memory_mib(serve.proc.pid)
+    print(f"\ntwo stdio lines of 129 MiB: RSS {before[0]:.1f} -> {after[0]:.1f} MiB, peak {after[1]:.1f} MiB")
     assert "result" in response and [o["error"]["code"] for o in others] == [-32700]
 
 
@@ -436,3 +447,28 @@ async def test_errors_name_what_was_wrong_but_never_echo_the_input(database: Tes
                 assert response.status_code == 400, what
                 assert MARK not in response.text and "EDGE" not in response.text, (what, response.text)
                 assert response.json()["error"]["code"] in (-32700, -32600, -32602), what
+
+
+def test_client_text_in_a_log_record_or_its_traceback_cannot_forge_a_line_or_flood_the_log() -> None:
+    """The filter `card-mcp serve` puts on its stderr handler (cli._serve), on the records that carry client text
+    where a test cannot make the server log it on purpose: a failure's message and traceback."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logs.keep_lines_clean([handler])
+    record_logger = logging.getLogger("card_mcp.test_edges")
+    record_logger.addHandler(handler)
+    forged = f"{MARK}\n2026-12-03 10:00:00,000 INFO card_mcp: forged\x1b[2J\u2028"
+    try:
+        record_logger.warning("read %s", forged + "u" * 5_000_000)
+        try:
+            raise ValueError(forged)
+        except ValueError:
+            record_logger.exception("failed")
+    finally:
+        record_logger.removeHandler(handler)
+    lines = stream.getvalue().splitlines()
+    assert not any(line.startswith("2026-12-03 10:00:00,000") for line in lines)
+    assert not any("\x1b" in line for line in lines)
+    assert max(len(line) for line in lines) < 10_000
+    assert "\\n2026-12-03 10:00:00,000 INFO card_mcp: forged\\x1b[2J" in lines[0]
