@@ -175,17 +175,17 @@ def redirect(target: str) -> Any:
 
 # -- what a 400 says -------------------------------------------------------------------------------------------
 
-# The SDK's messages for a body it cannot read quote the input; card-mcp's say what was wrong with it.
+# The SDK's two messages for a body it cannot read quote the input (pydantic's text of the failure); card-mcp's
+# say what was wrong with it. Its other 400s (a missing session id, a bad header) are fixed texts already.
 _FIXED = {
-    -32700: "Parse error: the request body is not JSON",
-    -32602: "Invalid Request: the request body is JSON but no JSON-RPC message",
-    -32600: "Invalid Request: the request body is JSON but no JSON-RPC message",
+    "Parse error": "Parse error: the request body is not JSON",
+    "Validation error": "Invalid Request: the request body is JSON but no JSON-RPC message",
 }
 _MAX_ERROR_BODY = 64 * 1024
 
 
 class NoEcho:
-    """Rewrites the JSON-RPC error of the MCP endpoint's 400 answers to a fixed message per code."""
+    """Rewrites the transport's 400 answers that quote the request body to a fixed message."""
 
     def __init__(self, app: ASGIApp, *, path: str) -> None:
         self.app = app
@@ -224,14 +224,14 @@ class NoEcho:
 def _fixed_error(body: bytes) -> bytes:
     try:
         payload = json.loads(body)
-        code = payload["error"]["code"]
+        message = payload["error"]["message"]
     except (ValueError, KeyError, TypeError):
-        return b'{"jsonrpc":"2.0","id":null,"error":{"code":-32600,"message":"Invalid Request"}}'
-    message = _FIXED.get(code) if isinstance(code, int) else None
-    if message is None:
-        return body
-    payload["error"] = {"code": code, "message": message}
-    return json.dumps(payload).encode()
+        return body  # not the transport's JSON-RPC error
+    for prefix, fixed in _FIXED.items():
+        if isinstance(message, str) and message.startswith(prefix):
+            payload["error"] = {"code": payload["error"].get("code"), "message": fixed}
+            return json.dumps(payload).encode()
+    return body
 
 
 # -- sessions per key ------------------------------------------------------------------------------------------
