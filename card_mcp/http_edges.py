@@ -261,6 +261,7 @@ class SessionQuota:
         self.per_key = per_key
         self.idle_seconds = idle_seconds
         self._holders: dict[Hashable, _Holder] = {}
+        self._swept = time.monotonic()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         user = scope.get("user") if scope["type"] == "http" and scope["path"] == self.path else None
@@ -288,6 +289,7 @@ class SessionQuota:
         if scope["method"] != "POST":
             await self.app(scope, receive, send)
             return
+        self._sweep()
         if self.open_sessions(who) >= self.per_key:
             logger.warning("refused a new session: this key already holds %d open sessions", self.per_key)
             await _too_many(self.per_key, self.idle_seconds)(scope, receive, send)
@@ -338,6 +340,16 @@ class SessionQuota:
             await self.app(scope, receive, note)
         finally:
             seen.in_flight, seen.last = seen.in_flight - 1, time.monotonic()
+            self._forget_if_empty(who)
+
+    def _sweep(self) -> None:
+        """Now and then, forget the expired sessions of every key (a key that never comes back keeps none)."""
+        now = time.monotonic()
+        if now - self._swept < self.idle_seconds:
+            return
+        self._swept = now
+        for who in list(self._holders):
+            self.open_sessions(who)
             self._forget_if_empty(who)
 
     def _forget_if_empty(self, who: Hashable) -> None:
