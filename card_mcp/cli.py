@@ -95,8 +95,8 @@ def _parser() -> argparse.ArgumentParser:
 
     use = commands.add_parser("usage", help="usage figures: calls, errors and durations per tool, card, day or client")
     use.add_argument("--tenant", help="one tenant (default: every tenant, with a tenant column)")
-    use.add_argument("--since", default="30d", help="start: 7d, 24h or a UTC date/time (default: 30d)")
-    use.add_argument("--until", help="end, excluded: a UTC date/time; a bare date means the end of that day")
+    use.add_argument("--since", help="start: 7d, 24h (before --until) or a UTC date/time (default: 30d)")
+    use.add_argument("--until", help="end, excluded: 24h (ago) or a UTC date/time; a bare date means its end")
     use.add_argument("--group-by", choices=["tool", "card", "day", "client"], default="tool")
     use.add_argument("--limit", type=int, default=20, help="groups per tenant (default 20)")
     use.add_argument("--format", choices=["table", "json", "csv"], default="table")
@@ -370,10 +370,7 @@ async def _embed(args: argparse.Namespace, settings: Settings) -> int:
 async def _usage(args: argparse.Namespace, settings: Settings) -> int:
     if not 1 <= args.limit <= 10_000:
         raise InvalidArgument("--limit must be between 1 and 10000", hint="For example --limit 50.")
-    until = _moment(args.until, end_of_day=True) if args.until else datetime.now(UTC)
-    since = _since(args.since, until)
-    if since >= until:
-        raise InvalidArgument("--since must be before --until", hint="Widen the window, e.g. --since 30d.")
+    since, until = usage.window(args.since, args.until, now=datetime.now(UTC))  # the usage_stats tool's grammar
     # The admin role's policies see every tenant.
     async with _connection(settings, db.Database.require_admin_url) as conn:
         tenant_id = await tenants.tenant_id(conn, args.tenant) if args.tenant else None
@@ -400,25 +397,6 @@ async def _usage(args: argparse.Namespace, settings: Settings) -> int:
         )
         print(f"card-mcp: chart written to {args.chart}", file=sys.stderr)
     return 0
-
-
-def _since(value: str, until: datetime) -> datetime:
-    """``7d``, ``24h`` (before ``until``) or a date/time."""
-    amount, unit = value[:-1], value[-1:]
-    if unit in ("d", "h") and amount.isdigit():
-        return until - (timedelta(days=int(amount)) if unit == "d" else timedelta(hours=int(amount)))
-    return _moment(value, end_of_day=False)
-
-
-def _moment(value: str, *, end_of_day: bool) -> datetime:
-    """A UTC date or date/time; a bare date is its midnight, or (``end_of_day``) the next midnight."""
-    try:
-        moment = datetime.fromisoformat(value)
-    except ValueError as exc:
-        raise InvalidArgument(f"{value!r} is not a date", hint="Use 7d, 24h, 2026-11-01 or 2026-11-01T12:00.") from exc
-    if end_of_day and len(value) == 10:
-        moment += timedelta(days=1)
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
 
 
 async def _db(args: argparse.Namespace, settings: Settings) -> int:

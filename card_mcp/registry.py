@@ -51,7 +51,9 @@ class Tool:
 
     @cached_property
     def description(self) -> str:
-        return inspect.cleandoc(self.body.__doc__ or "")
+        """The body's docstring as the model reads it: paragraphs kept, each on one line, no indentation."""
+        paragraphs = inspect.cleandoc(self.body.__doc__ or "").split("\n\n")
+        return "\n".join(" ".join(paragraph.split()) for paragraph in paragraphs)
 
     @cached_property
     def _hints(self) -> dict[str, Any]:
@@ -77,11 +79,11 @@ class Tool:
 
     @cached_property
     def input_schema(self) -> dict[str, Any]:
-        return inline_refs(self.arguments.model_json_schema(by_alias=True))
+        return compact_schema(inline_refs(self.arguments.model_json_schema(by_alias=True)))
 
     @cached_property
     def output_schema(self) -> dict[str, Any]:
-        return inline_refs(self.result.model_json_schema())
+        return compact_schema(inline_refs(self.result.model_json_schema()), result=True)
 
     @cached_property
     def _text_fields(self) -> frozenset[str]:
@@ -142,6 +144,52 @@ def invalid_arguments(exc: ValidationError) -> InvalidArgument:
     return InvalidArgument(
         "; ".join(problems), hint="Fix these arguments to match the tool's inputSchema and call again."
     )
+
+
+def compact_schema(schema: dict[str, Any], *, result: bool = False) -> dict[str, Any]:
+    """``schema`` as few bytes as say the same: every client loads every tool's schemas into its model's context.
+    Dropped: pydantic's generated titles ("Card Type" for card_type), ``default: null`` and
+    ``additionalProperties: true`` (what omission means anyway) and the docstrings of nested models (the tool's
+    description says what goes in); for results (``result=True``) also descriptions, ``format``, ``enum`` and
+    ``required``: the tool's description says what comes back, every field of a result is always there, and a
+    model reads the values themselves. An argument keeps every bound, enum, format and default.
+    A nullable ``anyOf`` of one typed schema and ``{"type": "null"}`` becomes that schema with ``null`` added to its
+    ``type`` (and ``enum``). Every bound, enum, format and default stays."""
+
+    def compact(node: Any, *, properties: bool = False) -> Any:
+        if isinstance(node, list):
+            return [compact(item) for item in node]
+        if not isinstance(node, dict):
+            return node
+        if properties:  # the keys are argument names, not keywords
+            return {name: compact(value) for name, value in node.items()}
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            if key == "title" or (result and key in ("description", "required", "format", "enum")):
+                continue
+            if key == "description" and "properties" in node:  # a nested model's docstring
+                continue
+            if (key, value) in (("default", None), ("additionalProperties", True)):
+                continue
+            out[key] = compact(value, properties=key == "properties")
+        return _nullable(out)
+
+    compacted: dict[str, Any] = compact(schema)
+    return compacted
+
+
+def _nullable(node: dict[str, Any]) -> dict[str, Any]:
+    """``{"anyOf": [X, {"type": "null"}], ...}`` as X with ``null`` in its type (and enum), where X has one type."""
+    options = node.get("anyOf")
+    if not isinstance(options, list) or len(options) != 2 or {"type": "null"} not in options:
+        return node
+    (other,) = [option for option in options if option != {"type": "null"}]
+    if not isinstance(other.get("type"), str):
+        return node
+    merged = {**other, **{k: v for k, v in node.items() if k != "anyOf"}, "type": [other["type"], "null"]}
+    if "enum" in merged:  # the outer description (what null means here) wins over the type's own
+        merged["enum"] = [*merged["enum"], None]
+    return merged
 
 
 def inline_refs(schema: dict[str, Any]) -> dict[str, Any]:

@@ -66,6 +66,38 @@ async def test_tools_list_names_annotations_and_portable_schemas(client: Client)
     assert (batch_cards["minItems"], batch_cards["maxItems"]) == (1, 1000)
 
 
+# What every conversation that loads the server pays for, in bytes of compact JSON: the tools' names, descriptions
+# and schemas. tools.py says how a description is written so that a new tool fits.
+TOOLS_LIST_BUDGET = 8 * 1024
+
+
+async def test_tools_list_fits_its_budget_with_every_bound_and_no_indentation(client: Client) -> None:
+    tools = (await client.list_tools()).tools
+
+    def compact(value: object) -> int:
+        return len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode())
+
+    sizes = {
+        tool.name: len(tool.name.encode())
+        + len((tool.description or "").encode())
+        + compact(tool.input_schema)
+        + compact(tool.output_schema)
+        for tool in tools
+    }
+    listing = sum(compact(tool.model_dump(by_alias=True, exclude_none=True, mode="json")) for tool in tools)
+    for name, size in sizes.items():
+        print(f"tools/list: {name:<20} {size:>5} bytes")
+    print(f"tools/list: names, descriptions and schemas {sum(sizes.values())} bytes of {TOOLS_LIST_BUDGET}")
+    print(f"tools/list: the whole listing (titles and annotations too) {listing} bytes")
+    assert sum(sizes.values()) <= TOOLS_LIST_BUDGET
+    for tool in tools:
+        assert tool.description is not None and "\n " not in tool.description and "  " not in tool.description
+        assert "Returns" in tool.description  # what comes back, said once
+    create = {t.name: t for t in tools}["create_card"].input_schema["properties"]
+    assert create["content"]["description"].count("64 KiB") == 1  # a bound no JSON Schema keyword can carry
+    assert create["title"]["pattern"] and create["tags"]["items"]["pattern"]  # no control characters
+
+
 async def test_create_get_search_update_delete_round_trip(client: Client) -> None:
     created = ok(await client.call_tool("create_card", CARD))
     assert created["status"] == "created"

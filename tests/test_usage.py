@@ -229,4 +229,33 @@ async def test_usage_refuses_an_unknown_tenant_and_a_bad_window(database: TestDa
     unknown = usage_cli(database, mix, "--tenant", "no-such-tenant")
     assert unknown.returncode == 1 and "no tenant" in unknown.stderr
     backwards = usage_cli(database, mix, "--since", "2026-01-02", "--until", "2026-01-01")  # last flag wins
-    assert backwards.returncode == 1 and "--since must be before --until" in backwards.stderr
+    assert backwards.returncode == 1 and "since must be before until" in backwards.stderr
+
+
+@pytest.mark.parametrize("since", ["7d", "24h", "today"])
+async def test_usage_stats_tool_and_command_read_the_same_window_grammar(
+    database: TestDatabase, settings: Settings, mix: Mix, since: str
+) -> None:
+    tenant_a = mix.tenants[0]
+    since = mix.since.date().isoformat() if since == "today" else since  # a bare date: its midnight, UTC
+    command = run_cli(database, "usage", "--tenant", tenant_a, "--since", since, "--format", "json")
+    assert command.returncode == 0, command.stderr
+    async with connect(settings, tenant_a) as client:  # after the command: its own row is not in its answer
+        tool = ok(await client.call_tool("usage_stats", {"since": since}))["rows"]
+    assert {r["key"]: (r["calls"], r["errors"]) for r in tool} == {
+        r["key"]: (r["calls"], r["errors"]) for r in json.loads(command.stdout)["rows"]
+    }
+    assert {r["key"] for r in tool} >= {"create_card", "get_card"}
+
+
+async def test_a_window_outside_the_grammar_is_named_by_the_tool_and_the_command(
+    database: TestDatabase, settings: Settings, mix: Mix
+) -> None:
+    async with connect(settings, mix.tenants[0]) as client:
+        result = await client.call_tool("usage_stats", {"since": "last week"})
+    assert error_code(result) == "invalid_argument"
+    assert "since is not a span or a date" in result.content[0].text  # type: ignore[union-attr]
+    command = run_cli(database, "usage", "--since", "last week")
+    assert command.returncode == 1 and command.stderr.splitlines() == [
+        "card-mcp: since is not a span or a date (Use 7d, 24h, 2026-11-01 or 2026-11-01T12:00:00Z; times are UTC.)"
+    ]
