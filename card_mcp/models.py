@@ -8,7 +8,7 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, StringConstraints
 from pydantic_core import PydanticCustomError
 
 from .errors import InvalidArgument
@@ -157,10 +157,16 @@ class Card(BaseModel):
     updated_at: datetime
 
 
+# Figures as a reader takes them in: a score to 3 decimals, a duration to 0.1 ms. Rounded when written out (the
+# tools' results, `card-mcp usage --format json|csv`), never in the value: a search cursor pages on the exact score.
+Score = Annotated[float, PlainSerializer(lambda value: round(value, 3), return_type=float)]
+Milliseconds = Annotated[float, PlainSerializer(lambda value: round(value, 1), return_type=float)]
+
+
 class ScoredCard(Card):
     """A search hit: the card and how well it matched (0..1; 0 when listing without a query)."""
 
-    score: float
+    score: Score
 
 
 class CreateCardResult(BaseModel):
@@ -213,8 +219,8 @@ class UsageStatsRow(BaseModel):
     key: str
     calls: int
     errors: int
-    p50_ms: float
-    p95_ms: float
+    p50_ms: Milliseconds
+    p95_ms: Milliseconds
     last_at: datetime
 
 

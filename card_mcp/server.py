@@ -107,7 +107,7 @@ class CardServer(MCPServer[AppState]):
         except CallFailed as failed:
             return _error_result(failed.error)
         structured = result.model_dump(mode="json")
-        text = pydantic_core.to_json(result, indent=2).decode()
+        text = pydantic_core.to_json(result).decode()  # compact: a model pays for every indenting space
         return CallToolResult(content=[TextContent(type="text", text=text)], structured_content=structured)
 
     async def read_resource(self, uri: Any, context: Any = None) -> Any:

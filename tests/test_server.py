@@ -98,6 +98,18 @@ async def test_tools_list_fits_its_budget_with_every_bound_and_no_indentation(cl
     assert create["title"]["pattern"] and create["tags"]["items"]["pattern"]  # no control characters
 
 
+async def test_results_are_compact_json_with_scores_to_3_decimals_and_milliseconds_to_a_tenth(client: Client) -> None:
+    for n in range(3):
+        await create(client, title=f"Spring launch audience {n}", content={"who": f"coastal parents, wave {n}"})
+    found = await client.call_tool("search_cards", {"query": "spring coastal parents"})
+    text = found.content[0].text  # type: ignore[union-attr]
+    assert text == json.dumps(ok(found), separators=(",", ":"), ensure_ascii=False)  # no indentation, no spaces
+    scores = [card["score"] for card in ok(found)["cards"]]
+    assert scores and all(0 < score <= 1 and score == round(score, 3) for score in scores)
+    rows = ok(await client.call_tool("usage_stats", {"since": "1h"}))["rows"]
+    assert rows and all(r["p50_ms"] == round(r["p50_ms"], 1) and r["p95_ms"] == round(r["p95_ms"], 1) for r in rows)
+
+
 async def test_create_get_search_update_delete_round_trip(client: Client) -> None:
     created = ok(await client.call_tool("create_card", CARD))
     assert created["status"] == "created"

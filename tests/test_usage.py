@@ -113,7 +113,12 @@ async def mix(database: TestDatabase, settings: Settings) -> Mix:
 
 
 def comparable(figures: dict[str, Any]) -> dict[str, Any]:
-    return {**figures, "p50_ms": pytest.approx(figures["p50_ms"]), "p95_ms": pytest.approx(figures["p95_ms"])}
+    """Figures as the tool gives them: durations to 0.1 ms (rounded half to even: within 0.05 of the exact)."""
+    return {
+        **figures,
+        "p50_ms": pytest.approx(figures["p50_ms"], abs=0.0501),
+        "p95_ms": pytest.approx(figures["p95_ms"], abs=0.0501),
+    }
 
 
 @pytest.mark.parametrize("group_by", GROUPINGS)
@@ -171,7 +176,8 @@ async def test_usage_command_matches_the_raw_rows_in_every_format(
         assert got.keys() == {g for g in want if g[0] in tenants}
         for group, (calls, errors, p95) in got.items():
             assert (calls, errors) == (want[group]["calls"], want[group]["errors"]), group
-            assert p95 == pytest.approx(want[group]["p95_ms"], abs=0.06 if fmt == "table" else 1e-6)
+            assert p95 == pytest.approx(want[group]["p95_ms"], abs=0.0501)  # to 0.1 ms, in every format
+            assert p95 == round(p95, 1)
 
 
 async def test_the_views_read_as_the_application_role_return_only_its_tenant(
@@ -210,6 +216,8 @@ async def test_the_views_read_as_the_application_role_return_only_its_tenant(
         key: f["calls"] for (tenant, key), f in expected(raw, "client").items() if tenant == tenant_a
     }
     assert {"alpha", "beta"} <= {r["client_name"] for r in clients}
+    for row in [*daily, *cards, *clients]:  # to 0.1 ms, as the command and the tool give them
+        assert (row["p50_ms"], row["p95_ms"]) == (round(row["p50_ms"], 1), round(row["p95_ms"], 1))
     async with app_pool.acquire() as conn:  # no tenant set: nothing
         assert await conn.fetchval("SELECT count(*) FROM card_mcp.usage_daily") == 0
 
