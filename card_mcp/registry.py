@@ -8,8 +8,10 @@ annotation; server.py lists and calls tools from tools.TOOLS alone.
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import json
+import re
 from collections.abc import Awaitable, Callable
 from functools import cached_property
 from types import UnionType
@@ -100,7 +102,7 @@ class Tool:
         try:
             validated = self.arguments.model_validate(data)
         except ValidationError as exc:
-            raise invalid_arguments(exc) from None
+            raise invalid_arguments(exc, self.arguments) from None
         return {name: getattr(validated, name) for name in self.arguments.model_fields}
 
     def _pre_parse(self, key: str, value: Any) -> Any:
@@ -131,19 +133,63 @@ def admits_text(annotation: Any) -> bool:
     return any(admits_text(arg) for arg in args) if get_origin(annotation) in (Union, UnionType) else False
 
 
-def invalid_arguments(exc: ValidationError) -> InvalidArgument:
-    """A one-line message naming the fields and rules broken, never the rejected values."""
+# An unexpected key is named when it reads as a name: it is the client's own key (SPEC section 4 forbids echoing
+# values, not keys), and the name is what lets a model fix its call. Anything else (long, control characters, a
+# value pasted as a key) is described, not shown.
+NAMEABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+
+
+def invalid_arguments(exc: ValidationError, model: type[BaseModel] | None = None) -> InvalidArgument:
+    """A one-line message naming the fields and rules broken, never the rejected values; an unexpected key is
+    named, with the nearest valid one (``get_card {"id": ...}``: "unexpected argument 'id' (did you mean
+    'card_id'?)")."""
     problems = []
-    for err in exc.errors(include_input=False, include_url=False, include_context=False)[:5]:
-        if err["type"] == "extra_forbidden":  # the key is the client's text: name its place, not the key
-            where = ".".join(str(part) for part in err["loc"][:-1]) or "arguments"
-            problems.append(f"{where}: unexpected argument (see the inputSchema for the allowed names)")
+    errors = exc.errors(include_input=False, include_url=False, include_context=False)
+    errors.sort(key=lambda err: err["type"] != "extra_forbidden")  # a wrong name first: it explains the rest
+    for err in errors[:5]:
+        if err["type"] == "extra_forbidden":
+            *place, key = err["loc"]
+            where = ".".join(str(part) for part in place) or "arguments"
+            problems.append(f"{where}: {_unexpected(str(key), _names_at(model, place))}")
             continue
         where = ".".join(str(part) for part in err["loc"]) or "arguments"
         problems.append(f"{where}: {err['msg']}")
     return InvalidArgument(
         "; ".join(problems), hint="Fix these arguments to match the tool's inputSchema and call again."
     )
+
+
+def _unexpected(key: str, valid: list[str]) -> str:
+    if not NAMEABLE.fullmatch(key):
+        return f"an unexpected argument name (allowed: {', '.join(valid)})" if valid else "unexpected argument"
+    lowered = key.lower()
+    near = [name for name in valid if lowered in name or name in lowered] or difflib.get_close_matches(
+        lowered, valid, n=1, cutoff=0.6
+    )
+    if near:
+        return f"unexpected argument '{key}' (did you mean '{near[0]}'?)"
+    return f"unexpected argument '{key}' (allowed: {', '.join(valid)})" if valid else f"unexpected argument '{key}'"
+
+
+def _names_at(model: type[BaseModel] | None, place: list[str | int]) -> list[str]:
+    """The argument names valid at ``place`` (a location of a validation error) in ``model``."""
+    for part in place:
+        if model is None or isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        model = _model_in(field.annotation) if field is not None else None
+    return list(model.model_fields) if model is not None else []
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model an annotation holds (list[NewCard], NewCard | None, Annotated[...]), if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
 
 
 def compact_schema(schema: dict[str, Any], *, result: bool = False) -> dict[str, Any]:

@@ -175,6 +175,25 @@ async def test_every_tools_hints_hold_when_it_is_called_twice(
         assert after_second != after_first
 
 
+async def test_an_unexpected_argument_is_named_with_the_nearest_valid_one(client: Client) -> None:
+    def message(result: Any) -> str:
+        assert error_code(result) == "invalid_argument"
+        text: str = json.loads(result.content[0].text)["error"]["message"]
+        return text
+
+    card_id = str(uuid.uuid4())
+    assert message(await client.call_tool("get_card", {"id": card_id})).startswith(
+        "arguments: unexpected argument 'id' (did you mean 'card_id'?)"
+    )
+    batch = {"cards": [{**CARD, "tag": ["x"]}]}
+    assert "cards.0: unexpected argument 'tag' (did you mean 'tags'?)" in message(
+        await client.call_tool("batch_create_cards", batch)
+    )
+    nothing_near = message(await client.call_tool("usage_stats", {"zzz": 1}))
+    assert nothing_near == "arguments: unexpected argument 'zzz' (allowed: since, until, group_by, limit)"
+    assert card_id not in message(await client.call_tool("get_card", {card_id: card_id}))  # a value, not a name
+
+
 async def test_create_get_search_update_delete_round_trip(client: Client) -> None:
     created = ok(await client.call_tool("create_card", CARD))
     assert created["status"] == "created"
