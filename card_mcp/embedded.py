@@ -254,7 +254,13 @@ class EmbeddedPostgres:
         self.check_version()
         if self._users_fd is not None:
             return
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise SetupError(
+                f"cannot create the data folder {self.data_dir}: {exc.strerror or exc}",
+                hint="Set CARD_MCP_DATA_DIR to a folder this user may create and write.",
+            ) from exc
         self._check_reachable()
         if _is_root():
             self._ensure_service_user()

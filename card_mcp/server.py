@@ -32,7 +32,7 @@ from mcp.types import Tool as McpTool
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from . import __version__, db, idempotency, migrate, oauth, prompts, resources, semantic
+from . import __version__, db, idempotency, migrate, oauth, prompts, resources, semantic, tenants
 from .auth import KeyToken, KeyVerifier
 from .calls import Caller, CallFailed, Edge
 from .config import Settings
@@ -78,6 +78,7 @@ class CardServer(MCPServer[AppState]):
         self.verifier = verifier
         self.tools: dict[str, Tool] = {tool.name: tool for tool in TOOLS}
         self.state: AppState | None = None  # while the lifespan runs
+        self.startup_error: Exception | None = None  # why the lifespan could not start, for the one-line report
 
     async def list_tools(self) -> list[McpTool]:
         return [
@@ -190,6 +191,21 @@ def _printable(text: str | None) -> str:
 
 @asynccontextmanager
 async def _lifespan(server: CardServer) -> AsyncIterator[AppState]:
+    """The server's resources while it serves; what stopped it from starting is kept on the server, where the HTTP
+    transport finds it (uvicorn reports a failed start-up only as a logged traceback)."""
+    started = False
+    try:
+        async with _serving(server) as state:
+            started = True
+            yield state
+    except Exception as exc:
+        if not started:
+            server.startup_error = exc
+        raise
+
+
+@asynccontextmanager
+async def _serving(server: CardServer) -> AsyncIterator[AppState]:
     settings = server.card_settings
     async with migrate.open_migrated(settings) as database, AsyncExitStack() as stack:
         pool = await db.create_pool(database.app_url, settings)
@@ -204,7 +220,7 @@ async def _lifespan(server: CardServer) -> AsyncIterator[AppState]:
             server.verifier.pool = state.admin_pool
             logger.info("card-mcp %s serving every tenant with an API key over %s", __version__, settings.transport)
         else:
-            state.tenant_id = await db.tenant_id_for(admin_url, settings.tenant, check_role=True)
+            state.tenant_id = await _served_tenant(admin_url, settings)
             logger.info("card-mcp %s serving tenant %r over %s", __version__, settings.tenant, settings.transport)
         async with anyio.create_task_group() as background:
             background.start_soon(idempotency.expire_periodically, admin_url)
@@ -219,6 +235,23 @@ async def _lifespan(server: CardServer) -> AsyncIterator[AppState]:
                 if server.verifier is not None:
                     server.verifier.pool = None
                 background.cancel_scope.cancel()
+
+
+async def _served_tenant(admin_url: str, settings: Settings) -> UUID:
+    """The tenant of --tenant, through an admin connection a server may hold; a tenant it had to create is logged
+    with the tenants that existed (a typo in --tenant would otherwise serve a new, empty brand in silence)."""
+    conn = await db.connect(admin_url)
+    try:
+        await db.check_admin_role(conn)
+        with db.translate_errors():
+            tenant_id, others = await tenants.served_tenant(conn, settings.tenant, create=settings.create_tenant)
+    finally:
+        await conn.close()
+    if others:
+        logger.warning("created tenant %r; existing tenants: %s", settings.tenant, ", ".join(others))
+    elif others is not None:
+        logger.info("created tenant %r, the first one", settings.tenant)
+    return tenant_id
 
 
 async def _semantic_search(edge: Edge, admin_url: str) -> None:
