@@ -160,7 +160,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "db": _db,
     }[args.command]
     try:
-        return anyio.run(handler, args, settings, backend_options={"use_uvloop": _has_uvloop()})
+        uvloop = args.command == "serve" and _has_uvloop()  # a faster loop where it pays: not for one command
+        return anyio.run(handler, args, settings, backend_options={"use_uvloop": uvloop})
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # the one place a command's failure becomes its last words

@@ -8,7 +8,6 @@ annotation; server.py lists and calls tools from tools.TOOLS alone.
 
 from __future__ import annotations
 
-import difflib
 import inspect
 import json
 import re
@@ -162,6 +161,8 @@ def invalid_arguments(exc: ValidationError, model: type[BaseModel] | None = None
 def _unexpected(key: str, valid: list[str]) -> str:
     if not NAMEABLE.fullmatch(key):
         return f"an unexpected argument name (allowed: {', '.join(valid)})" if valid else "unexpected argument"
+    import difflib  # only for a wrong argument name: not at start-up
+
     lowered = key.lower()
     near = [name for name in valid if lowered in name or name in lowered] or difflib.get_close_matches(
         lowered, valid, n=1, cutoff=0.6

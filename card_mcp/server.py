@@ -37,11 +37,9 @@ from .auth import KeyToken, KeyVerifier
 from .calls import Caller, CallFailed, Edge
 from .config import Settings
 from .errors import CardMcpError
-from .issuer import JwtVerifier
 from .oauth import ConnectionToken
 from .registry import Tool
 from .semantic import Semantic
-from .signin import SignInPages
 from .tools import TOOLS
 
 logger = logging.getLogger(__name__)
@@ -297,6 +295,8 @@ def build_server(settings: Settings) -> CardServer:
     if verifier is not None:
         server.custom_route("/healthz", methods=["GET"])(partial(_healthz, server))
         if "auth_server_provider" in auth:  # the sign-in page of /authorize
+            from .signin import SignInPages  # HTTP only: stdio starts without it
+
             pages = SignInPages(settings, lambda: verifier.pool)
             server.custom_route("/signin", methods=["GET"])(pages.get)
             server.custom_route("/signin", methods=["POST"])(pages.post)
@@ -308,6 +308,8 @@ def _auth(settings: Settings, verifier: KeyVerifier) -> dict[str, Any]:
     own authorization server, or with CARD_MCP_AUTH_ISSUER_URL an external issuer's JWTs."""
     auth: dict[str, Any] = {"auth": oauth.auth_settings(settings)}
     if settings.auth_issuer_url:
+        from .issuer import JwtVerifier  # and PyJWT, for an external issuer only
+
         auth["token_verifier"] = JwtVerifier(settings, verifier)
     elif oauth.own_issuer_possible(settings):
         auth["auth_server_provider"] = oauth.CardOAuthProvider(settings, verifier)
