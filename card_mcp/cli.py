@@ -164,10 +164,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return anyio.run(handler, args, settings, backend_options={"use_uvloop": uvloop})
     except KeyboardInterrupt:
         return 130
-    except Exception as exc:  # the one place a command's failure becomes its last words
-        leaves = list(_leaves(exc))
+    except BaseExceptionGroup as group:  # task groups nest what stopped them
+        leaves = list(_leaves(group))
         known = next((leaf for leaf in leaves if isinstance(leaf, CardMcpError)), None)
-        return _failed(known or _unexpected(leaves[0] if leaves else exc), exc)
+        if known is None and any(isinstance(leaf, KeyboardInterrupt) for leaf in leaves):
+            return 130
+        return _failed(known or _unexpected(leaves[0]), group)
+    except Exception as exc:  # the one place a command's failure becomes its last words
+        return _failed(exc if isinstance(exc, CardMcpError) else _unexpected(exc), exc)
 
 
 def _log_to_stderr(level: str) -> None:
@@ -202,11 +206,11 @@ def _unexpected(exc: BaseException) -> CardMcpError:
     if isinstance(exc, OSError) and exc.strerror:
         where = f" ({exc.filename})" if exc.filename else ""
         return SetupError(
-            f"{exc.strerror}{where}", hint="check the path or address named; CARD_MCP_LOG_LEVEL=DEBUG logs where"
+            f"{exc.strerror}{where}", hint="Check the path or address named; CARD_MCP_LOG_LEVEL=DEBUG logs where."
         )
     return SetupError(
         f"unexpected {type(exc).__name__}: {exc}",
-        hint="CARD_MCP_LOG_LEVEL=DEBUG logs the traceback; please report it",
+        hint="CARD_MCP_LOG_LEVEL=DEBUG logs the traceback; please report it.",
     )
 
 
