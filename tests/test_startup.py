@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import subprocess
 import uuid
 from pathlib import Path
@@ -160,3 +161,12 @@ def test_calls_piped_before_stdin_closes_are_all_answered(database: TestDatabase
     assert set(answers) == set(range(7)), result.stdout
     assert all("result" in answers[n] and not answers[n]["result"].get("isError") for n in range(1, 7))
     assert "Connection closed" not in result.stdout
+
+
+def test_a_port_in_use_is_one_line(database: TestDatabase) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        line = one_line_failure(card_mcp(database_env(database), "serve", "--transport", "http", "--port", port))
+    assert line.startswith(f"card-mcp: cannot listen on 127.0.0.1:{port}")
