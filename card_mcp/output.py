@@ -36,7 +36,7 @@ class ProgressBar:
 
 def print_rows(rows: list[dict[str, Any]], fmt: str, *, key: str) -> None:
     if fmt == "json":
-        print(json.dumps({key: rows}, indent=2))
+        print(json.dumps({key: rows}, separators=(",", ":")))  # one line, for pipelines
         return
     if fmt == "csv":
         if rows:

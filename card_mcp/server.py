@@ -33,16 +33,14 @@ from mcp.types import Tool as McpTool
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from . import __version__, db, idempotency, migrate, oauth, prompts, resources, semantic
+from . import __version__, db, idempotency, migrate, oauth, prompts, resources, semantic, tenants
 from .auth import KeyToken, KeyVerifier
 from .calls import Caller, CallFailed, Edge
 from .config import Settings
 from .errors import CardMcpError
-from .issuer import JwtVerifier
 from .oauth import ConnectionToken
 from .registry import Tool
 from .semantic import Semantic
-from .signin import SignInPages
 from .tools import TOOLS
 
 logger = logging.getLogger(__name__)
@@ -79,6 +77,7 @@ class CardServer(MCPServer[AppState]):
         self.verifier = verifier
         self.tools: dict[str, Tool] = {tool.name: tool for tool in TOOLS}
         self.state: AppState | None = None  # while the lifespan runs
+        self.startup_error: Exception | None = None  # why the lifespan could not start, for the one-line report
 
     async def list_tools(self) -> list[McpTool]:
         return [
@@ -108,7 +107,7 @@ class CardServer(MCPServer[AppState]):
         except CallFailed as failed:
             return _error_result(failed.error)
         structured = result.model_dump(mode="json")
-        text = pydantic_core.to_json(result, indent=2).decode()
+        text = pydantic_core.to_json(result).decode()  # compact: a model pays for every indenting space
         return CallToolResult(content=[TextContent(type="text", text=text)], structured_content=structured)
 
     async def read_resource(self, uri: Any, context: Any = None) -> Any:
@@ -198,6 +197,21 @@ def _printable(text: str | None) -> str:
 
 @asynccontextmanager
 async def _lifespan(server: CardServer) -> AsyncIterator[AppState]:
+    """The server's resources while it serves; what stopped it from starting is kept on the server, where the HTTP
+    transport finds it (uvicorn reports a failed start-up only as a logged traceback)."""
+    started = False
+    try:
+        async with _serving(server) as state:
+            started = True
+            yield state
+    except Exception as exc:
+        if not started:
+            server.startup_error = exc
+        raise
+
+
+@asynccontextmanager
+async def _serving(server: CardServer) -> AsyncIterator[AppState]:
     settings = server.card_settings
     async with migrate.open_migrated(settings) as database, AsyncExitStack() as stack:
         pool = await db.create_pool(database.app_url, settings)
@@ -212,7 +226,7 @@ async def _lifespan(server: CardServer) -> AsyncIterator[AppState]:
             server.verifier.pool = state.admin_pool
             logger.info("card-mcp %s serving every tenant with an API key over %s", __version__, settings.transport)
         else:
-            state.tenant_id = await db.tenant_id_for(admin_url, settings.tenant, check_role=True)
+            state.tenant_id = await _served_tenant(admin_url, settings)
             logger.info("card-mcp %s serving tenant %r over %s", __version__, settings.tenant, settings.transport)
         async with anyio.create_task_group() as background:
             background.start_soon(idempotency.expire_periodically, admin_url)
@@ -227,6 +241,23 @@ async def _lifespan(server: CardServer) -> AsyncIterator[AppState]:
                 if server.verifier is not None:
                     server.verifier.pool = None
                 background.cancel_scope.cancel()
+
+
+async def _served_tenant(admin_url: str, settings: Settings) -> UUID:
+    """The tenant of --tenant, through an admin connection a server may hold; a tenant it had to create is logged
+    with the tenants that existed (a typo in --tenant would otherwise serve a new, empty brand in silence)."""
+    conn = await db.connect(admin_url)
+    try:
+        await db.check_admin_role(conn)
+        with db.translate_errors():
+            tenant_id, others = await tenants.served_tenant(conn, settings.tenant, create=settings.create_tenant)
+    finally:
+        await conn.close()
+    if others:
+        logger.warning("created tenant %r; existing tenants: %s", settings.tenant, ", ".join(others))
+    elif others is not None:
+        logger.info("created tenant %r, the first one", settings.tenant)
+    return tenant_id
 
 
 async def _semantic_search(edge: Edge, admin_url: str) -> None:
@@ -272,6 +303,8 @@ def build_server(settings: Settings) -> CardServer:
     if verifier is not None:
         server.custom_route("/healthz", methods=["GET"])(partial(_healthz, server))
         if "auth_server_provider" in auth:  # the sign-in page of /authorize
+            from .signin import SignInPages  # HTTP only: stdio starts without it
+
             pages = SignInPages(settings, lambda: verifier.pool)
             server.custom_route("/signin", methods=["GET"])(pages.get)
             server.custom_route("/signin", methods=["POST"])(pages.post)
@@ -283,6 +316,8 @@ def _auth(settings: Settings, verifier: KeyVerifier) -> dict[str, Any]:
     own authorization server, or with CARD_MCP_AUTH_ISSUER_URL an external issuer's JWTs."""
     auth: dict[str, Any] = {"auth": oauth.auth_settings(settings)}
     if settings.auth_issuer_url:
+        from .issuer import JwtVerifier  # and PyJWT, for an external issuer only
+
         auth["token_verifier"] = JwtVerifier(settings, verifier)
     elif oauth.own_issuer_possible(settings):
         auth["auth_server_provider"] = oauth.CardOAuthProvider(settings, verifier)

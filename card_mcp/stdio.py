@@ -27,7 +27,16 @@ from anyio.abc import ObjectReceiveStream, ObjectSendStream
 from mcp.server import MCPServer
 from mcp.server.stdio import stdio_server
 from mcp.shared.message import SessionMessage
-from mcp.types import INVALID_REQUEST, PARSE_ERROR, ErrorData, JSONRPCError, RequestId
+from mcp.types import (
+    INVALID_REQUEST,
+    PARSE_ERROR,
+    ErrorData,
+    JSONRPCError,
+    JSONRPCNotification,
+    JSONRPCRequest,
+    JSONRPCResponse,
+    RequestId,
+)
 from pydantic import ValidationError
 
 logger = logging.getLogger(__name__)
@@ -51,8 +60,79 @@ async def serve(server: MCPServer[Any]) -> None:
         anyio.create_task_group() as tasks,
     ):
         readable, readable_stream = anyio.create_memory_object_stream[SessionMessage | Exception](0)
-        tasks.start_soon(_answer_unreadable, read, write, readable)
-        await lowlevel.run(readable_stream, write, lowlevel.create_initialization_options())
+        flight = _InFlight()
+        answers = _Answers(write, flight)
+        tasks.start_soon(_answer_unreadable, read, answers, _Draining(readable, flight))
+        await lowlevel.run(readable_stream, answers, lowlevel.create_initialization_options())
+
+
+# How long a client that closed stdin waits for the answers to the calls it sent before.
+_DRAIN_TIMEOUT = 30.0
+
+
+class _InFlight:
+    """The requests read from stdin and not answered yet. When stdin ends, the SDK cancels every handler still
+    running; so the end is passed on only once these are answered (a client may pipe its calls and close stdin
+    at once, and expects the answers)."""
+
+    def __init__(self) -> None:
+        self.pending: set[str] = set()
+        self._changed = anyio.Event()
+
+    def read(self, item: SessionMessage | Exception) -> None:
+        message = item.message if isinstance(item, SessionMessage) else None
+        if isinstance(message, JSONRPCRequest):
+            self.pending.add(repr(message.id))
+        elif isinstance(message, JSONRPCNotification) and message.method == "notifications/cancelled":
+            self._settle((message.params or {}).get("requestId"))  # a cancelled request is never answered
+
+    def answered(self, item: SessionMessage) -> None:
+        if isinstance(item.message, JSONRPCResponse | JSONRPCError):
+            self._settle(item.message.id)
+
+    def _settle(self, request_id: object) -> None:
+        self.pending.discard(repr(request_id))
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    async def drained(self) -> None:
+        with anyio.move_on_after(_DRAIN_TIMEOUT):
+            while self.pending:
+                await self._changed.wait()
+        if self.pending:
+            logger.warning("stdin closed; %d call(s) left unanswered after %.0f s", len(self.pending), _DRAIN_TIMEOUT)
+
+
+class _Draining(ObjectSendStream[SessionMessage | Exception]):
+    """The SDK's side of stdin: each request passed on is noted, and at the end of stdin the stream is closed
+    (which ends the session) only once the requests it passed on are answered."""
+
+    def __init__(self, inner: ObjectSendStream[SessionMessage | Exception], flight: _InFlight) -> None:
+        self._inner, self._flight = inner, flight
+
+    async def send(self, item: SessionMessage | Exception) -> None:
+        self._flight.read(item)
+        await self._inner.send(item)
+
+    async def aclose(self) -> None:
+        try:
+            await self._flight.drained()
+        finally:
+            await self._inner.aclose()
+
+
+class _Answers(ObjectSendStream[SessionMessage]):
+    """What goes to stdout, each answer noted as such."""
+
+    def __init__(self, inner: ObjectSendStream[SessionMessage], flight: _InFlight) -> None:
+        self._inner, self._flight = inner, flight
+
+    async def send(self, item: SessionMessage) -> None:
+        self._flight.answered(item)
+        await self._inner.send(item)
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
 
 
 async def _answer_unreadable(

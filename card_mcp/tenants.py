@@ -14,6 +14,10 @@ from .models import Tenant
 _CREATE = "SELECT tenant_id, name, created_at FROM card_mcp.create_tenant($1)"
 _ID = "SELECT tenant_id FROM card_mcp.tenants WHERE name = $1"
 _LIST = "SELECT tenant_id, name, created_at FROM card_mcp.tenants ORDER BY name"
+_ID_FOR = "SELECT card_mcp.tenant_id_for($1)"  # the tenant's id, created if there is none
+_OTHERS = (  # the nearest names first: a typo of one of them is the likely reason
+    "SELECT name FROM card_mcp.tenants WHERE name <> $1 ORDER BY card_mcp.similarity(name, $1) DESC, name LIMIT $2"
+)
 
 
 async def create_tenant(conn: Connection, name: str) -> Tenant:
@@ -42,3 +46,21 @@ async def tenant_id(conn: Connection, name: str) -> UUID:
     if found is None:
         raise NotFound(f"no tenant {name!r}", hint="`card-mcp tenants list` shows the tenants.")
     return found
+
+
+async def served_tenant(conn: Connection, name: str, *, create: bool) -> tuple[UUID, list[str] | None]:
+    """The id of the tenant ``serve`` serves over stdio, and, when it had to be created, the names of the tenants
+    that existed already (up to 10): a typo in --tenant makes a new, empty tenant, which the log should say. With
+    ``create`` false an unknown tenant is refused instead (NotFound, naming the existing ones)."""
+    found: UUID | None = await conn.fetchval(_ID, name)
+    if found is not None:
+        return found, None
+    others: list[str] = [row["name"] for row in await conn.fetch(_OTHERS, name, 10)]
+    if not create:
+        existing = ", ".join(others) if others else "none"
+        raise NotFound(
+            f"no tenant {name!r} (existing tenants: {existing}), and --no-create is set",
+            hint=f"fix --tenant, or create it first: card-mcp tenants create {name}",
+        )
+    created: UUID = await conn.fetchval(_ID_FOR, name)
+    return created, others

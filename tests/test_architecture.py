@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import card_mcp
@@ -63,3 +65,22 @@ def test_no_imports_go_in_a_circle() -> None:
     for module in sorted(graph):
         visit(module, (module,))
     assert circles == []
+
+
+def modules_after_importing(module: str) -> set[str]:
+    """The modules a fresh interpreter holds after importing ``module`` alone."""
+    code = f"import sys, {module}; print(' '.join(sorted(sys.modules)))"
+    return set(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split())
+
+
+def test_importing_the_command_line_loads_no_mcp_sdk_nor_http_stack() -> None:
+    """Start-up: `card-mcp --version`, `tenants list` and the like pay only for what they use; `serve` imports the
+    SDK when it runs."""
+    loaded = modules_after_importing("card_mcp.cli")
+    assert not {m for m in loaded if m.split(".")[0] in {"mcp", "uvicorn", "starlette", "jwt", "matplotlib"}}
+    assert not loaded & {"card_mcp.server", "card_mcp.http_app", "card_mcp.stdio", "uvloop"}
+
+
+def test_serving_over_stdio_loads_neither_the_http_app_nor_the_oauth_pages_nor_jwt() -> None:
+    loaded = modules_after_importing("card_mcp.server, card_mcp.stdio")
+    assert not loaded & {"card_mcp.http_app", "card_mcp.signin", "card_mcp.issuer", "jwt", "difflib"}

@@ -63,6 +63,7 @@ class ModelCard:
     tags: list[str]
     version: int = 1
     active: bool = True
+    deleted_at: str | None = None  # as the first acknowledged delete answered it
 
     @property
     def digest(self) -> str:
@@ -312,11 +313,13 @@ class Tenants(RuleBasedStateMachine):
         card_id = self.any_id(t, pick)
         result, code = self.call(t, "delete_card", {"card_id": card_id})
         mine = t.cards.get(card_id)
-        if mine is None or not mine.active:
+        if mine is None:
             assert code == "not_found"
             return
         assert code is None and result is not None and result["card_id"] == card_id
-        mine.active = False
+        if not mine.active:  # deleted before: answered as the first delete was
+            assert result["deleted_at"] == mine.deleted_at
+        mine.active, mine.deleted_at = False, result["deleted_at"]
 
     @rule(
         i=tenant_index, card_type=st.none() | card_types, tags=st.none() | st.lists(st.sampled_from(TAGS), max_size=2)
