@@ -15,12 +15,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from uuid import UUID
 
 import anyio
 
-from . import __version__, connections, db, keys, migrate, output, readers, tenants, usage
+from . import __version__, connections, db, history, keys, migrate, output, readers, tenants, usage
 from .config import Settings
 from .errors import CardMcpError, InvalidArgument, SetupError
+from .models import ChangedBy
 
 logger = logging.getLogger("card_mcp")
 
@@ -102,6 +104,11 @@ def _parser() -> argparse.ArgumentParser:
     use.add_argument("--format", choices=["table", "json", "csv"], default="table")
     use.add_argument("--chart", metavar="FILE", help="also draw calls and errors per day by tool (.png, .svg, .html)")
 
+    hist = commands.add_parser("history", help="a card's versions, newest first: what changed, when and by whom")
+    hist.add_argument("card_id", metavar="CARD_ID")
+    hist.add_argument("--tenant", help="the card's tenant (default: whichever tenant has it)")
+    hist.add_argument("--format", choices=["table", "json"], default="table")
+
     emb = commands.add_parser(
         "embed", help="semantic search: embed the cards that lack a vector (or --all), with a progress bar"
     )
@@ -145,6 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "connect": _connect,
         "connections": _connections,
         "usage": _usage,
+        "history": _history,
         "embed": _embed,
         "db": _db,
     }[args.command]
@@ -400,6 +408,54 @@ async def _usage(args: argparse.Namespace, settings: Settings) -> int:
         )
         print(f"card-mcp: chart written to {args.chart}", file=sys.stderr)
     return 0
+
+
+async def _history(args: argparse.Namespace, settings: Settings) -> int:
+    try:
+        card_id = UUID(args.card_id)
+    except ValueError:
+        raise InvalidArgument(f"{args.card_id!r} is not a card id", hint="Pass the card's UUID.") from None
+    versions = []
+    # The admin role's policies see every tenant's versions, deleted cards' too.
+    async with _connection(settings, db.Database.require_admin_url) as conn:
+        tenant_id = await tenants.tenant_id(conn, args.tenant) if args.tenant else None
+        cursor: str | None = None
+        while True:
+            page, cursor, tenant = await history.card_history(
+                conn, card_id, limit=50, cursor=cursor, tenant_id=tenant_id
+            )
+            versions += page
+            if cursor is None:
+                break
+    if args.format == "json":
+        output.print_rows([{"tenant": tenant, **v.model_dump(mode="json")} for v in versions], "json", key="versions")
+        return 0
+    rows = [
+        {
+            "version": v.version,
+            "op": v.op,
+            "changed_at": v.changed_at.isoformat(timespec="seconds"),
+            "changed_by": _who(v.changed_by),
+            "changed": ",".join(v.changed_fields),
+            # Written by agents: untrusted, so no terminal control characters.
+            "title": "".join(ch if ch.isprintable() else "?" for ch in v.title),
+        }
+        for v in versions
+    ]
+    print(f"card {card_id} of tenant {tenant!r}", file=sys.stderr)
+    output.print_rows(rows, "table", key="versions")
+    return 0
+
+
+def _who(by: ChangedBy) -> str:
+    """A version's author in one cell: the key's label and id over HTTP, else the client and its version."""
+    if by.api_key_id is not None:
+        who = f"key {by.api_key_label or '(no label)'} {by.api_key_id}"
+    elif by.connection_id is not None:
+        who = f"oauth {by.connection_id} {by.client_name or ''}"
+    else:
+        who = " ".join(part for part in (by.client_name, by.client_version) if part)
+    return "".join(ch if ch.isprintable() else "?" for ch in f"{by.transport}: {who}".strip())
 
 
 def _since(value: str, until: datetime) -> datetime:

@@ -191,6 +191,43 @@ class DeleteCardResult(BaseModel):
     deleted_at: datetime
 
 
+class ChangedBy(BaseModel):
+    """Who made a change: over HTTP the API key (id and label) or OAuth connection, over stdio the client; for a
+    change made outside card-mcp's tools (transport ``database``), client_name is the database role."""
+
+    transport: Literal["stdio", "http", "memory", "cli", "database"]
+    api_key_id: UUID | None = None
+    api_key_label: str | None = None
+    connection_id: UUID | None = None
+    client_name: str | None = None
+    client_version: str | None = None
+
+
+HistoryOp = Literal["create", "update", "delete", "restore", "import"]
+
+
+class CardVersion(BaseModel):
+    """A card as one change left it; ``changed_fields``: those that differ from the version before."""
+
+    version: int
+    op: HistoryOp
+    title: str
+    content: dict[str, Any]
+    tags: list[str]
+    content_hash: str
+    changed_at: datetime
+    changed_by: ChangedBy
+    changed_fields: list[Literal["title", "content", "tags"]]
+    restored_from: int | None = None
+
+
+class CardHistoryResult(BaseModel):
+    """One page of a card's versions, newest first; pass ``next_cursor`` back for older ones."""
+
+    versions: list[CardVersion]
+    next_cursor: str | None
+
+
 class BatchItemResult(BaseModel):
     """The outcome for ``cards[index]`` of a batch."""
 

@@ -15,7 +15,7 @@ import anyio
 from pydantic import Field, StringConstraints
 
 from . import cards as card_store
-from . import idempotency, search, usage
+from . import history, idempotency, search, usage
 from .calls import Call
 from .errors import InvalidArgument
 from .models import (
@@ -23,8 +23,10 @@ from .models import (
     BatchCreateResult,
     BatchItemResult,
     Card,
+    CardHistoryResult,
     CardResult,
     CardType,
+    CardVersion,
     Content,
     CreateCardResult,
     DateTime,
@@ -182,13 +184,58 @@ async def update_card(
 
 
 async def delete_card(call: Call, card_id: CardId) -> DeleteCardResult:
-    """Delete a card that is wrong or obsolete. The card disappears from every tool (it is kept only for
-    audit); the same content can be saved again later.
+    """Delete a card that is wrong or obsolete. The card disappears from every tool but get_card_history and
+    restore_card; the same content can be saved again later.
 
     Returns {card_id, deleted_at}. not_found: no such active card (perhaps already deleted)."""
     deleted_at = await card_store.delete_card(await call.transaction(), card_id)
     call.touched(card_id)
     return DeleteCardResult(card_id=card_id, deleted_at=deleted_at)
+
+
+async def get_card_history(
+    call: Call,
+    card_id: CardId,
+    limit: Annotated[int, Field(ge=1, le=50, description="Versions per page, 1-50."), JsonInteger] = 10,
+    cursor: Annotated[
+        str | None, Field(max_length=2000, description="next_cursor from the previous page, same card_id.")
+    ] = None,
+) -> CardHistoryResult:
+    """A card's versions, newest first, deleted cards too: {versions: [{version, op, title, content, tags,
+    changed_fields, changed_at, changed_by}], next_cursor}. Use it to see who changed what, or to pick a version
+    for restore_card. not_found: no such card of this brand."""
+    versions, next_cursor = await read_history(call, card_id, limit, cursor)
+    return CardHistoryResult(versions=versions, next_cursor=next_cursor)
+
+
+async def read_history(
+    call: Call, card_id: UUID, limit: int, cursor: str | None = None
+) -> tuple[list[CardVersion], str | None]:
+    """One page of ``card_id``'s versions in the call's transaction (for the tool and the resource)."""
+    versions, next_cursor, _ = await history.card_history(await call.transaction(), card_id, limit=limit, cursor=cursor)
+    call.touched(card_id)
+    return versions, next_cursor
+
+
+async def restore_card(
+    call: Call,
+    card_id: CardId,
+    version: Annotated[
+        Annotated[int, Field(ge=1), JsonInteger] | None,
+        Field(description="The version to bring back (from get_card_history); omit to undelete."),
+    ] = None,
+    expected_version: Annotated[
+        Annotated[int, Field(ge=1), JsonInteger] | None,
+        Field(description="The card's current version; fails if it changed since."),
+    ] = None,
+) -> CardResult:
+    """Undo: without version, undelete a deleted card; with one, make a new version equal to it. Returns {card};
+    unchanged if already so. duplicate_content: another active card has this content (id in the message)."""
+    card = await card_store.restore_card(
+        await call.transaction(), card_id, version=version, expected_version=expected_version
+    )
+    call.touched(card.id)
+    return CardResult(card=card)
 
 
 async def batch_create_cards(
@@ -308,4 +355,8 @@ TOOLS: tuple[Tool, ...] = (
     Tool(delete_card, title="Delete a brand card", durable=True, destructive=True),
     Tool(batch_create_cards, title="Save many brand cards", durable=True, replay=_replay_batch),
     Tool(usage_stats, title="Card usage figures", durable=False, read_only=True),
+    Tool(get_card_history, title="A brand card's history", durable=False, read_only=True),
+    # Destructive as update_card is (it replaces the current fields, which stay in the history); idempotent: a
+    # repeated restore finds the card as asked and writes nothing.
+    Tool(restore_card, title="Restore a brand card", durable=True, destructive=True),
 )
