@@ -1,0 +1,240 @@
+"""What card history costs (issue #21): an update with its version row against today's update, a 1000-card batch
+with its 1000 version rows against today's COPY, and the history table's bytes per version of a typical card.
+
+    python bench/history.py [--updates 300] [--runs 5] [--database-url SUPERUSER_URL]
+
+Without --database-url it starts the embedded PostgreSQL in a temporary folder under /tmp; with it (a superuser
+URL such as postgresql://postgres@127.0.0.1:5432/postgres) it uses that server. Either way it creates a fresh
+migrated database (bench/batch.py's fresh_database) and drops it at the end.
+
+"Today" is the same database with the two history triggers disabled (ALTER TABLE ... DISABLE TRIGGER, as the
+owner, between blocks): the same code and statements, without the version rows. Blocks with and without
+alternate, so drift hits both alike. What each row times:
+
+* update_card, database work: the call edge on a warm pool of the application role (BEGIN with the tenant and the
+  actor, the locked read, the UPDATE, the usage row, COMMIT), a new title each time; per call.
+* update_card via the MCP client: one call_tool through the SDK's in-memory client against build_server; per call.
+* 1000-card batch, database work: bench/batch.py's "same work without MCP" (encode, idempotency claim, the bulk
+  INSERTs, the stored answer, the usage row, COMMIT) against the floor of bench/batch.py, a superuser COPY of the
+  same rows, with the history triggers disabled (today's COPY). COPY with the triggers on is shown for reference:
+  a COPY writes its version rows too.
+* bytes per version: 1000 cards of 300-600 bytes of content (bench/batch.py's cards) created and each updated once:
+  the history table's size (heap, TOAST and index) over its rows, and the mean row as PostgreSQL stores it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import statistics
+import sys
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import anyio
+import asyncpg
+from batch import COPY_COLUMNS, fresh_database, make_cards, postgres, with_database, with_user
+from mcp import Client
+
+from card_mcp import cards as card_store
+from card_mcp import db, idempotency
+from card_mcp.calls import Caller, Edge
+from card_mcp.config import Settings
+from card_mcp.models import NewCard, canonical_json, content_hash
+from card_mcp.server import build_server
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+UPDATE_TARGET = 1.2
+BATCH_TARGET = 1.5
+TRIGGERS = ("cards_keep_inserted_versions", "cards_keep_updated_versions")
+_TOGGLE = {
+    on: [f"ALTER TABLE card_mcp.cards {'ENABLE' if on else 'DISABLE'} TRIGGER {name}" for name in TRIGGERS]
+    for on in (True, False)
+}
+_SIZE = """
+SELECT pg_total_relation_size('card_mcp.card_versions') AS total, count(*) AS n, avg(pg_column_size(v.*)) AS row
+  FROM card_mcp.card_versions AS v
+"""
+
+
+async def timed(action: Callable[[], Awaitable[Any]]) -> float:
+    started = time.perf_counter()
+    await action()
+    return time.perf_counter() - started
+
+
+async def measure(args: argparse.Namespace) -> tuple[dict[str, list[float]], dict[str, float], str]:
+    cards = make_cards(1000, 1)
+    new_cards = [NewCard.model_validate(c) for c in cards]
+    times: dict[str, list[float]] = {}
+    async with postgres(args.database_url) as superuser_url, fresh_database(superuser_url) as name:
+        app_url = with_user(superuser_url, db.APP_ROLE, name)
+        owner_url = with_user(superuser_url, db.OWNER_ROLE, name)
+        admin_url = with_user(superuser_url, db.ADMIN_ROLE, name)
+        settings = Settings(database_url=app_url, admin_database_url=admin_url, log_level="WARNING", semantic="off")
+        superuser = await asyncpg.connect(with_database(superuser_url, name))
+        owner = await db.connect(owner_url)
+        pool = await db.create_pool(app_url, settings)
+        edge = Edge(pool, settings)
+
+        async def history(on: bool) -> None:
+            for statement in _TOGGLE[on]:
+                await owner.execute(statement)
+
+        async def new_tenant() -> tuple[str, uuid.UUID]:
+            tenant = f"bench-{uuid.uuid4().hex[:12]}"
+            return tenant, await db.tenant_id_for(owner_url, tenant)
+
+        try:
+            tenant, tenant_id = await new_tenant()
+            caller = Caller(tenant_id, "stdio", client_name="bench", client_version="1")
+            async with edge.call(caller, "create_card", durable=True) as call:
+                _, card = await card_store.create_card(await call.transaction(), tenant_id, new_cards[0])
+
+            async def update_edge() -> None:
+                async with edge.call(caller, "update_card", durable=True) as call:
+                    await card_store.update_card(await call.transaction(), card.id, title=uuid.uuid4().hex)
+
+            server = build_server(settings.model_copy(update={"tenant": tenant}))
+            async with Client(server, mode="legacy") as client:
+
+                async def update_mcp() -> None:
+                    result = await client.call_tool("update_card", {"card_id": str(card.id), "title": uuid.uuid4().hex})
+                    assert not result.is_error, result.content
+
+                async def batch() -> None:
+                    _, batch_tenant = await new_tenant()
+                    key = f"bench-{uuid.uuid4()}"
+                    encoded = card_store.encode_cards(new_cards)
+                    digest = idempotency.request_hash(new_cards, [d for _, d in encoded])
+                    async with edge.call(Caller(batch_tenant, "stdio"), "batch_create_cards", durable=True) as call:
+                        conn = await call.transaction()
+                        assert await idempotency.replay(conn, key, "batch_create_cards", digest) is None
+                        items = await card_store.insert_cards(conn, batch_tenant, new_cards, encoded)
+                        await idempotency.store(
+                            conn, batch_tenant, key, "batch_create_cards", digest, {"n": len(items)}
+                        )
+                        call.touched(*(i.card_id for i in items))
+
+                async def copy() -> None:
+                    _, copy_tenant = await new_tenant()
+                    records = [
+                        (copy_tenant, c["card_type"], c["title"], json.dumps(c["content"]), c["tags"],
+                         content_hash(c["content"]))
+                        for c in cards
+                    ]  # fmt: skip
+                    async with superuser.transaction():
+                        await superuser.copy_records_to_table(
+                            "cards", schema_name="card_mcp", columns=COPY_COLUMNS, records=records
+                        )
+
+                for warm in (update_edge, update_mcp, batch, copy):  # statements prepared, caches warm
+                    for on in (True, False):
+                        await history(on)
+                        await warm()
+                for run in range(args.runs):
+                    for on in (run % 2 == 0, run % 2 != 0):  # which goes first alternates
+                        await history(on)
+                        label = "with" if on else "today"
+                        gc.collect()
+                        for _ in range(args.updates):
+                            times.setdefault(f"update_edge_{label}", []).append(await timed(update_edge))
+                        for _ in range(args.updates):
+                            times.setdefault(f"update_mcp_{label}", []).append(await timed(update_mcp))
+                        gc.collect()
+                        times.setdefault(f"batch_{label}", []).append(await timed(batch))
+                        gc.collect()
+                        times.setdefault(f"copy_{label}", []).append(await timed(copy))
+            await history(True)
+            # Bytes per version: a fresh table's worth of typical cards, created and each updated once.
+            await superuser.execute("TRUNCATE card_mcp.card_versions")
+            _, size_tenant = await new_tenant()
+            async with edge.call(Caller(size_tenant, "stdio", client_name="bench"), "bench", durable=True) as call:
+                conn = await call.transaction()
+                items = await card_store.insert_cards(conn, size_tenant, new_cards)
+                for item in items:
+                    await card_store.update_card(conn, item.card_id, title=f"Updated {item.index}")
+            await superuser.execute("VACUUM ANALYZE card_mcp.card_versions")
+            size = await superuser.fetchrow(_SIZE)
+            assert size is not None
+            server_version = await superuser.fetchval("SHOW server_version")
+        finally:
+            await pool.close()
+            await owner.close()
+            await superuser.close()
+    contents = [len(canonical_json(c["content"]).encode()) for c in cards]
+    sizes = {
+        "per_version": size["total"] / size["n"],
+        "row": float(size["row"]),
+        "versions": size["n"],
+        "content": statistics.mean(contents),
+    }
+    environment = (
+        f"PostgreSQL {server_version} ({'external' if args.database_url else 'embedded'}), {args.runs} runs of "
+        f"{args.updates} updates and one 1000-card batch each way, after a warm-up; Python "
+        f"{platform.python_version()}, mcp {version('mcp')}, asyncpg {version('asyncpg')}"
+    )
+    return times, sizes, environment
+
+
+def p90(values: list[float]) -> float:
+    return statistics.quantiles(values, n=10, method="inclusive")[8] if len(values) > 1 else values[0]
+
+
+def report(times: dict[str, list[float]], sizes: dict[str, float], environment: str) -> bool:
+    ms = {what: [v * 1000 for v in values] for what, values in times.items()}
+    median = {what: statistics.median(values) for what, values in ms.items()}
+    rows = (
+        ("update_card, database work: today (floor)", "update_edge_today", "update_edge_today", None),
+        ("update_card, database work: with its version row", "update_edge_with", "update_edge_today", UPDATE_TARGET),
+        ("update_card via the MCP client: today (floor)", "update_mcp_today", "update_mcp_today", None),
+        ("update_card via the MCP client: with its version row", "update_mcp_with", "update_mcp_today", UPDATE_TARGET),
+        ("COPY of 1000 cards, today (floor)", "copy_today", "copy_today", None),
+        ("COPY of 1000 cards with their version rows (info)", "copy_with", "copy_today", None),
+        ("1000-card batch, database work: today", "batch_today", "copy_today", BATCH_TARGET),
+        ("1000-card batch, database work: with 1000 version rows", "batch_with", "copy_today", BATCH_TARGET),
+    )
+    met = True
+    print(environment)
+    print()
+    print("| what | median ms | p90 ms | floor ms | ratio | target |")
+    print("|---|---:|---:|---:|---:|---|")
+    for name, what, base, target in rows:
+        ratio = median[what] / median[base]
+        verdict = ""
+        if target is not None:
+            ok = ratio <= target
+            met = met and ok
+            verdict = f"≤ {target:.1f}x {'met' if ok else 'MISSED'}"
+        print(f"| {name} | {median[what]:.3f} | {p90(ms[what]):.3f} | {median[base]:.3f} | {ratio:.2f}x | {verdict} |")
+    print()
+    print(
+        f"History growth: {sizes['per_version']:.0f} bytes per version on disk (table, TOAST and primary key over "
+        f"{sizes['versions']:.0f} versions), {sizes['row']:.0f} bytes per row as stored, for cards of "
+        f"{sizes['content']:.0f} bytes of content on average."
+    )
+    return met
+
+
+async def main(args: argparse.Namespace) -> bool:
+    return report(*await measure(args))
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--updates", type=int, default=300, help="updates per block")
+    parser.add_argument("--runs", type=int, default=5, help="blocks each way")
+    parser.add_argument("--database-url", help="a superuser URL of an external server (default: embedded)")
+    parser.add_argument("--check", action="store_true", help="exit with status 1 when a target is missed")
+    arguments = parser.parse_args()
+    if arguments.runs < 1 or arguments.updates < 1:
+        parser.error("--runs and --updates must be at least 1")
+    all_met = anyio.run(main, arguments)
+    sys.exit(1 if arguments.check and not all_met else 0)
