@@ -317,3 +317,17 @@ async def test_retention_keeps_the_newest_versions_of_each_card(database: TestDa
     assert [v["version"] for v in versions] == [5, 4]
     assert versions[-1]["changed_fields"] == ["title", "content", "tags"]  # the oldest kept: nothing before it
     assert error_code(pruned) == "invalid_argument"
+
+
+async def test_a_command_names_itself_and_an_import_as_the_operation_of_its_changes(
+    app_pool: asyncpg.Pool, tenant_a: uuid.UUID
+) -> None:
+    """The contract for card-mcp's own commands that write cards (an import): the actor and the operation are
+    transaction-local settings; the versions follow by themselves."""
+    async with tenant_transaction(app_pool, tenant_a) as conn:
+        await conn.execute(history.SET_ACTOR, history.CLI_ACTOR)
+        await conn.execute("SELECT set_config('card_mcp.version_op', 'import', true)")
+        items = await cards.insert_cards(conn, tenant_a, [new_card(), new_card()])
+        versions, _, _ = await history.card_history(conn, items[0].card_id)
+    assert [(v.version, v.op, v.changed_fields) for v in versions] == [(1, "import", ["title", "content", "tags"])]
+    assert (versions[0].changed_by.transport, versions[0].changed_by.client_name) == ("cli", "card-mcp")
