@@ -163,3 +163,27 @@ REVOKE ALL ON FUNCTION card_mcp.api_key_label(uuid, uuid) FROM PUBLIC;
 REVOKE ALL ON FUNCTION card_mcp.prune_card_versions(integer) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION card_mcp.api_key_label(uuid, uuid) TO card_mcp_app, card_mcp_admin;
 GRANT EXECUTE ON FUNCTION card_mcp.prune_card_versions(integer) TO card_mcp_admin;
+
+-- Semantic search (0006, where pgvector is): a deleted card's vector is removed by the embedding worker, so an
+-- undeleted card is queued again, as a changed one is. (Where 0006 comes later, the worker's periodic sweep
+-- queues it instead.)
+DO $$
+BEGIN
+    IF to_regprocedure('card_mcp.queue_updated_cards()') IS NOT NULL THEN
+        CREATE OR REPLACE FUNCTION card_mcp.queue_updated_cards() RETURNS trigger
+            LANGUAGE plpgsql SECURITY INVOKER
+            SET search_path = pg_catalog, card_mcp, pg_temp
+        AS $fn$
+        BEGIN
+            INSERT INTO card_mcp.embedding_queue (card_id, tenant_id)
+            SELECT n.id, n.tenant_id
+              FROM new_cards AS n JOIN old_cards AS o ON o.id = n.id
+             WHERE n.is_active
+               AND (NOT o.is_active OR (n.title, n.tags, n.content) IS DISTINCT FROM (o.title, o.tags, o.content))
+            ON CONFLICT (tenant_id, card_id) DO NOTHING;
+            RETURN NULL;
+        END
+        $fn$;
+    END IF;
+END
+$$;

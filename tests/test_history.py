@@ -331,3 +331,21 @@ async def test_a_command_names_itself_and_an_import_as_the_operation_of_its_chan
         versions, _, _ = await history.card_history(conn, items[0].card_id)
     assert [(v.version, v.op, v.changed_fields) for v in versions] == [(1, "import", ["title", "content", "tags"])]
     assert (versions[0].changed_by.transport, versions[0].changed_by.client_name) == ("cli", "card-mcp")
+
+
+async def test_an_undeleted_card_is_queued_for_its_embedding_again(database: TestDatabase, settings: Settings) -> None:
+    conn = await db.connect(database.admin_url)
+    try:
+        if await conn.fetchval("SELECT to_regclass('card_mcp.embedding_queue')") is None:
+            pytest.skip("this PostgreSQL has no pgvector: no embedding queue")
+        async with connect(settings, tenant_name()) as client:
+            card = await create(client)
+            ok(await client.call_tool("delete_card", {"card_id": card["id"]}))
+            await conn.execute("DELETE FROM card_mcp.embedding_queue WHERE card_id = $1", uuid.UUID(card["id"]))
+            ok(await client.call_tool("restore_card", {"card_id": card["id"]}))
+        queued = await conn.fetchval(
+            "SELECT count(*) FROM card_mcp.embedding_queue WHERE card_id = $1", uuid.UUID(card["id"])
+        )
+    finally:
+        await conn.close()
+    assert queued == 1
