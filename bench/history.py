@@ -1,16 +1,19 @@
 """What card history costs (issue #21): an update with its version row against today's update, a 1000-card batch
 with its 1000 version rows against today's COPY, and the history table's bytes per version of a typical card.
 
-    python bench/history.py [--updates 300] [--runs 5] [--database-url SUPERUSER_URL]
+    python bench/history.py [--updates 50] [--runs 12] [--database-url SUPERUSER_URL]
 
 Without --database-url it starts the embedded PostgreSQL in a temporary folder under /tmp; with it (a superuser
 URL such as postgresql://postgres@127.0.0.1:5432/postgres) it uses that server. Either way it creates a fresh
 migrated database (bench/batch.py's fresh_database) and drops it at the end.
 
 "Today" is the same database with the two history triggers disabled (ALTER TABLE ... DISABLE TRIGGER, as the
-owner, between blocks): the same code and statements, without the version rows. Blocks with and without
-alternate, so drift hits both alike. What each row times:
+owner, between blocks): the same code and statements, without the version rows. Short blocks with and without
+alternate (which goes first alternates too), so drift on a shared machine hits both alike. What each row times:
 
+* update_card's statements alone: the locked read and the UPDATE (with its version row, by trigger, or not) on a
+  warm connection, each timed, inside one transaction that is rolled back: what the version row costs the
+  database, without the WAL flush of a commit, whose wait varies most on a shared machine.
 * update_card, database work: the call edge on a warm pool of the application role (BEGIN with the tenant and the
   actor, the locked read, the UPDATE, the usage row, COMMIT), a new title each time; per call.
 * update_card via the MCP client: one call_tool through the SDK's in-memory client against build_server; per call.
@@ -18,6 +21,8 @@ alternate, so drift hits both alike. What each row times:
   INSERTs, the stored answer, the usage row, COMMIT) against the floor of bench/batch.py, a superuser COPY of the
   same rows, with the history triggers disabled (today's COPY). COPY with the triggers on is shown for reference:
   a COPY writes its version rows too.
+* alternative, a trigger per row: the same with one AFTER ... FOR EACH ROW trigger (made by this benchmark) that
+  inserts each card's version row, instead of card-mcp's two statement-level triggers with transition tables.
 * bytes per version: 1000 cards of 300-600 bytes of content (bench/batch.py's cards) created and each updated once:
   the history table's size (heap, TOAST and index) over its rows, and the mean row as PostgreSQL stores it.
 """
@@ -53,10 +58,45 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 UPDATE_TARGET = 1.2
 BATCH_TARGET = 1.5
-TRIGGERS = ("cards_keep_inserted_versions", "cards_keep_updated_versions")
+# The way measured against: one trigger per row (FOR EACH ROW), each inserting its card's version row. Made by
+# this benchmark in its own database, as the owner, disabled until its blocks.
+_ROW_TRIGGERS = """
+CREATE FUNCTION card_mcp.bench_keep_version_row() RETURNS trigger
+    LANGUAGE plpgsql SECURITY INVOKER SET search_path = pg_catalog, card_mcp, pg_temp
+AS $$
+DECLARE
+    actor jsonb := NULLIF(current_setting('card_mcp.actor', true), '')::jsonb;
+BEGIN
+    IF TG_OP = 'UPDATE' AND (NEW.version, NEW.title, NEW.tags, NEW.content_hash, NEW.is_active)
+       IS NOT DISTINCT FROM (OLD.version, OLD.title, OLD.tags, OLD.content_hash, OLD.is_active) THEN
+        RETURN NULL;
+    END IF;
+    INSERT INTO card_mcp.card_versions
+           (tenant_id, card_id, version, op, card_type, title, content, tags, content_hash, is_active, transport,
+            api_key_id, connection_id, oauth_client_id, client_name, client_version)
+    VALUES (NEW.tenant_id, NEW.id, NEW.version, CASE TG_OP WHEN 'INSERT' THEN 'create' ELSE 'update' END,
+            NEW.card_type, NEW.title, NEW.content, NEW.tags, NEW.content_hash, NEW.is_active,
+            COALESCE(actor->>'transport', 'database'), (actor->>'api_key_id')::uuid, (actor->>'connection_id')::uuid,
+            actor->>'oauth_client_id', actor->>'client_name', actor->>'client_version');
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER bench_keep_version_row AFTER INSERT OR UPDATE ON card_mcp.cards
+    FOR EACH ROW EXECUTE FUNCTION card_mcp.bench_keep_version_row();
+ALTER TABLE card_mcp.cards DISABLE TRIGGER bench_keep_version_row;
+"""
+# Which history triggers each mode has on: today's (none), card-mcp's (per statement), the alternative (per row).
+MODES = {
+    "today": (),
+    "with": ("cards_keep_inserted_versions", "cards_keep_updated_versions"),
+    "row": ("bench_keep_version_row",),
+}
+_TRIGGERS = sorted({name for names in MODES.values() for name in names})
 _TOGGLE = {
-    on: [f"ALTER TABLE card_mcp.cards {'ENABLE' if on else 'DISABLE'} TRIGGER {name}" for name in TRIGGERS]
-    for on in (True, False)
+    mode: [
+        f"ALTER TABLE card_mcp.cards {'ENABLE' if name in names else 'DISABLE'} TRIGGER {name}" for name in _TRIGGERS
+    ]
+    for mode, names in MODES.items()
 }
 _SIZE = """
 SELECT pg_total_relation_size('card_mcp.card_versions') AS total, count(*) AS n, avg(pg_column_size(v.*)) AS row
@@ -84,9 +124,11 @@ async def measure(args: argparse.Namespace) -> tuple[dict[str, list[float]], dic
         pool = await db.create_pool(app_url, settings)
         edge = Edge(pool, settings)
 
-        async def history(on: bool) -> None:
-            for statement in _TOGGLE[on]:
+        async def history(mode: str) -> None:
+            for statement in _TOGGLE[mode]:
                 await owner.execute(statement)
+
+        await owner.execute(_ROW_TRIGGERS)
 
         async def new_tenant() -> tuple[str, uuid.UUID]:
             tenant = f"bench-{uuid.uuid4().hex[:12]}"
@@ -101,6 +143,18 @@ async def measure(args: argparse.Namespace) -> tuple[dict[str, list[float]], dic
             async def update_edge() -> None:
                 async with edge.call(caller, "update_card", durable=True) as call:
                     await card_store.update_card(await call.transaction(), card.id, title=uuid.uuid4().hex)
+
+            async def update_statements(label: str) -> None:
+                """update_card's statements alone (the locked read and the UPDATE, with its version row or not),
+                each timed, in one transaction rolled back at the end: no commit, so no WAL flush to wait for."""
+                async with pool.acquire() as conn:
+                    await db.begin(conn, tenant_id, 0, actor=caller.actor())
+                    try:
+                        for _ in range(args.updates):
+                            seconds = await timed(lambda: card_store.update_card(conn, card.id, title=uuid.uuid4().hex))
+                            times.setdefault(f"update_sql_{label}", []).append(seconds)
+                    finally:
+                        await db.rollback(conn)
 
             server = build_server(settings.model_copy(update={"tenant": tenant}))
             async with Client(server, mode="legacy") as client:
@@ -136,14 +190,16 @@ async def measure(args: argparse.Namespace) -> tuple[dict[str, list[float]], dic
                         )
 
                 for warm in (update_edge, update_mcp, batch, copy):  # statements prepared, caches warm
-                    for on in (True, False):
-                        await history(on)
+                    for mode in MODES:
+                        await history(mode)
                         await warm()
+                        await update_statements("warm-up")
+                modes = list(MODES)
                 for run in range(args.runs):
-                    for on in (run % 2 == 0, run % 2 != 0):  # which goes first alternates
-                        await history(on)
-                        label = "with" if on else "today"
+                    for label in modes[run % 3 :] + modes[: run % 3]:  # which goes first rotates
+                        await history(label)
                         gc.collect()
+                        await update_statements(label)
                         for _ in range(args.updates):
                             times.setdefault(f"update_edge_{label}", []).append(await timed(update_edge))
                         for _ in range(args.updates):
@@ -152,7 +208,7 @@ async def measure(args: argparse.Namespace) -> tuple[dict[str, list[float]], dic
                         times.setdefault(f"batch_{label}", []).append(await timed(batch))
                         gc.collect()
                         times.setdefault(f"copy_{label}", []).append(await timed(copy))
-            await history(True)
+            await history("with")
             # Bytes per version: a fresh table's worth of typical cards, created and each updated once.
             await superuser.execute("TRUNCATE card_mcp.card_versions")
             _, size_tenant = await new_tenant()
@@ -192,6 +248,8 @@ def report(times: dict[str, list[float]], sizes: dict[str, float], environment: 
     ms = {what: [v * 1000 for v in values] for what, values in times.items()}
     median = {what: statistics.median(values) for what, values in ms.items()}
     rows = (
+        ("update_card's statements alone, no commit: today (floor)", "update_sql_today", "update_sql_today", None),
+        ("update_card's statements alone: with its version row", "update_sql_with", "update_sql_today", None),
         ("update_card, database work: today (floor)", "update_edge_today", "update_edge_today", None),
         ("update_card, database work: with its version row", "update_edge_with", "update_edge_today", UPDATE_TARGET),
         ("update_card via the MCP client: today (floor)", "update_mcp_today", "update_mcp_today", None),
@@ -200,6 +258,9 @@ def report(times: dict[str, list[float]], sizes: dict[str, float], environment: 
         ("COPY of 1000 cards with their version rows (info)", "copy_with", "copy_today", None),
         ("1000-card batch, database work: today", "batch_today", "copy_today", BATCH_TARGET),
         ("1000-card batch, database work: with 1000 version rows", "batch_with", "copy_today", BATCH_TARGET),
+        ("alternative, a trigger per row: update_card's statements", "update_sql_row", "update_sql_today", None),
+        ("alternative, a trigger per row: update_card, database work", "update_edge_row", "update_edge_today", None),
+        ("alternative, a trigger per row: 1000-card batch, database work", "batch_row", "copy_today", None),
     )
     met = True
     print(environment)
@@ -229,8 +290,8 @@ async def main(args: argparse.Namespace) -> bool:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--updates", type=int, default=300, help="updates per block")
-    parser.add_argument("--runs", type=int, default=5, help="blocks each way")
+    parser.add_argument("--updates", type=int, default=50, help="updates per block")
+    parser.add_argument("--runs", type=int, default=12, help="blocks each way (each with one batch and one COPY)")
     parser.add_argument("--database-url", help="a superuser URL of an external server (default: embedded)")
     parser.add_argument("--check", action="store_true", help="exit with status 1 when a target is missed")
     arguments = parser.parse_args()
