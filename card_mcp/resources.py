@@ -1,8 +1,7 @@
 """MCP resources, for hosts that show them: ``card://{card_id}`` (one card as JSON), ``card://{card_id}/history``
 (its newest versions, deleted cards too) and ``cards://{card_type}`` (a type's newest cards), with completion of
-card types. Each read runs through the server's call edge: the
-tenant's transaction, the same not_found rules as get_card, and a usage row (``resource:card``,
-``resource:cards``)."""
+card types. Each read runs through the server's call edge: the tenant's transaction, the same not_found rules as
+get_card (and get_card_history), and a usage row (``resource:card``, ``resource:cards``)."""
 
 from __future__ import annotations
 
