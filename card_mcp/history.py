@@ -35,7 +35,7 @@ SET_ACTOR = "SELECT set_config('card_mcp.actor', $1::text, true)"
 # the application role its own by row-level security). The key's label comes from a narrow function: the
 # application role cannot read api_keys.
 _HISTORY = """
-SELECT h.version, h.op, h.title, h.content, h.tags, h.content_hash, h.restored_from, h.changed_at, h.transport,
+SELECT h.version, h.op, h.title, h.content, h.tags, h.content_hash, h.changed_at, h.transport,
        h.api_key_id,
        CASE WHEN h.api_key_id IS NOT NULL THEN card_mcp.api_key_label(h.tenant_id, h.api_key_id) END AS api_key_label,
        h.connection_id, CASE WHEN h.transport = 'database' THEN h.db_role ELSE h.client_name END AS client_name,

@@ -218,7 +218,6 @@ class CardVersion(BaseModel):
     changed_at: datetime
     changed_by: ChangedBy
     changed_fields: list[Literal["title", "content", "tags"]]
-    restored_from: int | None = None
 
 
 class CardHistoryResult(BaseModel):

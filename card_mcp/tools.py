@@ -196,14 +196,11 @@ async def delete_card(call: Call, card_id: CardId) -> DeleteCardResult:
 async def get_card_history(
     call: Call,
     card_id: CardId,
-    limit: Annotated[int, Field(ge=1, le=50, description="Versions per page, 1-50."), JsonInteger] = 10,
-    cursor: Annotated[
-        str | None, Field(max_length=2000, description="next_cursor from the previous page, same card_id.")
-    ] = None,
+    limit: Annotated[int, Field(ge=1, le=50), JsonInteger] = 10,
+    cursor: Annotated[str | None, Field(max_length=2000, description="next_cursor of the last page.")] = None,
 ) -> CardHistoryResult:
-    """A card's versions, newest first, deleted cards too: {versions: [{version, op, title, content, tags,
-    changed_fields, changed_at, changed_by}], next_cursor}. Use it to see who changed what, or to pick a version
-    for restore_card. not_found: no such card of this brand."""
+    """Who changed a card, what and when; deleted cards too. Returns {versions, next_cursor}, newest first, each
+    version with changed_fields and changed_by."""
     versions, next_cursor = await read_history(call, card_id, limit, cursor)
     return CardHistoryResult(versions=versions, next_cursor=next_cursor)
 
@@ -222,15 +219,12 @@ async def restore_card(
     card_id: CardId,
     version: Annotated[
         Annotated[int, Field(ge=1), JsonInteger] | None,
-        Field(description="The version to bring back (from get_card_history); omit to undelete."),
+        Field(description="From get_card_history; omit to undelete."),
     ] = None,
-    expected_version: Annotated[
-        Annotated[int, Field(ge=1), JsonInteger] | None,
-        Field(description="The card's current version; fails if it changed since."),
-    ] = None,
+    expected_version: Annotated[Annotated[int, Field(ge=1), JsonInteger] | None, Field()] = None,
 ) -> CardResult:
-    """Undo: without version, undelete a deleted card; with one, make a new version equal to it. Returns {card};
-    unchanged if already so. duplicate_content: another active card has this content (id in the message)."""
+    """Undo: undelete a card, or with version make a new version equal to that one. Returns {card}, unchanged if
+    already so; duplicate_content names the card that has this content now."""
     card = await card_store.restore_card(
         await call.transaction(), card_id, version=version, expected_version=expected_version
     )
