@@ -1,19 +1,20 @@
 """What card history costs (issue #21): an update with its version row against today's update, a 1000-card batch
 with its 1000 version rows against today's COPY, and the history table's bytes per version of a typical card.
 
-    python bench/history.py [--updates 50] [--runs 12] [--database-url SUPERUSER_URL]
+    python bench/history.py [--updates 100] [--runs 6] [--database-url SUPERUSER_URL]
 
 Without --database-url it starts the embedded PostgreSQL in a temporary folder under /tmp; with it (a superuser
 URL such as postgresql://postgres@127.0.0.1:5432/postgres) it uses that server. Either way it creates a fresh
 migrated database (bench/batch.py's fresh_database) and drops it at the end.
 
-"Today" is the same database with the two history triggers disabled (ALTER TABLE ... DISABLE TRIGGER, as the
-owner, between blocks): the same code and statements, without the version rows. Short blocks with and without
-alternate (which goes first alternates too), so drift on a shared machine hits both alike. What each row times:
+Three fresh databases on one server, one per mode: "today" has the two history triggers disabled (ALTER TABLE ...
+DISABLE TRIGGER, as the owner, once), so the same code and statements run without the version rows; "with" is
+card-mcp as migrated; "row" has them replaced by the alternative below. The calls go to the three databases in
+turn, one call each, so drift on a shared machine hits every mode alike. What each row times:
 
 * update_card's statements alone: the locked read and the UPDATE (with its version row, by trigger, or not) on a
-  warm connection, each timed, inside one transaction that is rolled back: what the version row costs the
-  database, without the WAL flush of a commit, whose wait varies most on a shared machine.
+  warm connection, each timed without its BEGIN and COMMIT (which does not wait for the WAL flush): what the
+  version row costs the database, without the flush, whose wait varies most on a shared machine.
 * update_card, database work: the call edge on a warm pool of the application role (BEGIN with the tenant and the
   actor, the locked read, the UPDATE, the usage row, COMMIT), a new title each time; per call.
 * update_card via the MCP client: one call_tool through the SDK's in-memory client against build_server; per call.
@@ -37,7 +38,9 @@ import statistics
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -91,13 +94,7 @@ MODES = {
     "with": ("cards_keep_inserted_versions", "cards_keep_updated_versions"),
     "row": ("bench_keep_version_row",),
 }
-_TRIGGERS = sorted({name for names in MODES.values() for name in names})
-_TOGGLE = {
-    mode: [
-        f"ALTER TABLE card_mcp.cards {'ENABLE' if name in names else 'DISABLE'} TRIGGER {name}" for name in _TRIGGERS
-    ]
-    for mode, names in MODES.items()
-}
+_DISABLE = "ALTER TABLE card_mcp.cards DISABLE TRIGGER {}"
 _SIZE = """
 SELECT pg_total_relation_size('card_mcp.card_versions') AS total, count(*) AS n, avg(pg_column_size(v.*)) AS row
   FROM card_mcp.card_versions AS v
@@ -110,121 +107,147 @@ async def timed(action: Callable[[], Awaitable[Any]]) -> float:
     return time.perf_counter() - started
 
 
+@dataclass
+class Mode:
+    """One database of the run, its history triggers set for one mode, and what calls it."""
+
+    label: str
+    owner_url: str
+    superuser: asyncpg.Connection[asyncpg.Record]
+    pool: asyncpg.Pool
+    edge: Edge
+    client: Client
+    caller: Caller
+    card_id: uuid.UUID
+    statements: db.Connection  # a connection of the application role, held for update_card's statements alone
+
+    async def new_tenant(self) -> uuid.UUID:
+        return await db.tenant_id_for(self.owner_url, f"bench-{uuid.uuid4().hex[:12]}")
+
+
+@asynccontextmanager
+async def mode_database(stack: AsyncExitStack, superuser_url: str, label: str, card: NewCard) -> AsyncIterator[Mode]:
+    """A fresh database with the history triggers of ``label``, a card to update, a pool, an MCP client."""
+    name = await stack.enter_async_context(fresh_database(superuser_url))
+    app_url = with_user(superuser_url, db.APP_ROLE, name)
+    owner_url = with_user(superuser_url, db.OWNER_ROLE, name)
+    settings = Settings(
+        database_url=app_url,
+        admin_database_url=with_user(superuser_url, db.ADMIN_ROLE, name),
+        log_level="WARNING",
+        semantic="off",
+    )
+    owner = await db.connect(owner_url)
+    try:
+        await owner.execute(_ROW_TRIGGERS)
+        for trigger in {name for names in MODES.values() for name in names} - set(MODES[label]):
+            await owner.execute(_DISABLE.format(trigger))
+    finally:
+        await owner.close()
+    superuser = await asyncpg.connect(with_database(superuser_url, name))
+    stack.push_async_callback(superuser.close)
+    pool = await db.create_pool(app_url, settings)
+    stack.push_async_callback(pool.close)
+    tenant = f"bench-{uuid.uuid4().hex[:12]}"
+    tenant_id = await db.tenant_id_for(owner_url, tenant)
+    caller = Caller(tenant_id, "stdio", client_name="bench", client_version="1")
+    edge = Edge(pool, settings)
+    async with edge.call(caller, "create_card", durable=True) as call:
+        _, made = await card_store.create_card(await call.transaction(), tenant_id, card)
+    client = await stack.enter_async_context(
+        Client(build_server(settings.model_copy(update={"tenant": tenant})), mode="legacy")
+    )
+    statements = await pool.acquire()
+    stack.push_async_callback(pool.release, statements)
+    yield Mode(label, owner_url, superuser, pool, edge, client, caller, made.id, statements)
+
+
 async def measure(args: argparse.Namespace) -> tuple[dict[str, list[float]], dict[str, float], str]:
     cards = make_cards(1000, 1)
     new_cards = [NewCard.model_validate(c) for c in cards]
     times: dict[str, list[float]] = {}
-    async with postgres(args.database_url) as superuser_url, fresh_database(superuser_url) as name:
-        app_url = with_user(superuser_url, db.APP_ROLE, name)
-        owner_url = with_user(superuser_url, db.OWNER_ROLE, name)
-        admin_url = with_user(superuser_url, db.ADMIN_ROLE, name)
-        settings = Settings(database_url=app_url, admin_database_url=admin_url, log_level="WARNING", semantic="off")
-        superuser = await asyncpg.connect(with_database(superuser_url, name))
-        owner = await db.connect(owner_url)
-        pool = await db.create_pool(app_url, settings)
-        edge = Edge(pool, settings)
 
-        async def history(mode: str) -> None:
-            for statement in _TOGGLE[mode]:
-                await owner.execute(statement)
+    def record(what: str, mode: Mode, seconds: float) -> None:
+        times.setdefault(f"{what}_{mode.label}", []).append(seconds)
 
-        await owner.execute(_ROW_TRIGGERS)
-
-        async def new_tenant() -> tuple[str, uuid.UUID]:
-            tenant = f"bench-{uuid.uuid4().hex[:12]}"
-            return tenant, await db.tenant_id_for(owner_url, tenant)
-
+    async def update_statements(m: Mode) -> float:
+        """update_card's statements alone (the locked read and the UPDATE with its trigger), timed without BEGIN
+        and COMMIT, which commits without waiting for the WAL flush (not durable)."""
+        await db.begin(m.statements, m.caller.tenant_id, 0, durable=False, actor=m.caller.actor())
         try:
-            tenant, tenant_id = await new_tenant()
-            caller = Caller(tenant_id, "stdio", client_name="bench", client_version="1")
-            async with edge.call(caller, "create_card", durable=True) as call:
-                _, card = await card_store.create_card(await call.transaction(), tenant_id, new_cards[0])
-
-            async def update_edge() -> None:
-                async with edge.call(caller, "update_card", durable=True) as call:
-                    await card_store.update_card(await call.transaction(), card.id, title=uuid.uuid4().hex)
-
-            async def update_statements(label: str) -> None:
-                """update_card's statements alone (the locked read and the UPDATE, with its version row or not),
-                each timed, in one transaction rolled back at the end: no commit, so no WAL flush to wait for."""
-                async with pool.acquire() as conn:
-                    await db.begin(conn, tenant_id, 0, actor=caller.actor())
-                    try:
-                        for _ in range(args.updates):
-                            seconds = await timed(lambda: card_store.update_card(conn, card.id, title=uuid.uuid4().hex))
-                            times.setdefault(f"update_sql_{label}", []).append(seconds)
-                    finally:
-                        await db.rollback(conn)
-
-            server = build_server(settings.model_copy(update={"tenant": tenant}))
-            async with Client(server, mode="legacy") as client:
-
-                async def update_mcp() -> None:
-                    result = await client.call_tool("update_card", {"card_id": str(card.id), "title": uuid.uuid4().hex})
-                    assert not result.is_error, result.content
-
-                async def batch() -> None:
-                    _, batch_tenant = await new_tenant()
-                    key = f"bench-{uuid.uuid4()}"
-                    encoded = card_store.encode_cards(new_cards)
-                    digest = idempotency.request_hash(new_cards, [d for _, d in encoded])
-                    async with edge.call(Caller(batch_tenant, "stdio"), "batch_create_cards", durable=True) as call:
-                        conn = await call.transaction()
-                        assert await idempotency.replay(conn, key, "batch_create_cards", digest) is None
-                        items = await card_store.insert_cards(conn, batch_tenant, new_cards, encoded)
-                        await idempotency.store(
-                            conn, batch_tenant, key, "batch_create_cards", digest, {"n": len(items)}
-                        )
-                        call.touched(*(i.card_id for i in items))
-
-                async def copy() -> None:
-                    _, copy_tenant = await new_tenant()
-                    records = [
-                        (copy_tenant, c["card_type"], c["title"], json.dumps(c["content"]), c["tags"],
-                         content_hash(c["content"]))
-                        for c in cards
-                    ]  # fmt: skip
-                    async with superuser.transaction():
-                        await superuser.copy_records_to_table(
-                            "cards", schema_name="card_mcp", columns=COPY_COLUMNS, records=records
-                        )
-
-                for warm in (update_edge, update_mcp, batch, copy):  # statements prepared, caches warm
-                    for mode in MODES:
-                        await history(mode)
-                        await warm()
-                        await update_statements("warm-up")
-                modes = list(MODES)
-                for run in range(args.runs):
-                    for label in modes[run % 3 :] + modes[: run % 3]:  # which goes first rotates
-                        await history(label)
-                        gc.collect()
-                        await update_statements(label)
-                        for _ in range(args.updates):
-                            times.setdefault(f"update_edge_{label}", []).append(await timed(update_edge))
-                        for _ in range(args.updates):
-                            times.setdefault(f"update_mcp_{label}", []).append(await timed(update_mcp))
-                        gc.collect()
-                        times.setdefault(f"batch_{label}", []).append(await timed(batch))
-                        gc.collect()
-                        times.setdefault(f"copy_{label}", []).append(await timed(copy))
-            await history("with")
-            # Bytes per version: a fresh table's worth of typical cards, created and each updated once.
-            await superuser.execute("TRUNCATE card_mcp.card_versions")
-            _, size_tenant = await new_tenant()
-            async with edge.call(Caller(size_tenant, "stdio", client_name="bench"), "bench", durable=True) as call:
-                conn = await call.transaction()
-                items = await card_store.insert_cards(conn, size_tenant, new_cards)
-                for item in items:
-                    await card_store.update_card(conn, item.card_id, title=f"Updated {item.index}")
-            await superuser.execute("VACUUM ANALYZE card_mcp.card_versions")
-            size = await superuser.fetchrow(_SIZE)
-            assert size is not None
-            server_version = await superuser.fetchval("SHOW server_version")
+            return await timed(lambda: card_store.update_card(m.statements, m.card_id, title=uuid.uuid4().hex))
         finally:
-            await pool.close()
-            await owner.close()
-            await superuser.close()
+            await db.commit(m.statements)
+
+    async def update_edge(m: Mode) -> None:
+        async with m.edge.call(m.caller, "update_card", durable=True) as call:
+            await card_store.update_card(await call.transaction(), m.card_id, title=uuid.uuid4().hex)
+
+    async def update_mcp(m: Mode) -> None:
+        result = await m.client.call_tool("update_card", {"card_id": str(m.card_id), "title": uuid.uuid4().hex})
+        assert not result.is_error, result.content
+
+    async def batch(m: Mode) -> None:
+        tenant_id = await m.new_tenant()
+        key = f"bench-{uuid.uuid4()}"
+        encoded = card_store.encode_cards(new_cards)
+        digest = idempotency.request_hash(new_cards, [d for _, d in encoded])
+        async with m.edge.call(Caller(tenant_id, "stdio"), "batch_create_cards", durable=True) as call:
+            conn = await call.transaction()
+            assert await idempotency.replay(conn, key, "batch_create_cards", digest) is None
+            items = await card_store.insert_cards(conn, tenant_id, new_cards, encoded)
+            await idempotency.store(conn, tenant_id, key, "batch_create_cards", digest, {"n": len(items)})
+            call.touched(*(i.card_id for i in items))
+
+    async def copy(m: Mode) -> None:
+        tenant_id = await m.new_tenant()
+        records = [
+            (tenant_id, c["card_type"], c["title"], json.dumps(c["content"]), c["tags"], content_hash(c["content"]))
+            for c in cards
+        ]
+        async with m.superuser.transaction():
+            await m.superuser.copy_records_to_table(
+                "cards", schema_name="card_mcp", columns=COPY_COLUMNS, records=records
+            )
+
+    async with postgres(args.database_url) as superuser_url, AsyncExitStack() as stack:
+        modes = [
+            await stack.enter_async_context(mode_database(stack, superuser_url, label, new_cards[0])) for label in MODES
+        ]
+        # Warm-up: statements prepared, caches warm, in every database.
+        for m in modes:
+            await update_statements(m)
+            for action in (update_edge, update_mcp, batch, copy):
+                await action(m)
+        for run in range(args.runs):
+            order = modes[run % 3 :] + modes[: run % 3]  # which goes first rotates
+            gc.collect()
+            for _ in range(args.updates):  # one call in each database in turn: drift hits all alike
+                for m in order:
+                    record("update_sql", m, await update_statements(m))
+                for m in order:
+                    record("update_edge", m, await timed(lambda: update_edge(m)))  # noqa: B023 - awaited at once
+            for _ in range(args.updates):
+                for m in order:
+                    record("update_mcp", m, await timed(lambda: update_mcp(m)))  # noqa: B023
+            for m in order:
+                gc.collect()
+                record("batch", m, await timed(lambda: batch(m)))  # noqa: B023
+                gc.collect()
+                record("copy", m, await timed(lambda: copy(m)))  # noqa: B023
+        # Bytes per version: a fresh table's worth of typical cards, created and each updated once.
+        sized = modes[list(MODES).index("with")]
+        await sized.superuser.execute("TRUNCATE card_mcp.card_versions")
+        size_tenant = await sized.new_tenant()
+        async with sized.edge.call(Caller(size_tenant, "stdio", client_name="bench"), "bench", durable=True) as call:
+            conn = await call.transaction()
+            items = await card_store.insert_cards(conn, size_tenant, new_cards)
+            for item in items:
+                await card_store.update_card(conn, item.card_id, title=f"Updated {item.index}")
+        await sized.superuser.execute("VACUUM ANALYZE card_mcp.card_versions")
+        size = await sized.superuser.fetchrow(_SIZE)
+        assert size is not None
+        server_version = await sized.superuser.fetchval("SHOW server_version")
     contents = [len(canonical_json(c["content"]).encode()) for c in cards]
     sizes = {
         "per_version": size["total"] / size["n"],
@@ -234,7 +257,7 @@ async def measure(args: argparse.Namespace) -> tuple[dict[str, list[float]], dic
     }
     environment = (
         f"PostgreSQL {server_version} ({'external' if args.database_url else 'embedded'}), {args.runs} runs of "
-        f"{args.updates} updates and one 1000-card batch each way, after a warm-up; Python "
+        f"{args.updates} updates and one 1000-card batch and COPY per database, after a warm-up; Python "
         f"{platform.python_version()}, mcp {version('mcp')}, asyncpg {version('asyncpg')}"
     )
     return times, sizes, environment
@@ -248,7 +271,12 @@ def report(times: dict[str, list[float]], sizes: dict[str, float], environment: 
     ms = {what: [v * 1000 for v in values] for what, values in times.items()}
     median = {what: statistics.median(values) for what, values in ms.items()}
     rows = (
-        ("update_card's statements alone, no commit: today (floor)", "update_sql_today", "update_sql_today", None),
+        (
+            "update_card's statements alone (no BEGIN, COMMIT): today (floor)",
+            "update_sql_today",
+            "update_sql_today",
+            None,
+        ),
         ("update_card's statements alone: with its version row", "update_sql_with", "update_sql_today", None),
         ("update_card, database work: today (floor)", "update_edge_today", "update_edge_today", None),
         ("update_card, database work: with its version row", "update_edge_with", "update_edge_today", UPDATE_TARGET),
@@ -290,8 +318,8 @@ async def main(args: argparse.Namespace) -> bool:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--updates", type=int, default=50, help="updates per block")
-    parser.add_argument("--runs", type=int, default=12, help="blocks each way (each with one batch and one COPY)")
+    parser.add_argument("--updates", type=int, default=100, help="updates of each kind per run and database")
+    parser.add_argument("--runs", type=int, default=6, help="runs (each with one batch and one COPY per database)")
     parser.add_argument("--database-url", help="a superuser URL of an external server (default: embedded)")
     parser.add_argument("--check", action="store_true", help="exit with status 1 when a target is missed")
     arguments = parser.parse_args()
