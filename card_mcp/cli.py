@@ -22,7 +22,6 @@ import anyio
 from . import __version__, connections, db, history, keys, migrate, output, readers, tenants, usage
 from .config import Settings
 from .errors import CardMcpError, InvalidArgument, SetupError
-from .models import ChangedBy
 
 logger = logging.getLogger("card_mcp")
 
@@ -427,35 +426,8 @@ async def _history(args: argparse.Namespace, settings: Settings) -> int:
             versions += page
             if cursor is None:
                 break
-    if args.format == "json":
-        output.print_rows([{"tenant": tenant, **v.model_dump(mode="json")} for v in versions], "json", key="versions")
-        return 0
-    rows = [
-        {
-            "version": v.version,
-            "op": v.op,
-            "changed_at": v.changed_at.isoformat(timespec="seconds"),
-            "changed_by": _who(v.changed_by),
-            "changed": ",".join(v.changed_fields),
-            # Written by agents: untrusted, so no terminal control characters.
-            "title": "".join(ch if ch.isprintable() else "?" for ch in v.title),
-        }
-        for v in versions
-    ]
-    print(f"card {card_id} of tenant {tenant!r}", file=sys.stderr)
-    output.print_rows(rows, "table", key="versions")
+    output.print_history(versions, args.format, card=str(card_id), tenant=tenant)
     return 0
-
-
-def _who(by: ChangedBy) -> str:
-    """A version's author in one cell: the key's label and id over HTTP, else the client and its version."""
-    if by.api_key_id is not None:
-        who = f"key {by.api_key_label or '(no label)'} {by.api_key_id}"
-    elif by.connection_id is not None:
-        who = f"oauth {by.connection_id} {by.client_name or ''}"
-    else:
-        who = " ".join(part for part in (by.client_name, by.client_version) if part)
-    return "".join(ch if ch.isprintable() else "?" for ch in f"{by.transport}: {who}".strip())
 
 
 def _since(value: str, until: datetime) -> datetime:
