@@ -156,7 +156,7 @@ async def update_card(
 
 
 _DELETE = """
-UPDATE card_mcp.cards SET is_active = false, deleted_at = now()
+UPDATE card_mcp.cards SET is_active = false, deleted_at = now(), version = version + 1
  WHERE id = $1 AND is_active
 RETURNING deleted_at
 """
@@ -166,15 +166,85 @@ _DELETED_AT = "SELECT deleted_at FROM card_mcp.cards WHERE id = $1 AND NOT is_ac
 
 
 async def delete_card(conn: Connection, card_id: UUID) -> datetime:
-    """Soft-delete: the card becomes invisible to every tool but stays for audit. Returns ``deleted_at``; for a
-    card of this tenant deleted already, its original ``deleted_at`` (a retried delete is answered as the first
-    was, which is what the tool's idempotentHint promises). NotFound when the tenant has no such card."""
+    """Soft-delete: the card becomes invisible to every tool but its history and restore_card, and its version counts
+    up (the delete is a version of its history). Returns ``deleted_at``; for a card of this tenant deleted already,
+    its original ``deleted_at`` (a retried delete is answered as the first was, which is what the tool's
+    idempotentHint promises, and writes no second version). NotFound when the tenant has no such card."""
     deleted_at: datetime | None = await conn.fetchval(_DELETE, card_id)
     if deleted_at is None:
         deleted_at = await conn.fetchval(_DELETED_AT, card_id)
     if deleted_at is None:
         raise not_found(card_id)
     return deleted_at
+
+
+_LOCK_ANY = f"""
+SELECT {CARD}, is_active
+  FROM card_mcp.cards
+ WHERE id = $1
+   FOR UPDATE
+"""  # noqa: S608 - only CARD is interpolated
+_VERSION = """
+SELECT title, content, tags, content_hash FROM card_mcp.card_versions WHERE card_id = $1 AND version = $2
+"""
+# card_mcp.restored_from marks the version row the history trigger writes (schema/0009_card_history.sql); the
+# sub-select sets it before the row is updated, so before the trigger reads it.
+_RESTORE = f"""
+UPDATE card_mcp.cards
+   SET title = $2, content = $3, tags = $4, content_hash = $5, is_active = true, deleted_at = NULL,
+       version = version + 1
+  FROM (SELECT set_config('card_mcp.restored_from', $6::text, true)) AS marked
+ WHERE id = $1
+RETURNING {CARD}
+"""  # noqa: S608 - only CARD is interpolated
+
+
+async def restore_card(
+    conn: Connection, card_id: UUID, *, version: int | None = None, expected_version: int | None = None
+) -> Card:
+    """Undelete ``card_id`` (no ``version``), or make a new version of it whose title, content and tags equal
+    ``version``'s (undeleting it too). A card already as asked is returned as it is, without a new version, so a
+    repeated call changes nothing. A stale ``expected_version`` is a Conflict; content held by another active card
+    of the type is DuplicateContent naming it; a version not kept is InvalidArgument."""
+    row = await conn.fetchrow(_LOCK_ANY, card_id)
+    if row is None:
+        raise not_found(card_id)
+    card, active = to_card(row), row["is_active"]
+    title, content, tags, digest = card.title, card.content, card.tags, card.content_hash
+    if version is not None:
+        old = await conn.fetchrow(_VERSION, card_id, version)
+        if old is None:
+            raise InvalidArgument(
+                f"card {card_id} has no version {version}",
+                hint="get_card_history lists the versions kept; pass one of those.",
+            )
+        title, content, tags, digest = old["title"], old["content"], old["tags"], old["content_hash"]
+    if active and (title, digest, tags) == (card.title, card.content_hash, card.tags):
+        return card
+    if expected_version is not None and expected_version != card.version:
+        raise Conflict(
+            f"the card is at version {card.version}, not {expected_version}",
+            hint="Read its history again with get_card_history and pass its current version.",
+        )
+    if not active or digest != card.content_hash:
+        other = await conn.fetchval(_OTHER_WITH_CONTENT, card.card_type, digest, card_id)
+        if other is not None:
+            raise DuplicateContent(
+                f"card {other} of type {card.card_type} already has this content",
+                card_id=str(other),
+                hint="Use that card, or delete or change it first, then restore again.",
+            )
+    try:
+        restored = await conn.fetchrow(
+            _RESTORE, card_id, title, content, tags, digest, "" if version is None else str(version)
+        )
+    except asyncpg.UniqueViolationError as exc:  # another call saved the same content meanwhile
+        raise DuplicateContent(
+            f"another card of type {card.card_type} got this content meanwhile",
+            hint="Search for the card with this content; delete or change it first, or keep it instead.",
+        ) from exc
+    assert restored is not None  # the row is locked FOR UPDATE
+    return to_card(restored)
 
 
 _INSERT_MANY = """

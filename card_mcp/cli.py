@@ -17,12 +17,13 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Literal, get_args, get_origin
+from uuid import UUID
 
 import anyio
 from pydantic import ValidationError
 from pydantic.fields import FieldInfo
 
-from . import __version__, connections, db, keys, logs, migrate, output, readers, tenants, usage
+from . import __version__, connections, db, history, keys, logs, migrate, output, readers, tenants, usage
 from .config import Settings
 from .errors import CardMcpError, InvalidArgument, SetupError
 
@@ -113,6 +114,11 @@ def _parser() -> argparse.ArgumentParser:
     use.add_argument("--format", choices=["table", "json", "csv"], default="table")
     use.add_argument("--chart", metavar="FILE", help="also draw calls and errors per day by tool (.png, .svg, .html)")
 
+    hist = commands.add_parser("history", help="a card's versions, newest first: what changed, when and by whom")
+    hist.add_argument("card_id", metavar="CARD_ID")
+    hist.add_argument("--tenant", help="the card's tenant (default: whichever tenant has it)")
+    hist.add_argument("--format", choices=["table", "json"], default="table")
+
     emb = commands.add_parser(
         "embed", help="semantic search: embed the cards that lack a vector (or --all), with a progress bar"
     )
@@ -156,6 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "connect": _connect,
         "connections": _connections,
         "usage": _usage,
+        "history": _history,
         "embed": _embed,
         "db": _db,
     }[args.command]
@@ -511,6 +518,27 @@ async def _usage(args: argparse.Namespace, settings: Settings) -> int:
             title=f"card-mcp calls and errors per day by tool, {scope}, {since:%Y-%m-%d} to {until:%Y-%m-%d %H:%M} UTC",
         )
         print(f"card-mcp: chart written to {args.chart}", file=sys.stderr)
+    return 0
+
+
+async def _history(args: argparse.Namespace, settings: Settings) -> int:
+    try:
+        card_id = UUID(args.card_id)
+    except ValueError:
+        raise InvalidArgument(f"{args.card_id!r} is not a card id", hint="Pass the card's UUID.") from None
+    versions = []
+    # The admin role's policies see every tenant's versions, deleted cards' too.
+    async with _connection(settings, db.Database.require_admin_url) as conn:
+        tenant_id = await tenants.tenant_id(conn, args.tenant) if args.tenant else None
+        cursor: str | None = None
+        while True:
+            page, cursor, tenant = await history.card_history(
+                conn, card_id, limit=50, cursor=cursor, tenant_id=tenant_id
+            )
+            versions += page
+            if cursor is None:
+                break
+    output.print_history(versions, args.format, card=str(card_id), tenant=tenant)
     return 0
 
 

@@ -112,6 +112,9 @@ class Settings(BaseSettings):
     idempotency_ttl_hours: float = Field(
         default=24.0, ge=24.0, description="How long batch_create_cards keeps an idempotency key (at least 24)."
     )
+    history_keep_versions: int = Field(
+        default=0, ge=0, description="Newest versions kept per card in its history (0: keep every version)."
+    )
     semantic: Literal["auto", "off"] = Field(
         default="auto",
         description="Semantic search: on wherever the semantic extra and the vector extension are both there.",

@@ -34,10 +34,12 @@ READER_GROUP = "card_mcp_reader"
 # A call waits this long for a free pooled connection before it answers `unavailable`.
 ACQUIRE_TIMEOUT = 10.0
 
-# A call's transaction starts by setting the tenant and the statement timeout, both transaction-locally (a pooled
-# or pgbouncer connection carries neither into its next transaction).
+# A call's transaction starts by setting the tenant, the statement timeout and who is calling (the actor its card
+# versions name, schema/0009_card_history.sql), all transaction-locally (a pooled or pgbouncer connection carries
+# none of them into its next transaction).
 _SET_CALL = (
-    "SELECT set_config('app.current_tenant_id', $1::text, true), set_config('statement_timeout', $2::text, true)"
+    "SELECT set_config('app.current_tenant_id', $1::text, true), set_config('statement_timeout', $2::text, true),"
+    " set_config('card_mcp.actor', $3::text, true)"
 )
 # A call declared not durable (one that only reads) also commits without waiting for the WAL flush: the only row it
 # writes is its usage row, which only a crash of the database itself could lose; no card ever rides on it.
@@ -347,13 +349,16 @@ def translate_errors() -> Iterator[None]:
         raise error from exc
 
 
-async def begin(conn: Connection, tenant_id: UUID, statement_timeout_ms: int, *, durable: bool = True) -> None:
-    """Start the tenant's transaction on ``conn``: BEGIN, then the tenant and the statement timeout (0 for none),
+async def begin(
+    conn: Connection, tenant_id: UUID, statement_timeout_ms: int, *, durable: bool = True, actor: str = ""
+) -> None:
+    """Start the tenant's transaction on ``conn``: BEGIN, then the tenant, the statement timeout (0 for none) and
+    the ``actor`` (JSON naming who calls, for the card versions written; empty: the database role), all
     transaction-locally, so the pooled connection carries nothing into its next use. Not ``durable``: its COMMIT
     does not wait for the WAL flush."""
     # READ WRITE said, not assumed: a default_transaction_read_only set on the role or database changes nothing.
     await conn.execute("BEGIN READ WRITE")
-    await conn.execute(_SET_CALL if durable else _SET_RELAXED_CALL, str(tenant_id), str(statement_timeout_ms))
+    await conn.execute(_SET_CALL if durable else _SET_RELAXED_CALL, str(tenant_id), str(statement_timeout_ms), actor)
 
 
 async def commit(conn: Connection) -> None:

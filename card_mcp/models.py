@@ -8,7 +8,16 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, StringConstraints
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    StringConstraints,
+    WithJsonSchema,
+)
 from pydantic_core import PydanticCustomError
 
 from .errors import InvalidArgument
@@ -194,6 +203,43 @@ class DeleteCardResult(BaseModel):
 
     card_id: UUID
     deleted_at: datetime
+
+
+class ChangedBy(BaseModel):
+    """Who made a change: over HTTP the API key (id and label) or OAuth connection, over stdio the client; for a
+    change made outside card-mcp's tools (transport ``database``), client_name is the database role."""
+
+    transport: Literal["stdio", "http", "memory", "cli", "database"]
+    api_key_id: UUID | None = None
+    api_key_label: str | None = None
+    connection_id: UUID | None = None
+    client_name: str | None = None
+    client_version: str | None = None
+
+
+HistoryOp = Literal["create", "update", "delete", "restore", "import"]
+
+
+class CardVersion(BaseModel):
+    """A card as one change left it; ``changed_fields``: those that differ from the version before."""
+
+    version: int
+    op: HistoryOp
+    title: str
+    content: dict[str, Any]
+    tags: list[str]
+    content_hash: str
+    changed_at: datetime
+    # Listed as an object: its keys are plain in every value, and tools/list is read by every conversation.
+    changed_by: Annotated[ChangedBy, WithJsonSchema({"type": "object"})]
+    changed_fields: list[Literal["title", "content", "tags"]]
+
+
+class CardHistoryResult(BaseModel):
+    """One page of a card's versions, newest first; pass ``next_cursor`` back for older ones."""
+
+    versions: list[CardVersion]
+    next_cursor: str | None
 
 
 class BatchItemResult(BaseModel):

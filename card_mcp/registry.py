@@ -201,13 +201,14 @@ def compact_schema(schema: dict[str, Any], *, result: bool = False) -> dict[str,
     """``schema`` as few bytes as say the same: every client loads every tool's schemas into its model's context.
     Dropped: pydantic's generated titles ("Card Type" for card_type), ``default: null`` and
     ``additionalProperties: true`` (what omission means anyway) and the docstrings of nested models (the tool's
-    description says what goes in); for results (``result=True``) also descriptions, ``format``, ``enum`` and
-    ``required``: the tool's description says what comes back, every field of a result is always there, and a
-    model reads the values themselves. An argument keeps every bound, enum, format and default.
+    description says what goes in); for results (``result=True``) also descriptions, ``format``, ``enum``,
+    ``required`` and a nested object's ``type``: the tool's description says what comes back, every field of a
+    result is always there, and a model reads the values themselves. An argument keeps every bound, enum, format
+    and default.
     A nullable ``anyOf`` of one typed schema and ``{"type": "null"}`` becomes that schema with ``null`` added to its
     ``type`` (and ``enum``). Every bound, enum, format and default stays."""
 
-    def compact(node: Any, *, properties: bool = False) -> Any:
+    def compact(node: Any, *, properties: bool = False, root: bool = False) -> Any:
         if isinstance(node, list):
             return [compact(item) for item in node]
         if not isinstance(node, dict):
@@ -222,10 +223,12 @@ def compact_schema(schema: dict[str, Any], *, result: bool = False) -> dict[str,
                 continue
             if (key, value) in (("default", None), ("additionalProperties", True)):
                 continue
+            if result and not root and (key, value) == ("type", "object") and "properties" in node:
+                continue  # a nested result object: its properties say it (the root keeps its type, as MCP asks)
             out[key] = compact(value, properties=key == "properties")
         return _nullable(out)
 
-    compacted: dict[str, Any] = compact(schema)
+    compacted: dict[str, Any] = compact(schema, root=True)
     return compacted
 
 

@@ -29,15 +29,17 @@ import anyio
 from pydantic import Field, StringConstraints
 
 from . import cards as card_store
-from . import idempotency, search, usage
+from . import history, idempotency, search, usage
 from .calls import Call
 from .models import (
     MAX_TAGS,
     BatchCreateResult,
     BatchItemResult,
     Card,
+    CardHistoryResult,
     CardResult,
     CardType,
+    CardVersion,
     Content,
     CreateCardResult,
     DeleteCardResult,
@@ -166,10 +168,50 @@ async def update_card(
 
 
 async def delete_card(call: Call, card_id: CardId) -> DeleteCardResult:
-    """Delete a wrong or obsolete card. Returns {card_id,deleted_at}, the same when repeated."""
+    """Delete a wrong or obsolete card (get_card_history and restore_card still see it). Returns
+    {card_id,deleted_at}, the same when repeated."""
     deleted_at = await card_store.delete_card(await call.transaction(), card_id)
     call.touched(card_id)
     return DeleteCardResult(card_id=card_id, deleted_at=deleted_at)
+
+
+async def get_card_history(
+    call: Call,
+    card_id: CardId,
+    limit: Annotated[int, Field(ge=1, le=50), JsonInteger] = 10,
+    cursor: Annotated[str | None, Field(max_length=2000, description="next_cursor of the last page.")] = None,
+) -> CardHistoryResult:
+    """Who changed a card, what and when; deleted cards too. Returns {versions,next_cursor}, newest first, each
+    with changed_fields and changed_by."""
+    versions, next_cursor = await read_history(call, card_id, limit, cursor)
+    return CardHistoryResult(versions=versions, next_cursor=next_cursor)
+
+
+async def read_history(
+    call: Call, card_id: UUID, limit: int, cursor: str | None = None
+) -> tuple[list[CardVersion], str | None]:
+    """One page of ``card_id``'s versions in the call's transaction (for the tool and the resource)."""
+    versions, next_cursor, _ = await history.card_history(await call.transaction(), card_id, limit=limit, cursor=cursor)
+    call.touched(card_id)
+    return versions, next_cursor
+
+
+async def restore_card(
+    call: Call,
+    card_id: CardId,
+    version: Annotated[
+        Annotated[int, Field(ge=1), JsonInteger] | None,
+        Field(description="From get_card_history; omit to undelete."),
+    ] = None,
+    expected_version: Annotated[Annotated[int, Field(ge=1), JsonInteger] | None, Field()] = None,
+) -> CardResult:
+    """Undo: undelete a card, or with version make a new version equal to that one. Returns {card}, unchanged if
+    already so; duplicate_content names the card holding that content."""
+    card = await card_store.restore_card(
+        await call.transaction(), card_id, version=version, expected_version=expected_version
+    )
+    call.touched(card.id)
+    return CardResult(card=card)
 
 
 async def batch_create_cards(
@@ -264,4 +306,8 @@ TOOLS: tuple[Tool, ...] = (
     Tool(delete_card, title="Delete a brand card", durable=True, destructive=True),
     Tool(batch_create_cards, title="Save many brand cards", durable=True, replay=_replay_batch),
     Tool(usage_stats, title="Card usage figures", durable=False, read_only=True),
+    Tool(get_card_history, title="A brand card's history", durable=False, read_only=True),
+    # Destructive as update_card is (it replaces the current fields, which stay in the history); idempotent: a
+    # repeated restore finds the card as asked and writes nothing.
+    Tool(restore_card, title="Restore a brand card", durable=True, destructive=True),
 )

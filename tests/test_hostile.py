@@ -56,6 +56,9 @@ DOMAIN_CODES = {
     "delete_card": {"not_found"},
     "batch_create_cards": {"idempotency_conflict"},
     "usage_stats": set(),
+    "get_card_history": {"not_found"},
+    # invalid_argument: a version number the card does not have (its versions are known only to the server).
+    "restore_card": {"not_found", "conflict", "duplicate_content", "invalid_argument"},
 }
 EXAMPLES = 100  # per tool, for valid and for invalid arguments alike
 # delete_card last: the cards the others are given must still be there.
@@ -70,7 +73,8 @@ SELECT (SELECT count(*) FROM card_mcp.card_usage WHERE tenant_id = $1) AS usage,
        (SELECT array[count(*), coalesce(sum(xmin::text::bigint), 0)] FROM card_mcp.cards
          WHERE tenant_id = $1) AS cards,
        (SELECT array[count(*), coalesce(sum(xmin::text::bigint), 0)] FROM card_mcp.idempotency_store
-         WHERE tenant_id = $1) AS keys
+         WHERE tenant_id = $1) AS keys,
+       (SELECT array[count(*)] FROM card_mcp.card_versions WHERE tenant_id = $1) AS versions
 """
 
 
@@ -78,13 +82,15 @@ SELECT (SELECT count(*) FROM card_mcp.card_usage WHERE tenant_id = $1) AS usage,
 class Tally:
     usage: int
     last: tuple[str | None, ...]
-    writes: tuple[tuple[int, ...], tuple[int, ...]]
+    writes: tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
 
 
 async def tally(conn: asyncpg.Connection, tenant_id: uuid.UUID) -> Tally:
     row = await conn.fetchrow(_TALLY, tenant_id)
     assert row is not None
-    return Tally(row["usage"], tuple(row["last"] or ()), (tuple(row["cards"]), tuple(row["keys"])))
+    return Tally(
+        row["usage"], tuple(row["last"] or ()), (tuple(row["cards"]), tuple(row["keys"]), tuple(row["versions"]))
+    )
 
 
 def spec_error(result: CallToolResult) -> tuple[str, str]:
@@ -291,6 +297,8 @@ def breaks_an_unwritten_rule(tool: str, arguments: dict[str, Any]) -> bool:
         return any(_bad_card(card) for card in arguments["cards"]) or "\x00" in (arguments.get("idempotency_key") or "")
     if tool == "search_cards":  # any cursor a test makes up is not one this server made ("" is none at all)
         return bool(arguments.get("cursor")) or _bad_card({"tags": arguments.get("tags")})
+    if tool == "get_card_history":
+        return bool(arguments.get("cursor"))
     if tool == "usage_stats":
         return _impossible_window(arguments)
     return _bad_card(arguments)

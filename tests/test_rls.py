@@ -26,7 +26,7 @@ async def raw_tenant(pool: asyncpg.Pool, tenant: uuid.UUID) -> AsyncIterator[asy
 
 
 # The tables the application role may read (api_keys it may not touch at all; see the test below).
-TENANT_TABLES = ("tenants", "cards", "idempotency_store", "card_usage")
+TENANT_TABLES = ("tenants", "cards", "idempotency_store", "card_usage", "card_versions")
 # Tables without tenant_id: the migrations ledger, and the secret name of the key-revocation channel (readable by
 # the admin role only).
 NOT_TENANT_TABLES = {"schema_migrations", "notify_channels"}
@@ -234,6 +234,9 @@ DEFINERS = {
     "create_api_key": {db.ADMIN_ROLE},
     "revoke_api_key": {db.ADMIN_ROLE},
     "announce_api_key_change": set(),  # a trigger: fires without EXECUTE
+    # Card history (schema/0009_card_history.sql): key labels for history entries; retention, for the server.
+    "api_key_label": {db.APP_ROLE, db.ADMIN_ROLE},
+    "prune_card_versions": {db.ADMIN_ROLE},
     # OAuth (schema/0008_oauth.sql): each step of a sign-in, for the running server; connect codes the owner's only.
     **{
         f"oauth_{step}": {db.ADMIN_ROLE}

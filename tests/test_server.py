@@ -132,6 +132,8 @@ def twice_arguments(tool: str, card_id: str) -> dict[str, Any]:
         "delete_card": {"card_id": card_id},
         "batch_create_cards": {"cards": [{**CARD, "content": {"batch": n}} for n in range(3)]},
         "usage_stats": {"since": "1h", "group_by": "card"},
+        "get_card_history": {"card_id": card_id},
+        "restore_card": {"card_id": card_id, "version": 1},  # the card as it is: nothing to write, twice
     }[tool]
 
 
