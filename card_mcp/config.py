@@ -96,6 +96,12 @@ class Settings(BaseSettings):
     idempotency_ttl_hours: float = Field(
         default=24.0, ge=24.0, description="How long batch_create_cards keeps an idempotency key (at least 24)."
     )
+    usage_retention_days: int | None = Field(
+        default=None,
+        ge=1,
+        le=36_500,
+        description="Days of usage rows kept (whole days; older daily partitions are dropped); unset: keep everything.",
+    )
     semantic: Literal["auto", "off"] = Field(
         default="auto",
         description="Semantic search: on wherever the semantic extra and the vector extension are both there.",

@@ -32,7 +32,7 @@ from mcp.types import Tool as McpTool
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from . import __version__, db, idempotency, migrate, oauth, prompts, resources, semantic
+from . import __version__, db, idempotency, migrate, oauth, prompts, resources, retention, semantic
 from .auth import KeyToken, KeyVerifier
 from .calls import Caller, CallFailed, Edge
 from .config import Settings
@@ -208,6 +208,7 @@ async def _lifespan(server: CardServer) -> AsyncIterator[AppState]:
             logger.info("card-mcp %s serving tenant %r over %s", __version__, settings.tenant, settings.transport)
         async with anyio.create_task_group() as background:
             background.start_soon(idempotency.expire_periodically, admin_url)
+            background.start_soon(retention.maintain_periodically, admin_url, settings.usage_retention_days)
             background.start_soon(_semantic_search, state.edge, admin_url)
             if server.verifier is not None:
                 background.start_soon(server.verifier.follow_revocations, admin_url)

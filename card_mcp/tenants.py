@@ -1,5 +1,6 @@
 """Tenant administration, run through the admin role: it reads every tenant (its policy) and creates one only
-through card_mcp.create_tenant, a SECURITY DEFINER function of the owner (it has no INSERT of its own)."""
+through card_mcp.create_tenant, a SECURITY DEFINER function of the owner (it has no INSERT of its own). Erasing a
+tenant is the owner's alone (card_mcp.erase_tenant, through the owner's URL)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from .models import Tenant
 _CREATE = "SELECT tenant_id, name, created_at FROM card_mcp.create_tenant($1)"
 _ID = "SELECT tenant_id FROM card_mcp.tenants WHERE name = $1"
 _LIST = "SELECT tenant_id, name, created_at FROM card_mcp.tenants ORDER BY name"
+# The owner's only (schema/0010_lifecycle.sql): one statement, so one transaction.
+_ERASE = "SELECT table_name, rows_removed FROM card_mcp.erase_tenant($1)"
 
 
 async def create_tenant(conn: Connection, name: str) -> Tenant:
@@ -42,3 +45,15 @@ async def tenant_id(conn: Connection, name: str) -> UUID:
     if found is None:
         raise NotFound(f"no tenant {name!r}", hint="`card-mcp tenants list` shows the tenants.")
     return found
+
+
+async def erase_tenant(conn: Connection, name: str) -> dict[str, int]:
+    """Erase the tenant ``name`` and every row of it, in every table that has a tenant_id column, in one
+    transaction, as the owner; returns the rows removed per table (tenants last). Its API keys stop working at once
+    (each deletion is announced on the revocation channel); the erasure is recorded in card_mcp.tenant_erasures.
+    NotFound if there is no such tenant."""
+    try:
+        rows = await conn.fetch(_ERASE, name)
+    except asyncpg.NoDataFoundError as exc:
+        raise NotFound(f"no tenant {name!r}", hint="`card-mcp tenants list` shows the tenants.") from exc
+    return {row["table_name"]: row["rows_removed"] for row in rows}

@@ -19,6 +19,8 @@ ALTER TABLE card_mcp.card_usage RENAME TO card_usage_before_0010;
 ALTER INDEX card_mcp.card_usage_pkey RENAME TO card_usage_before_0010_pkey;
 ALTER INDEX card_mcp.card_usage_tenant_time_idx RENAME TO card_usage_before_0010_tenant_time_idx;
 ALTER SEQUENCE card_mcp.card_usage_usage_id_seq RENAME TO card_usage_before_0010_usage_id_seq;
+-- FORCE binds the owner, which has no policy on the usage log: without this, the copy below would read no row.
+ALTER TABLE card_mcp.card_usage_before_0010 NO FORCE ROW LEVEL SECURITY;
 
 CREATE TABLE card_mcp.card_usage (
     tenant_id        uuid             NOT NULL,
@@ -44,9 +46,8 @@ CREATE TABLE card_mcp.card_usage (
 CREATE INDEX card_usage_tenant_time_idx ON card_mcp.card_usage (tenant_id, called_at);
 
 -- Row-level security on the parent: every query through card_usage (the only way any role but the owner reaches the
--- rows) is under these policies, the same as before this file.
+-- rows) is under these policies, the same as before this file. Enabled now, forced once the rows are copied in.
 ALTER TABLE card_mcp.card_usage ENABLE ROW LEVEL SECURITY;
-ALTER TABLE card_mcp.card_usage FORCE ROW LEVEL SECURITY;
 CREATE POLICY card_usage_current ON card_mcp.card_usage FOR ALL TO card_mcp_app
     USING (tenant_id = (SELECT NULLIF(current_setting('app.current_tenant_id', true), '')::uuid))
     WITH CHECK (tenant_id = (SELECT NULLIF(current_setting('app.current_tenant_id', true), '')::uuid));
@@ -72,12 +73,12 @@ BEGIN
                    p_name);
     EXECUTE format('ALTER TABLE card_mcp.%I ADD CONSTRAINT %I CHECK (called_at >= %L AND called_at < %L)',
                    p_name, p_name || '_range', p_from, p_to);  -- lets ATTACH skip its scan
-    EXECUTE format('ALTER TABLE card_mcp.%I ENABLE ROW LEVEL SECURITY, FORCE ROW LEVEL SECURITY', p_name);
     IF to_regclass('card_mcp.card_usage_default') IS NOT NULL THEN
         EXECUTE format('WITH moved AS (DELETE FROM card_mcp.card_usage_default WHERE called_at >= $1 AND called_at < $2'
                        ' RETURNING *) INSERT INTO card_mcp.%I SELECT * FROM moved', p_name)
             USING p_from, p_to;
     END IF;
+    EXECUTE format('ALTER TABLE card_mcp.%I ENABLE ROW LEVEL SECURITY, FORCE ROW LEVEL SECURITY', p_name);
     EXECUTE format('ALTER TABLE card_mcp.card_usage ATTACH PARTITION card_mcp.%I FOR VALUES FROM (%L) TO (%L)',
                    p_name, p_from, p_to);
     EXECUTE format('ALTER TABLE card_mcp.%I DROP CONSTRAINT %I', p_name, p_name || '_range');
@@ -125,6 +126,7 @@ SELECT tenant_id, usage_id, tool, status, error_code, card_ids, duration_ms, cli
 SELECT setval(pg_get_serial_sequence('card_mcp.card_usage', 'usage_id'),
               greatest((SELECT max(usage_id) FROM card_mcp.card_usage_before_0010), 0) + 1, false);
 DROP TABLE card_mcp.card_usage_before_0010;
+ALTER TABLE card_mcp.card_usage FORCE ROW LEVEL SECURITY;
 
 -- The views of 0003, unchanged, over the new table (a view follows a table by identity, not by name).
 CREATE VIEW card_mcp.usage_daily WITH (security_invoker = true) AS

@@ -119,10 +119,11 @@ async def test_start_up_accepts_the_application_role(database: TestDatabase, set
 
 _SQL_WORDS = {"SELECT", "INSERT", "UPDATE", "DELETE", "WITH"}
 # Who runs each module's queries; the rest of the package runs its queries as the application role.
-_ADMIN_MODULES = {"tenants", "keys", "auth", "semantic", "oauth", "issuer", "connections", "signin"}
+_ADMIN_MODULES = {"tenants", "keys", "auth", "semantic", "oauth", "issuer", "connections", "signin", "retention"}
 _ADMIN_QUERIES = {"idempotency._DELETE_EXPIRED"}
 _OWNER_MODULES = {"migrate", "readers"}
-_OWNER_QUERIES = {"connections._CREATE_CODE"}  # connect codes are made with the owner's URL only
+# Connect codes are made, and tenants erased, with the owner's URL only.
+_OWNER_QUERIES = {"connections._CREATE_CODE", "tenants._ERASE"}
 # Semantic search's queries need its tables, which exist only where pgvector does (migration 0006).
 _VECTOR_QUERIES = {"search._HYBRID", "search._NEAREST_SETTINGS"}
 

@@ -277,7 +277,8 @@ async def test_the_schema_stays_distributable_by_tenant_id(database: TestDatabas
         )
         sequences = await conn.fetch(
             """
-            SELECT c.oid::regclass::text AS tbl, a.attname, a.attidentity <> '' AS attidentity, format_type(a.atttypid, NULL) AS type,
+            SELECT c.oid::regclass::text AS tbl, a.attname, a.attidentity <> '' AS attidentity,
+                   format_type(a.atttypid, NULL) AS type,
                    coalesce(pg_get_expr(d.adbin, d.adrelid) LIKE '%nextval(%', false) AS nextval
               FROM pg_class c
               JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
