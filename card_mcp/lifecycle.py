@@ -95,11 +95,7 @@ async def import_(args: argparse.Namespace, settings: Settings) -> int:
             hint="Fix the lines named above and run the same command again.",
         )
     if report.with_history:
-        print(
-            f"card-mcp: {report.with_history} cards carried earlier versions; each was imported as its current "
-            "state (importing history arrives with card versions, issue #21)",
-            file=sys.stderr,
-        )
+        print(f"card-mcp: {report.with_history} cards came with their history", file=sys.stderr)
     print(f"created {report.created}, existing {report.existing} (of {report.cards} cards in {path})")
     return 0
 

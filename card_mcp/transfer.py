@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Literal, TextIO
 from uuid import UUID
 
 import pydantic
@@ -25,7 +25,7 @@ from pydantic import ConfigDict, Field
 
 from .db import Connection
 from .errors import CardMcpError, InvalidArgument
-from .models import DEFAULT_MAX_CONTENT_BYTES, NewCard, content_hash
+from .models import DEFAULT_MAX_CONTENT_BYTES, CardType, Content, NewCard, Title, content_hash
 
 FORMAT = "card-mcp-export"
 FORMAT_VERSION = 1
@@ -35,6 +35,14 @@ MAX_ERRORS_SHOWN = 50
 Progress = Callable[[int, int], None]
 
 _SET_TENANT = "SELECT set_config('app.current_tenant_id', $1::text, true)"
+# An import's writes, for card history (schema/0009, issue #21): the version rows its INSERTs make say `import`, made
+# by the command line. Custom settings: harmless where there is no history.
+_SET_IMPORT = """
+SELECT set_config('app.current_tenant_id', $1::text, true),
+       set_config('card_mcp.version_op', 'import', true),
+       set_config('card_mcp.actor', '{"transport": "cli", "client_name": "card-mcp import"}', true)
+"""
+_HISTORY_EXISTS = "SELECT to_regclass('card_mcp.card_versions') IS NOT NULL"
 _COUNT = "SELECT count(*) FROM card_mcp.cards WHERE $1::boolean OR is_active"
 # In id order: the primary key's order within the tenant, so the cursor streams without a sort.
 _CARDS = """
@@ -42,6 +50,22 @@ SELECT id, card_type, title, content, tags, version, content_hash, created_at, u
   FROM card_mcp.cards
  WHERE $1::boolean OR is_active
  ORDER BY tenant_id, id
+"""
+# The same, with each card's versions, oldest first (who made each: transport and client, not the key or connection,
+# which belong to the tenant exported from).
+_CARDS_WITH_HISTORY = """
+SELECT c.id, c.card_type, c.title, c.content, c.tags, c.version, c.content_hash, c.created_at, c.updated_at,
+       c.deleted_at,
+       (SELECT coalesce(jsonb_agg(jsonb_build_object(
+                   'version', v.version, 'op', v.op, 'card_type', v.card_type, 'title', v.title, 'content', v.content,
+                   'tags', v.tags, 'content_hash', v.content_hash, 'is_active', v.is_active,
+                   'restored_from', v.restored_from, 'changed_at', v.changed_at, 'transport', v.transport,
+                   'client_name', v.client_name, 'client_version', v.client_version) ORDER BY v.version), '[]')
+          FROM card_mcp.card_versions AS v
+         WHERE v.tenant_id = c.tenant_id AND v.card_id = c.id) AS versions
+  FROM card_mcp.cards AS c
+ WHERE $1::boolean OR c.is_active
+ ORDER BY c.tenant_id, c.id
 """
 
 # A chunk of validated cards as one JSON array. ON CONFLICT DO NOTHING with no target skips a card that meets any
@@ -60,10 +84,45 @@ SELECT $1, coalesce(c.id, gen_random_uuid()), c.card_type, c.title, c.content, c
 ON CONFLICT DO NOTHING
 RETURNING k.id
 """
+# The earlier versions of the cards a chunk created ($3), as exported. The current version's row was made by the
+# INSERT above (its history trigger, op `import`), so that one is skipped here.
+_INSERT_VERSIONS = """
+INSERT INTO card_mcp.card_versions
+       (tenant_id, card_id, version, op, card_type, title, content, tags, content_hash, is_active, restored_from,
+        changed_at, transport, client_name, client_version)
+SELECT $1, v.card_id, v.version, v.op, v.card_type, v.title, v.content, v.tags, v.content_hash, v.is_active,
+       v.restored_from, v.changed_at, v.transport, v.client_name, v.client_version
+  FROM jsonb_to_recordset($2::jsonb) AS v(card_id uuid, version integer, op text, card_type text, title text,
+                                          content jsonb, tags text[], content_hash text, is_active boolean,
+                                          restored_from integer, changed_at timestamptz, transport text,
+                                          client_name text, client_version text)
+ WHERE v.card_id = ANY ($3::uuid[])
+ON CONFLICT DO NOTHING
+"""
+
+
+class CardVersion(pydantic.BaseModel):
+    """One entry of a card's history in an export (schema/0009_card_history.sql)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    version: int = Field(ge=1)
+    op: Literal["create", "update", "delete", "restore", "import"]
+    card_type: CardType
+    title: Title
+    content: Content
+    tags: list[str]
+    content_hash: str
+    is_active: bool
+    restored_from: int | None = None
+    changed_at: datetime
+    transport: Literal["stdio", "http", "memory", "cli", "database"]
+    client_name: str | None = None
+    client_version: str | None = None
 
 
 class ImportedCard(NewCard):
-    """A card line of an import file: a new card, or a card as ``export`` wrote it (its id and history fields)."""
+    """A card line of an import file: a new card, or a card as ``export`` wrote it (its id, times and versions)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -73,7 +132,7 @@ class ImportedCard(NewCard):
     created_at: datetime | None = None
     updated_at: datetime | None = None
     deleted_at: datetime | None = None
-    versions: list[dict[str, Any]] | None = None  # export --include-history; restored as the current card only
+    versions: list[CardVersion] | None = None  # export --include-history
 
 
 @dataclass
@@ -109,6 +168,8 @@ def _card_line(row: Any) -> str:
     }
     if row["deleted_at"] is not None:
         card["deleted_at"] = row["deleted_at"].isoformat()
+    if "versions" in row:
+        card["versions"] = row["versions"]
     return json.dumps(card, ensure_ascii=False, separators=(",", ":")) + "\n"
 
 
@@ -124,13 +185,10 @@ async def export_cards(
 ) -> ExportReport:
     """Write the tenant's cards to ``out`` as JSON Lines, from one snapshot, through a cursor. ``conn`` is the
     application role's, outside any transaction."""
-    if include_history:
-        # Wired for card_versions (issue #21, schema/0009): its rows go under each card as "versions" once that
-        # table is in this build; until then the export says so rather than leave history out silently.
+    if include_history and not await conn.fetchval(_HISTORY_EXISTS):
         raise InvalidArgument(
-            "--include-history is not available in this build: it needs the card_versions table of issue #21",
-            hint="Export without --include-history: every card's current state, and deleted ones with "
-            "--include-deleted.",
+            "--include-history needs card history (the card_versions table of issue #21), which this database has not",
+            hint="Run `card-mcp migrate`, or export without --include-history.",
         )
     async with conn.transaction(isolation="repeatable_read", readonly=True):
         await conn.execute(_SET_TENANT, str(tenant_id))
@@ -146,7 +204,8 @@ async def export_cards(
         }
         out.write(json.dumps(header, separators=(",", ":")) + "\n")
         done = deleted = 0
-        async for row in conn.cursor(_CARDS, include_deleted, prefetch=500):
+        query = _CARDS_WITH_HISTORY if include_history else _CARDS
+        async for row in conn.cursor(query, include_deleted, prefetch=500):
             out.write(_card_line(row))
             done += 1
             deleted += row["deleted_at"] is not None
@@ -192,8 +251,8 @@ def _parse(number: int, line: str, max_bytes: int) -> ImportedCard | dict[str, A
     digest = content_hash(card.content, max_bytes=max_bytes)
     if card.content_hash is not None and card.content_hash != digest:
         raise InvalidArgument("content_hash does not match the content (the file was changed or damaged)")
-    if card.deleted_at is not None and card.id is None:
-        raise InvalidArgument("a deleted card (deleted_at) needs its id, so that importing it again finds it")
+    if (card.deleted_at is not None or card.versions is not None) and card.id is None:
+        raise InvalidArgument("a deleted card or one with versions needs its id, so that importing it again finds it")
     card.content_hash = digest
     return card
 
@@ -248,14 +307,23 @@ async def import_cards(
     report = validate(path, max_bytes=max_bytes)
     if report.error_count:
         return report
+    if report.with_history and not await conn.fetchval(_HISTORY_EXISTS):
+        raise InvalidArgument(
+            f"{report.with_history} cards carry history, which this database cannot keep (no card_versions table)",
+            hint="Run `card-mcp migrate` first (card history arrives with issue #21).",
+        )
     batch: list[dict[str, Any]] = []
+    versions: list[dict[str, Any]] = []
     done = 0
 
     async def write() -> None:
         nonlocal done
         async with conn.transaction():
-            await conn.execute(_SET_TENANT, str(tenant_id))
+            await conn.execute(_SET_IMPORT, str(tenant_id))
             created = await conn.fetch(_INSERT, tenant_id, batch)
+            if versions and created:
+                await conn.execute(_INSERT_VERSIONS, tenant_id, versions, [row["id"] for row in created])
+        versions.clear()
         report.created += len(created)
         report.existing += len(batch) - len(created)
         done += len(batch)
@@ -267,6 +335,8 @@ async def import_cards(
         parsed = _parse(number, line, max_bytes)
         if isinstance(parsed, ImportedCard):
             batch.append(_row(parsed))
+            if parsed.versions and parsed.id is not None:
+                versions.extend({"card_id": str(parsed.id), **v.model_dump(mode="json")} for v in parsed.versions)
             if len(batch) >= chunk:
                 await write()
     if batch:

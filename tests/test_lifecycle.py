@@ -372,3 +372,56 @@ def test_settings_read_the_retention_from_the_environment(monkeypatch: pytest.Mo
     assert Settings().usage_retention_days == 90
     monkeypatch.delenv("CARD_MCP_USAGE_RETENTION_DAYS")
     assert Settings().usage_retention_days is None
+
+
+# -- card history (schema/0009, issue #21) --------------------------------------------------------------------------
+
+
+async def has_history(database: TestDatabase) -> bool:
+    async with superuser(database) as conn:
+        return bool(await conn.fetchval("SELECT to_regclass('card_mcp.card_versions') IS NOT NULL"))
+
+
+async def versions(database: TestDatabase, tenant: uuid.UUID) -> dict[uuid.UUID, list[tuple[Any, ...]]]:
+    async with superuser(database) as conn:
+        rows = await conn.fetch(
+            "SELECT card_id, version, title, tags, content_hash, is_active FROM card_mcp.card_versions"
+            " WHERE tenant_id = $1 ORDER BY card_id, version",
+            tenant,
+        )
+    found: dict[uuid.UUID, list[tuple[Any, ...]]] = {}
+    for row in rows:
+        found.setdefault(row["card_id"], []).append(tuple(row)[1:])
+    return found
+
+
+async def test_export_with_history_then_import_gives_equal_versions(
+    database: TestDatabase, app_pool: asyncpg.Pool, tmp_path: Path
+) -> None:
+    if not await has_history(database):
+        pytest.skip("card history (card_versions, issue #21) is not in this build")
+    source, source_id = await new_tenant(database)
+    ids = await make_cards(app_pool, source_id, 3)
+    async with tenant_transaction(app_pool, source_id) as conn:
+        await cards.update_card(conn, ids[0], title="second")
+        await cards.update_card(conn, ids[0], tags=["third"])
+    out = tmp_path / "history.jsonl"
+    exported = run_cli(database, "export", "--tenant", source, "--include-history", "--output", str(out))
+    assert exported.returncode == 0, exported.stderr
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert {line["id"]: len(line["versions"]) for line in lines[1:]}[str(ids[0])] == 3
+    target, target_id = await new_tenant(database)
+    imported = run_cli(database, "import", str(out), "--tenant", target)
+    assert imported.returncode == 0, imported.stderr
+    assert await versions(database, target_id) == await versions(database, source_id)
+    again = run_cli(database, "import", str(out), "--tenant", target)
+    assert again.stdout.startswith("created 0, existing 3 ")
+    assert await versions(database, target_id) == await versions(database, source_id)
+
+
+async def test_export_with_history_says_so_where_there_is_no_history(database: TestDatabase) -> None:
+    if await has_history(database):
+        pytest.skip("this build keeps card history: the test above covers it")
+    tenant, _ = await new_tenant(database)
+    result = run_cli(database, "export", "--tenant", tenant, "--include-history")
+    assert result.returncode == 1 and "card_versions" in result.stderr and result.stdout == ""
