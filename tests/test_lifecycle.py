@@ -255,6 +255,28 @@ async def test_tenants_delete_erases_nothing_unless_the_name_is_typed(database: 
     assert missing.returncode == 1 and "no tenant" in missing.stderr
 
 
+async def test_tenants_delete_erases_a_tenant_table_added_after_it_was_written(superuser_url: str) -> None:
+    """A migration of tomorrow adds a table with tenant_id and forgets the erase: the erase still finds it."""
+    async with new_database(superuser_url, "card_mcp_erase") as database:
+        tenant = await db.tenant_id_for(database.admin_url, "leaving")
+        owner = await asyncpg.connect(database.owner_url)
+        try:
+            await owner.execute(
+                "CREATE TABLE card_mcp.future_notes (tenant_id uuid NOT NULL REFERENCES card_mcp.tenants,"
+                " note text NOT NULL, PRIMARY KEY (tenant_id, note));"
+                " ALTER TABLE card_mcp.future_notes ENABLE ROW LEVEL SECURITY, FORCE ROW LEVEL SECURITY"
+            )
+        finally:
+            await owner.close()
+        async with superuser(database) as conn:
+            await conn.execute("INSERT INTO card_mcp.future_notes VALUES ($1, 'kept?')", tenant)
+        result = run_cli(database, "tenants", "delete", "leaving", "--yes", "--format", "json")
+        assert result.returncode == 0, result.stderr
+        removed = {row["table"]: row["rows_removed"] for row in json.loads(result.stdout)["removed"]}
+        assert removed["future_notes"] == 1
+        assert set((await tenant_rows(database, tenant)).values()) == {0}
+
+
 # -- usage partitions and retention ---------------------------------------------------------------------------------
 
 
