@@ -191,6 +191,8 @@ DECLARE
     v_day timestamptz;
     v_name text;
 BEGIN
+    -- One at a time across servers (several HTTP instances run this hourly); the second finds the work done.
+    PERFORM pg_advisory_xact_lock(hashtext('card_mcp.card_usage partitions'));
     -- Days whose rows went to the default partition first (earliest first), then the days ahead.
     FOR v_day IN
         SELECT DISTINCT date_trunc('day', d.called_at AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'
@@ -223,6 +225,7 @@ AS $$
 DECLARE
     r record;
 BEGIN
+    PERFORM pg_advisory_xact_lock(hashtext('card_mcp.card_usage partitions'));
     FOR r IN
         SELECT b.name, b.range_from, b.range_to
           FROM (SELECT c.relname::text AS name,
