@@ -24,7 +24,9 @@ DAYS_AHEAD = 7
 MAINTENANCE_INTERVAL = timedelta(hours=1)
 
 _ENSURE = "SELECT name FROM card_mcp.usage_partitions_ensure($1) AS name"
-_PRUNE = "SELECT partition_name, range_from, range_to FROM card_mcp.usage_prune($1)"
+# One partition per statement, so per transaction: ACCESS EXCLUSIVE on card_usage for one DROP at a time (tens of
+# milliseconds), with the call edge's usage inserts going on between, not for the whole of a first 90-day prune.
+_PRUNE = "SELECT partition_name, range_from, range_to FROM card_mcp.usage_prune($1, 1)"
 
 
 @dataclass(frozen=True)
@@ -43,9 +45,12 @@ async def ensure_partitions(conn: Connection, days_ahead: int = DAYS_AHEAD) -> l
 
 
 async def prune(conn: Connection, before: datetime) -> list[Dropped]:
-    """Drop every usage partition that holds only calls before ``before``; a partition that straddles it stays."""
-    rows = await conn.fetch(_PRUNE, before)
-    return [Dropped(row["partition_name"], row["range_from"], row["range_to"]) for row in rows]
+    """Drop every usage partition that holds only calls before ``before``, oldest first, one transaction each; a
+    partition that straddles it stays. ``conn`` must be outside a transaction."""
+    dropped: list[Dropped] = []
+    while rows := await conn.fetch(_PRUNE, before):
+        dropped.extend(Dropped(row["partition_name"], row["range_from"], row["range_to"]) for row in rows)
+    return dropped
 
 
 def cut_off(retention_days: int, now: datetime | None = None) -> datetime:

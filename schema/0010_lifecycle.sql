@@ -209,11 +209,13 @@ BEGIN
 END
 $$;
 
--- Drop every partition that holds only rows called before p_before (its upper bound is at or before it), and delete
--- the default partition's rows before it (the safety net holds few rows, if any). A partition that straddles the
--- cut-off stays whole: retention never deletes rows of a kept partition. Returns the partitions dropped with their
--- bounds. Dropping takes ACCESS EXCLUSIVE on card_usage for a moment; it waits at most 2 seconds for it.
-CREATE FUNCTION card_mcp.usage_prune(p_before timestamptz)
+-- Drop the oldest p_max partitions that hold only rows called before p_before (their upper bound is at or before it),
+-- and delete the default partition's rows before it (the safety net holds few rows, if any). A partition that
+-- straddles the cut-off stays whole: retention never deletes rows of a kept partition. Returns the partitions dropped
+-- with their bounds. Dropping takes ACCESS EXCLUSIVE on card_usage until the transaction ends (about 25 ms a
+-- partition), so callers drop one at a time, a transaction each, and inserts go on between; it waits at most 2
+-- seconds for the lock.
+CREATE FUNCTION card_mcp.usage_prune(p_before timestamptz, p_max integer)
     RETURNS TABLE (partition_name text, range_from timestamptz, range_to timestamptz)
     LANGUAGE plpgsql
     SECURITY DEFINER
@@ -237,6 +239,7 @@ BEGIN
                  WHERE i.inhparent = 'card_mcp.card_usage'::regclass) AS b
          WHERE b.range_to <= p_before
          ORDER BY b.range_to
+         LIMIT greatest(p_max, 0)
     LOOP
         EXECUTE format('DROP TABLE card_mcp.%I', r.name);
         partition_name := r.name;
@@ -254,9 +257,9 @@ CREATE POLICY card_usage_default_owner ON card_mcp.card_usage_default FOR ALL TO
     USING (true) WITH CHECK (true);
 
 REVOKE ALL ON FUNCTION card_mcp.usage_partitions_ensure(integer) FROM PUBLIC;
-REVOKE ALL ON FUNCTION card_mcp.usage_prune(timestamptz) FROM PUBLIC;
+REVOKE ALL ON FUNCTION card_mcp.usage_prune(timestamptz, integer) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION card_mcp.usage_partitions_ensure(integer) TO card_mcp_admin;
-GRANT EXECUTE ON FUNCTION card_mcp.usage_prune(timestamptz) TO card_mcp_admin;
+GRANT EXECUTE ON FUNCTION card_mcp.usage_prune(timestamptz, integer) TO card_mcp_admin;
 
 -- 3. Erasing a tenant (`card-mcp tenants delete`, through the owner's URL).
 --
