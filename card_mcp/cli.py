@@ -23,7 +23,7 @@ import anyio
 from pydantic import ValidationError
 from pydantic.fields import FieldInfo
 
-from . import __version__, connections, db, history, keys, logs, migrate, output, readers, tenants, usage
+from . import __version__, connections, db, history, keys, lifecycle, logs, migrate, output, readers, tenants, usage
 from .config import Settings
 from .errors import CardMcpError, InvalidArgument, SetupError
 
@@ -65,6 +65,24 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument("--format", choices=["table", "json"], default="table")
     listing = ten.add_parser("list", help="list tenants")
     listing.add_argument("--format", choices=["table", "json"], default="table")
+    erase = ten.add_parser(
+        "delete", help="erase a tenant and every row of it, in one transaction (through the owner's URL)"
+    )
+    erase.add_argument("name")
+    erase.add_argument("--yes", action="store_true", help="do not ask to type the name to confirm")
+    erase.add_argument("--format", choices=["table", "json"], default="table")
+
+    exp = commands.add_parser("export", help="write a tenant's cards as JSON Lines (one snapshot, streamed)")
+    exp.add_argument("--tenant", required=True, help="the tenant whose cards to export")
+    exp.add_argument("--include-deleted", action="store_true", help="deleted cards too, with when they were deleted")
+    exp.add_argument("--include-history", action="store_true", help="each card's earlier versions too")
+    exp.add_argument("--output", metavar="FILE", help="write to FILE instead of stdout (complete or not at all)")
+
+    imp = commands.add_parser(
+        "import", help="add cards from JSON Lines (an export, or {card_type, title, content, tags} per line)"
+    )
+    imp.add_argument("file", metavar="FILE", type=Path)
+    imp.add_argument("--tenant", required=True, help="the tenant to add the cards to (it must exist)")
 
     key = commands.add_parser("keys", help="API keys for the HTTP transport").add_subparsers(
         dest="action", required=True, metavar="ACTION"
@@ -105,7 +123,17 @@ def _parser() -> argparse.ArgumentParser:
     conns_revoke = conns.add_parser("revoke", help="revoke a connection; its tokens stop working at once")
     conns_revoke.add_argument("connection_id", metavar="CONNECTION_ID")
 
-    use = commands.add_parser("usage", help="usage figures: calls, errors and durations per tool, card, day or client")
+    use = commands.add_parser(
+        "usage",
+        help="usage figures: calls, errors and durations per tool, card, day or client; `usage prune` drops old usage",
+    )
+    use.add_argument(
+        "action", nargs="?", choices=["prune"], help="prune: drop the usage partitions wholly before --before"
+    )
+    use.add_argument(
+        "--before",
+        help="with prune: a UTC date/time or 90d (default: CARD_MCP_USAGE_RETENTION_DAYS ago); whole days go",
+    )
     use.add_argument("--tenant", help="one tenant (default: every tenant, with a tenant column)")
     use.add_argument("--since", help="start: 7d, 24h (before --until) or a UTC date/time (default: 30d)")
     use.add_argument("--until", help="end, excluded: 24h (ago) or a UTC date/time; a bare date means its end")
@@ -147,6 +175,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "db" and (args.role == "reader") != (args.name is not None):
         parser.error("db url: --name READER goes with --role reader, and only with it")
+    if args.command == "usage" and args.before is not None and args.action != "prune":
+        parser.error("usage: --before goes with `usage prune`, and only with it")
     try:
         settings = _settings(args)
     except CardMcpError as exc:
@@ -163,6 +193,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "connections": _connections,
         "usage": _usage,
         "history": _history,
+        "export": lifecycle.export,
+        "import": lifecycle.import_,
         "embed": _embed,
         "db": _db,
     }[args.command]
@@ -328,6 +360,8 @@ async def _migrate(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _tenants(args: argparse.Namespace, settings: Settings) -> int:
+    if args.action == "delete":
+        return await lifecycle.delete_tenant(args, settings)
     async with _connection(settings, db.Database.require_admin_url) as conn:
         if args.action == "create":
             rows = [await tenants.create_tenant(conn, args.name)]
@@ -486,6 +520,8 @@ async def _embed(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _usage(args: argparse.Namespace, settings: Settings) -> int:
+    if args.action == "prune":
+        return await lifecycle.prune(args, settings)
     if not 1 <= args.limit <= 10_000:
         raise InvalidArgument("--limit must be between 1 and 10000", hint="For example --limit 50.")
     since, until = usage.window(args.since, args.until, now=datetime.now(UTC))  # the usage_stats tool's grammar

@@ -115,6 +115,12 @@ class Settings(BaseSettings):
     history_keep_versions: int = Field(
         default=0, ge=0, description="Newest versions kept per card in its history (0: keep every version)."
     )
+    usage_retention_days: int | None = Field(
+        default=None,
+        ge=1,
+        le=36_500,
+        description="Days of usage rows kept (whole days; older daily partitions are dropped); unset: keep everything.",
+    )
     semantic: Literal["auto", "off"] = Field(
         default="auto",
         description="Semantic search: on wherever the semantic extra and the vector extension are both there.",

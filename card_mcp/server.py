@@ -33,7 +33,7 @@ from mcp.types import Tool as McpTool
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from . import __version__, db, history, idempotency, migrate, oauth, prompts, resources, semantic, tenants
+from . import __version__, db, history, idempotency, migrate, oauth, prompts, resources, retention, semantic, tenants
 from .auth import KeyToken, KeyVerifier
 from .calls import Caller, CallFailed, Edge
 from .config import Settings
@@ -232,6 +232,7 @@ async def _serving(server: CardServer) -> AsyncIterator[AppState]:
             background.start_soon(idempotency.expire_periodically, admin_url)
             if settings.history_keep_versions:
                 background.start_soon(history.prune_periodically, admin_url, settings.history_keep_versions)
+            background.start_soon(retention.maintain_periodically, admin_url, settings.usage_retention_days)
             background.start_soon(_semantic_search, state.edge, admin_url)
             if server.verifier is not None:
                 background.start_soon(server.verifier.follow_revocations, admin_url)

@@ -367,7 +367,7 @@ PRIVILEGES = {
         "card_vectors": {S, INS, U, D},
         "embedding_queue": {S, INS, U, D},
     },
-    db.ANALYST_ROLE: PEOPLE_READ,
+    db.ANALYST_ROLE: {**PEOPLE_READ, "tenant_erasures": {S}},  # who erased which tenant, when (0010)
     db.READER_GROUP: {**PEOPLE_READ, "readers": {S}},
 }
 
