@@ -185,18 +185,27 @@ SELECT {CARD}, is_active
    FOR UPDATE
 """  # noqa: S608 - only CARD is interpolated
 _VERSION = """
-SELECT title, content, tags, content_hash FROM card_mcp.card_versions WHERE card_id = $1 AND version = $2
+SELECT title, tags, content_hash FROM card_mcp.card_versions WHERE card_id = $1 AND version = $2
 """
 # card_mcp.restored_from marks the version row the history trigger writes (schema/0009_card_history.sql); the
-# sub-select sets it before the row is updated, so before the trigger reads it.
+# sub-select sets it before the row is updated, so before the trigger reads it. The content is copied inside the
+# database (the card's own for an undelete, $2's version's otherwise), never sent back from Python: stored content
+# Python reads only in part (db.LossyContent) would otherwise replace what is stored.
 _RESTORE = f"""
-UPDATE card_mcp.cards
-   SET title = $2, content = $3, tags = $4, content_hash = $5, is_active = true, deleted_at = NULL,
-       version = version + 1
-  FROM (SELECT set_config('card_mcp.restored_from', $6::text, true)) AS marked
- WHERE id = $1
-RETURNING {CARD}
-"""  # noqa: S608 - only CARD is interpolated
+UPDATE card_mcp.cards AS c
+   SET title = v.v_title, content = v.v_content, tags = v.v_tags, content_hash = v.v_hash, is_active = true,
+       deleted_at = NULL, version = c.version + 1
+  FROM (SELECT set_config('card_mcp.restored_from', coalesce($2::integer::text, ''), true)) AS marked,
+       (SELECT h.title, h.content, h.tags, h.content_hash
+          FROM card_mcp.card_versions AS h
+         WHERE h.card_id = $1 AND h.version = $2::integer
+        UNION ALL
+        SELECT k.title, k.content, k.tags, k.content_hash
+          FROM card_mcp.cards AS k
+         WHERE k.id = $1 AND $2::integer IS NULL) AS v (v_title, v_content, v_tags, v_hash)
+ WHERE c.id = $1
+RETURNING {", ".join(f"c.{column.strip()}" for column in CARD.split(","))}
+"""  # noqa: S608 - only CARD's column names are interpolated
 
 
 async def restore_card(
@@ -210,15 +219,15 @@ async def restore_card(
     if row is None:
         raise not_found(card_id)
     card, active = to_card(row), row["is_active"]
-    title, content, tags, digest = card.title, card.content, card.tags, card.content_hash
+    title, tags, digest = card.title, card.tags, card.content_hash
+    missing = InvalidArgument(
+        f"card {card_id} has no version {version}", hint="get_card_history lists the versions kept; pass one of those."
+    )
     if version is not None:
         old = await conn.fetchrow(_VERSION, card_id, version)
         if old is None:
-            raise InvalidArgument(
-                f"card {card_id} has no version {version}",
-                hint="get_card_history lists the versions kept; pass one of those.",
-            )
-        title, content, tags, digest = old["title"], old["content"], old["tags"], old["content_hash"]
+            raise missing
+        title, tags, digest = old["title"], old["tags"], old["content_hash"]
     if active and (title, digest, tags) == (card.title, card.content_hash, card.tags):
         return card
     if expected_version is not None and expected_version != card.version:
@@ -235,15 +244,14 @@ async def restore_card(
                 hint="Use that card, or delete or change it first, then restore again.",
             )
     try:
-        restored = await conn.fetchrow(
-            _RESTORE, card_id, title, content, tags, digest, "" if version is None else str(version)
-        )
+        restored = await conn.fetchrow(_RESTORE, card_id, version)
     except asyncpg.UniqueViolationError as exc:  # another call saved the same content meanwhile
         raise DuplicateContent(
             f"another card of type {card.card_type} got this content meanwhile",
             hint="Search for the card with this content; delete or change it first, or keep it instead.",
         ) from exc
-    assert restored is not None  # the row is locked FOR UPDATE
+    if restored is None:  # the row is locked FOR UPDATE; the version was pruned meanwhile
+        raise missing
     return to_card(restored)
 
 

@@ -16,7 +16,7 @@ from card_mcp import cards, db, history
 from card_mcp.config import Settings
 from card_mcp.errors import NotFound
 from tests.conftest import TestDatabase
-from tests.helpers import CARD, connect, create, error_code, ok, tenant_transaction, usage_rows
+from tests.helpers import CARD, connect, create, error_code, ok, superuser, tenant_transaction, usage_rows
 from tests.test_cards import new_card
 from tests.test_http import http_server, mcp_client, new_key, run_cli
 
@@ -349,3 +349,37 @@ async def test_an_undeleted_card_is_queued_for_its_embedding_again(database: Tes
     finally:
         await conn.close()
     assert queued == 1
+
+
+# Content that PostgreSQL stores and Python cannot read exactly (db.LossyContent): nested deeper than its parser goes.
+DEEP_CONTENT = '{"a": ' + "[" * 3000 + "]" * 3000 + "}"
+
+
+async def test_restoring_a_card_whose_stored_content_python_cannot_read_keeps_that_content(
+    database: TestDatabase, settings: Settings
+) -> None:
+    async with connect(settings, tenant_name()) as client:
+        card = await create(client)
+        card_id = uuid.UUID(card["id"])
+        async with superuser(database) as conn:  # written by something other than the tools, as PostgreSQL allows
+            await conn.execute(
+                "UPDATE card_mcp.cards SET content = $1::text::jsonb, content_hash = repeat('d', 64),"
+                " version = version + 1 WHERE id = $2",
+                DEEP_CONTENT,
+                card_id,
+            )
+            stored = await conn.fetchval("SELECT content::text FROM card_mcp.cards WHERE id = $1", card_id)
+        ok(await client.call_tool("delete_card", {"card_id": card["id"]}))
+        ok(await client.call_tool("restore_card", {"card_id": card["id"]}))  # undelete
+        async with superuser(database) as conn:
+            undeleted = await conn.fetchrow(
+                "SELECT content::text, content_hash FROM card_mcp.cards WHERE id = $1", card_id
+            )
+        ok(await client.call_tool("update_card", {"card_id": card["id"], "content": {"tone": "new"}}))
+        ok(await client.call_tool("restore_card", {"card_id": card["id"], "version": 2}))  # back to the deep one
+        async with superuser(database) as conn:
+            restored = await conn.fetchrow(
+                "SELECT content::text, content_hash FROM card_mcp.cards WHERE id = $1", card_id
+            )
+    assert tuple(undeleted) == (stored, "d" * 64)
+    assert tuple(restored) == (stored, "d" * 64)
