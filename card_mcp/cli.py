@@ -566,6 +566,11 @@ async def _history(args: argparse.Namespace, settings: Settings) -> int:
     # The admin role's policies see every tenant's versions, deleted cards' too.
     async with _connection(settings, db.Database.require_admin_url) as conn:
         tenant_id = await tenants.tenant_id(conn, args.tenant) if args.tenant else None
+        if tenant_id is None and len(holders := await history.tenants_of(conn, card_id)) > 1:
+            raise InvalidArgument(
+                f"card {card_id} is a card of tenants {', '.join(holders)} (an import keeps ids)",
+                hint="Pass --tenant NAME to read one of them.",
+            )
         cursor: str | None = None
         while True:
             page, cursor, tenant = await history.card_history(

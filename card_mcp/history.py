@@ -56,6 +56,15 @@ SELECT h.version, h.op, h.title, h.content, h.tags, h.content_hash, h.changed_at
  ORDER BY h.version DESC
 """
 
+# The tenants whose card has this id: ids are unique within a tenant only (an import keeps them), so a lookup across
+# tenants (the admin role's `card-mcp history` without --tenant) may find several.
+_TENANTS_OF = """
+SELECT t.name
+  FROM card_mcp.tenants AS t
+ WHERE EXISTS (SELECT FROM card_mcp.card_versions AS v WHERE v.tenant_id = t.tenant_id AND v.card_id = $1)
+ ORDER BY t.name
+"""
+
 _PRUNE = "SELECT card_mcp.prune_card_versions($1)"  # every tenant's, as the admin role
 # How often a server applies CARD_MCP_HISTORY_KEEP_VERSIONS.
 PRUNE_INTERVAL = timedelta(hours=1)
@@ -117,6 +126,11 @@ async def card_history(
     more = len(kept) < len(rows)
     tenant = rows[0]["tenant"] if rows else None
     return kept, encode_cursor(card_id, kept[-1].version) if more else None, tenant
+
+
+async def tenants_of(conn: Connection, card_id: UUID) -> list[str]:
+    """The names of the tenants ``conn`` sees that have a card with id ``card_id`` (with versions kept)."""
+    return [row["name"] for row in await conn.fetch(_TENANTS_OF, card_id)]
 
 
 async def prune(admin_url: str, keep: int) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -383,3 +384,31 @@ async def test_restoring_a_card_whose_stored_content_python_cannot_read_keeps_th
             )
     assert tuple(undeleted) == (stored, "d" * 64)
     assert tuple(restored) == (stored, "d" * 64)
+
+
+async def test_card_mcp_history_of_a_card_id_two_tenants_hold_after_an_import_shows_one_tenants_versions(
+    database: TestDatabase, settings: Settings, tmp_path: Path
+) -> None:
+    """An export imported into another tenant keeps the cards' ids (the key is (tenant_id, id)), so one id can name a
+    card in two tenants: `card-mcp history ID` across tenants must not list the two cards' versions as one."""
+    source, target = tenant_name(), tenant_name()
+    async with connect(settings, source) as client:
+        card = await create(client, content={"only": "source"})
+        ok(await client.call_tool("update_card", {"card_id": card["id"], "title": "Source's second title"}))
+    exported = tmp_path / "source.jsonl"
+    assert run_cli(database, "export", "--tenant", source, "--output", str(exported)).returncode == 0
+    async with connect(settings, target):
+        pass  # the tenant exists
+    assert run_cli(database, "import", str(exported), "--tenant", target).returncode == 0
+    async with connect(settings, target) as client:
+        ok(await client.call_tool("update_card", {"card_id": card["id"], "title": "Target's own title"}))
+    mixed = run_cli(database, "history", card["id"], "--format", "json")
+    assert mixed.returncode == 1 and mixed.stdout == "", mixed.stdout
+    assert source in mixed.stderr and target in mixed.stderr and "--tenant" in mixed.stderr
+    one = run_cli(database, "history", card["id"], "--tenant", target, "--format", "json")
+    assert one.returncode == 0, one.stderr
+    listed = json.loads(one.stdout)["versions"]
+    assert [(v["tenant"], v["version"], v["title"]) for v in listed] == [
+        (target, 3, "Target's own title"),
+        (target, 2, "Source's second title"),
+    ]
