@@ -44,9 +44,12 @@ SELECT set_config('app.current_tenant_id', $1::text, true),
 """
 _HISTORY_EXISTS = "SELECT to_regclass('card_mcp.card_versions') IS NOT NULL"
 _COUNT = "SELECT count(*) FROM card_mcp.cards WHERE $1::boolean OR is_active"
-# In id order: the primary key's order within the tenant, so the cursor streams without a sort.
+# In id order: the primary key's order within the tenant, so the cursor streams without a sort. Content (and the
+# versions) as PostgreSQL's own JSON text, written to the file as it is: read into Python and written back, content
+# Python reads only in part (db.LossyContent: nesting deeper than its parser goes, integers longer than it converts)
+# would be exported as the note shown in its place, or not at all.
 _CARDS = """
-SELECT id, card_type, title, content, tags, version, content_hash, created_at, updated_at, deleted_at
+SELECT id, card_type, title, content::text AS content, tags, version, content_hash, created_at, updated_at, deleted_at
   FROM card_mcp.cards
  WHERE $1::boolean OR is_active
  ORDER BY tenant_id, id
@@ -54,15 +57,15 @@ SELECT id, card_type, title, content, tags, version, content_hash, created_at, u
 # The same, with each card's versions, oldest first (who made each: transport and client, not the key or connection,
 # which belong to the tenant exported from).
 _CARDS_WITH_HISTORY = """
-SELECT c.id, c.card_type, c.title, c.content, c.tags, c.version, c.content_hash, c.created_at, c.updated_at,
-       c.deleted_at,
+SELECT c.id, c.card_type, c.title, c.content::text AS content, c.tags, c.version, c.content_hash, c.created_at,
+       c.updated_at, c.deleted_at,
        (SELECT coalesce(jsonb_agg(jsonb_build_object(
                    'version', v.version, 'op', v.op, 'card_type', v.card_type, 'title', v.title, 'content', v.content,
                    'tags', v.tags, 'content_hash', v.content_hash, 'is_active', v.is_active,
                    'restored_from', v.restored_from, 'changed_at', v.changed_at, 'transport', v.transport,
                    'client_name', v.client_name, 'client_version', v.client_version) ORDER BY v.version), '[]')
           FROM card_mcp.card_versions AS v
-         WHERE v.tenant_id = c.tenant_id AND v.card_id = c.id) AS versions
+         WHERE v.tenant_id = c.tenant_id AND v.card_id = c.id)::text AS versions
   FROM card_mcp.cards AS c
  WHERE $1::boolean OR c.is_active
  ORDER BY c.tenant_id, c.id
@@ -155,11 +158,11 @@ class ExportReport:
 
 
 def _card_line(row: Any) -> str:
+    """One card's line; its content (and versions) are JSON text from PostgreSQL, put in as they are."""
     card = {
         "id": str(row["id"]),
         "card_type": row["card_type"],
         "title": row["title"],
-        "content": row["content"],
         "tags": list(row["tags"]),
         "version": row["version"],
         "content_hash": row["content_hash"],
@@ -168,9 +171,9 @@ def _card_line(row: Any) -> str:
     }
     if row["deleted_at"] is not None:
         card["deleted_at"] = row["deleted_at"].isoformat()
-    if "versions" in row:
-        card["versions"] = row["versions"]
-    return json.dumps(card, ensure_ascii=False, separators=(",", ":")) + "\n"
+    fields = json.dumps(card, ensure_ascii=False, separators=(",", ":"))
+    versions = f',"versions":{row["versions"]}' if "versions" in row else ""
+    return f'{fields[:-1]},"content":{row["content"]}{versions}}}\n'
 
 
 async def export_cards(
@@ -229,8 +232,10 @@ def _parse(number: int, line: str, max_bytes: int) -> ImportedCard | dict[str, A
         value = json.loads(line)
     except json.JSONDecodeError as exc:
         raise InvalidArgument(f"not JSON ({exc.msg} at column {exc.colno})") from exc
-    except ValueError as exc:  # text json cannot decode (an unpaired surrogate, say)
-        raise InvalidArgument("not JSON") from exc
+    except ValueError as exc:  # text json cannot decode (an unpaired surrogate, an integer of over 4,300 digits)
+        raise InvalidArgument("not JSON that card-mcp can read") from exc
+    except RecursionError as exc:
+        raise InvalidArgument("nested more deeply than card-mcp can read") from exc
     if not isinstance(value, dict):
         raise InvalidArgument("not a JSON object")
     if "format" in value:

@@ -447,3 +447,45 @@ async def test_export_with_history_says_so_where_there_is_no_history(database: T
     tenant, _ = await new_tenant(database)
     result = run_cli(database, "export", "--tenant", tenant, "--include-history")
     assert result.returncode == 1 and "card_versions" in result.stderr and result.stdout == ""
+
+
+# Content PostgreSQL stores and Python reads only in part (db.LossyContent): nested deeper than its parser goes, and
+# an integer longer than it converts.
+UNREADABLE_CONTENTS = ('{"a": ' + "[" * 3000 + "]" * 3000 + "}", '{"n": ' + "7" * 5000 + "}")
+
+
+async def test_export_writes_stored_content_python_cannot_read_exactly_and_import_names_its_lines(
+    database: TestDatabase, app_pool: asyncpg.Pool, tmp_path: Path
+) -> None:
+    tenant, tenant_id = await new_tenant(database)
+    ids = await make_cards(app_pool, tenant_id, 3)
+    async with superuser(database) as conn:  # written by something other than the tools, as PostgreSQL allows
+        for card_id, content in zip(ids[1:], UNREADABLE_CONTENTS, strict=True):
+            await conn.execute(
+                "UPDATE card_mcp.cards SET content = $1::text::jsonb, version = version + 1 WHERE id = $2",
+                content,
+                card_id,
+            )
+    out = tmp_path / "out.jsonl"
+    exported = run_cli(database, "export", "--tenant", tenant, "--include-history", "--output", str(out))
+    assert exported.returncode == 0, exported.stderr
+    lines = out.read_text().splitlines()
+    assert len(lines) == 4
+    async with superuser(database) as conn:
+        for line in lines[1:]:  # each card's content and versions as stored, compared by PostgreSQL
+            same = await conn.fetchval(
+                "SELECT c.content = ($1::text::jsonb -> 'content')"
+                "   AND (SELECT jsonb_agg(v.content ORDER BY v.version) FROM card_mcp.card_versions AS v"
+                "         WHERE v.tenant_id = c.tenant_id AND v.card_id = c.id)"
+                "       = (SELECT jsonb_agg(e -> 'content') FROM jsonb_array_elements($1::text::jsonb -> 'versions') e)"
+                "  FROM card_mcp.cards AS c WHERE c.tenant_id = $2 AND c.id = ($1::text::jsonb ->> 'id')::uuid",
+                line,
+                tenant_id,
+            )
+            assert same is True
+    target, target_id = await new_tenant(database)
+    imported = run_cli(database, "import", str(out), "--tenant", target)
+    assert imported.returncode == 1 and "unexpected" not in imported.stderr
+    unreadable = sorted(lines.index(line) + 1 for line in lines if any(str(i) in line for i in ids[1:]))
+    assert [f"line {n}:" in imported.stderr for n in unreadable] == [True, True]
+    assert await stored(database, target_id) == {}
