@@ -256,6 +256,11 @@ def _parse(number: int, line: str, max_bytes: int) -> ImportedCard | dict[str, A
     digest = content_hash(card.content, max_bytes=max_bytes)
     if card.content_hash is not None and card.content_hash != digest:
         raise InvalidArgument("content_hash does not match the content (the file was changed or damaged)")
+    for kept in card.versions or []:  # restore_card writes a version's content and hash as they are
+        if content_hash(kept.content, max_bytes=max_bytes) != kept.content_hash:
+            raise InvalidArgument(
+                f"version {kept.version}: content_hash does not match the content (the file was changed or damaged)"
+            )
     if (card.deleted_at is not None or card.versions is not None) and card.id is None:
         raise InvalidArgument("a deleted card or one with versions needs its id, so that importing it again finds it")
     card.content_hash = digest

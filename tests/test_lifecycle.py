@@ -489,3 +489,25 @@ async def test_export_writes_stored_content_python_cannot_read_exactly_and_impor
     unreadable = sorted(lines.index(line) + 1 for line in lines if any(str(i) in line for i in ids[1:]))
     assert [f"line {n}:" in imported.stderr for n in unreadable] == [True, True]
     assert await stored(database, target_id) == {}
+
+
+async def test_an_import_refuses_a_version_whose_content_does_not_match_its_content_hash(
+    database: TestDatabase, app_pool: asyncpg.Pool, tmp_path: Path
+) -> None:
+    """Restoring a version writes its content and content_hash as they are: a version changed in the file would give
+    an active card a hash of other content, and create_card's dedup would then let its content be saved twice."""
+    source, source_id = await new_tenant(database)
+    ids = await make_cards(app_pool, source_id, 1)
+    async with tenant_transaction(app_pool, source_id) as conn:
+        await cards.update_card(conn, ids[0], content={"second": True})
+    out = tmp_path / "history.jsonl"
+    assert run_cli(database, "export", "--tenant", source, "--include-history", "--output", str(out)).returncode == 0
+    header, line = out.read_text().splitlines()
+    card = json.loads(line)
+    card["versions"][0]["content"] = {"changed": "in the file"}  # its content_hash left as it was
+    out.write_text(header + "\n" + json.dumps(card) + "\n")
+    target, target_id = await new_tenant(database)
+    imported = run_cli(database, "import", str(out), "--tenant", target)
+    assert imported.returncode == 1
+    assert "line 2: " in imported.stderr and "content_hash" in imported.stderr
+    assert await stored(database, target_id) == {}
