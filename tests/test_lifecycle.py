@@ -511,3 +511,25 @@ async def test_an_import_refuses_a_version_whose_content_does_not_match_its_cont
     assert imported.returncode == 1
     assert "line 2: " in imported.stderr and "content_hash" in imported.stderr
     assert await stored(database, target_id) == {}
+
+
+async def test_the_admin_role_cannot_prune_the_usage_of_today_or_of_the_days_ahead(superuser_url: str) -> None:
+    """usage_prune runs as the owner for the admin role, which may delete no usage row itself: a cut-off in the future
+    (a bug, or whoever holds the server's admin URL) must not drop today's calls or the partitions made ahead."""
+    async with new_database(superuser_url, "card_mcp_prune_floor") as database:
+        tenant = await db.tenant_id_for(database.admin_url, "kept")
+        calls = [datetime.now(UTC), midnight(-2) + timedelta(hours=1)]  # one now, one two days ahead
+        async with superuser(database) as conn:
+            await insert_usage(conn, tenant, calls)
+            ahead = {name for name in await partitions(conn) if name >= f"card_usage_p{midnight(0):%Y%m%d}"}
+        admin = await db.connect(database.admin_url)
+        try:
+            dropped = await retention.prune(admin, datetime.now(UTC) + timedelta(days=30))
+        finally:
+            await admin.close()
+        async with superuser(database) as conn:
+            left = sorted(r["called_at"] for r in await conn.fetch("SELECT called_at FROM card_mcp.card_usage"))
+            remaining = await partitions(conn)
+    assert all(d.range_to <= midnight(0) for d in dropped)
+    assert left == calls
+    assert len(ahead) == 8 and ahead <= remaining
