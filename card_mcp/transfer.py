@@ -256,6 +256,11 @@ def _parse(number: int, line: str, max_bytes: int) -> ImportedCard | dict[str, A
     digest = content_hash(card.content, max_bytes=max_bytes)
     if card.content_hash is not None and card.content_hash != digest:
         raise InvalidArgument("content_hash does not match the content (the file was changed or damaged)")
+    numbers = [kept.version for kept in card.versions or []]
+    if len(set(numbers)) < len(numbers):
+        raise InvalidArgument("a version is listed twice")
+    if numbers and max(numbers) > (card.version or 1):  # the card's next change is written as its version + 1
+        raise InvalidArgument(f"version {max(numbers)} is after the card's own version {card.version or 1}")
     for kept in card.versions or []:  # restore_card writes a version's content and hash as they are
         if content_hash(kept.content, max_bytes=max_bytes) != kept.content_hash:
             raise InvalidArgument(

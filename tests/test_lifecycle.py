@@ -533,3 +533,23 @@ async def test_the_admin_role_cannot_prune_the_usage_of_today_or_of_the_days_ahe
     assert all(d.range_to <= midnight(0) for d in dropped)
     assert left == calls
     assert len(ahead) == 8 and ahead <= remaining
+
+
+async def test_an_import_refuses_versions_after_the_cards_own_version_which_would_block_its_next_change(
+    database: TestDatabase, app_pool: asyncpg.Pool, tmp_path: Path
+) -> None:
+    """A card's next change is written as version + 1: a kept version already there refused every update and delete
+    of the card (reported as duplicate_content or internal), so such a line is invalid, as a changed hash is."""
+    source, source_id = await new_tenant(database)
+    out = tmp_path / "history.jsonl"
+    await make_cards(app_pool, source_id, 1)
+    assert run_cli(database, "export", "--tenant", source, "--include-history", "--output", str(out)).returncode == 0
+    header, line = out.read_text().splitlines()
+    card = json.loads(line)
+    card["versions"].append(dict(card["versions"][0], version=2, title="From the future"))
+    out.write_text(header + "\n" + json.dumps(card) + "\n")
+    target, target_id = await new_tenant(database)
+    imported = run_cli(database, "import", str(out), "--tenant", target)
+    assert imported.returncode == 1
+    assert "line 2: " in imported.stderr and "version 2" in imported.stderr
+    assert await stored(database, target_id) == {}
