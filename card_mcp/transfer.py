@@ -277,10 +277,16 @@ def validate(path: Path, *, max_bytes: int = DEFAULT_MAX_CONTENT_BYTES) -> Impor
     if not path.is_file():
         raise InvalidArgument(f"no file {str(path)!r}", hint="Give the path of a .jsonl file.")
     report = ImportReport()
+    # An id on two lines: the second would count as existing while its versions joined the first's history.
+    first_line_of: dict[UUID, int] = {}
     for number, line in _lines(path):
         report.lines = number
         try:
             parsed = _parse(number, line, max_bytes)
+            if isinstance(parsed, ImportedCard) and parsed.id is not None:
+                first = first_line_of.setdefault(parsed.id, number)
+                if first != number:
+                    raise InvalidArgument(f"card id {parsed.id} is on line {first} too")
         except CardMcpError as exc:
             report.error_count += 1
             if len(report.errors) < MAX_ERRORS_SHOWN:

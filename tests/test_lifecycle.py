@@ -16,7 +16,7 @@ import pytest
 from card_mcp import cards, db, keys, migrate, retention, transfer
 from card_mcp.config import Settings
 from card_mcp.embedded import BOOTSTRAP_ROLES_SQL
-from card_mcp.models import NewCard
+from card_mcp.models import NewCard, content_hash
 from tests.conftest import TestDatabase, drop_database, new_database, with_user
 from tests.helpers import superuser, tenant_transaction
 from tests.test_http import CARD_MCP, HttpServer, mcp_client, name, refused_within, run_cli, server  # noqa: F401 - fixture
@@ -553,3 +553,43 @@ async def test_an_import_refuses_versions_after_the_cards_own_version_which_woul
     assert imported.returncode == 1
     assert "line 2: " in imported.stderr and "version 2" in imported.stderr
     assert await stored(database, target_id) == {}
+
+
+async def test_an_import_refuses_a_card_id_given_on_two_lines(database: TestDatabase, tmp_path: Path) -> None:
+    """The second line of an id was counted as existing, yet its versions went into the first line's card's history
+    (a version 2 the card never had, holding the other line's content), so the card's next change then collided."""
+    card_id = str(uuid.uuid4())
+
+    def line(title: str, content: dict[str, Any], version: int) -> dict[str, Any]:
+        kept = [
+            {
+                "version": n,
+                "op": "create" if n == 1 else "update",
+                "card_type": "voice",
+                "title": title,
+                "content": content,
+                "tags": [],
+                "content_hash": content_hash(content),
+                "is_active": True,
+                "changed_at": "2026-01-01T00:00:00+00:00",
+                "transport": "stdio",
+            }
+            for n in range(1, version + 1)
+        ]
+        return {
+            "id": card_id,
+            "card_type": "voice",
+            "title": title,
+            "content": content,
+            "tags": [],
+            "version": version,
+            "versions": kept,
+        }
+
+    path = tmp_path / "twice.jsonl"
+    path.write_text(json.dumps(line("First", {"a": 1}, 1)) + "\n" + json.dumps(line("Second", {"b": 2}, 2)) + "\n")
+    tenant, tenant_id = await new_tenant(database)
+    imported = run_cli(database, "import", str(path), "--tenant", tenant)
+    assert imported.returncode == 1
+    assert "line 2: " in imported.stderr and "line 1" in imported.stderr
+    assert await stored(database, tenant_id) == {}
