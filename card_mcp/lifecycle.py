@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import TextIO
 from uuid import UUID
 
 from . import db, migrate, output, readers, retention, tenants, transfer
@@ -44,9 +45,11 @@ async def export(args: argparse.Namespace, settings: Settings) -> int:
     partial = target.with_name(target.name + ".partial") if target else None
     async with migrate.open_migrated(settings) as database:
         tenant_id = await _tenant_id(database, args.tenant)
-        async with _connected(database, _app_url) as conn:
-            out = partial.open("w", encoding="utf-8") if partial else sys.stdout
-            try:
+        # Opened here, not under _connected, whose error translation would call a file that cannot be written an
+        # unreachable database.
+        out = _open_output(partial) if partial else sys.stdout
+        try:
+            async with _connected(database, _app_url) as conn:
                 report = await transfer.export_cards(
                     conn,
                     tenant_id,
@@ -56,21 +59,30 @@ async def export(args: argparse.Namespace, settings: Settings) -> int:
                     include_history=args.include_history,
                     progress=bar.update,
                 )
-            except BaseException:
-                if partial:
-                    out.close()
-                    partial.unlink(missing_ok=True)
-                raise
-            if partial and target:
-                out.flush()
-                os.fsync(out.fileno())
+        except BaseException:
+            if partial:
                 out.close()
-                partial.replace(target)
+                partial.unlink(missing_ok=True)
+            raise
+        if partial and target:
+            out.flush()
+            os.fsync(out.fileno())
+            out.close()
+            partial.replace(target)
     bar.close()
     deleted = f" ({report.deleted} deleted)" if args.include_deleted else ""
     where = f" to {target}" if target else ""
     print(f"card-mcp: exported {report.cards} cards{deleted} of tenant {args.tenant!r}{where}", file=sys.stderr)
     return 0
+
+
+def _open_output(path: Path) -> TextIO:
+    try:
+        return path.open("w", encoding="utf-8")
+    except OSError as exc:
+        raise InvalidArgument(
+            f"cannot write {path}: {exc.strerror or exc}", hint="Give --output a file in a folder you can write to."
+        ) from None
 
 
 async def import_(args: argparse.Namespace, settings: Settings) -> int:

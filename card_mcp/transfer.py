@@ -219,15 +219,20 @@ async def export_cards(
     return ExportReport(cards=done, deleted=deleted)
 
 
-def _lines(path: Path) -> Iterator[tuple[int, str]]:
-    with path.open(encoding="utf-8") as f:
+def _lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    """The file's lines as bytes (each is decoded by _parse, so that one that is not UTF-8 is named by its number)."""
+    with path.open("rb") as f:
         for number, line in enumerate(f, start=1):
             if line.strip():
                 yield number, line
 
 
-def _parse(number: int, line: str, max_bytes: int) -> ImportedCard | dict[str, Any]:
+def _parse(number: int, raw: bytes, max_bytes: int) -> ImportedCard | dict[str, Any]:
     """The card of one line (or the header, as a dict, on line 1); InvalidArgument naming what is wrong."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidArgument(f"not UTF-8 text (byte {exc.start + 1} of the line)") from exc
     try:
         value = json.loads(line)
     except json.JSONDecodeError as exc:

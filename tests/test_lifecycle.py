@@ -593,3 +593,21 @@ async def test_an_import_refuses_a_card_id_given_on_two_lines(database: TestData
     assert imported.returncode == 1
     assert "line 2: " in imported.stderr and "line 1" in imported.stderr
     assert await stored(database, tenant_id) == {}
+
+
+async def test_a_file_that_is_not_utf8_or_an_output_that_cannot_be_written_is_one_line_naming_it(
+    database: TestDatabase, tmp_path: Path
+) -> None:
+    """User errors, told as such: not 'please report it' (a bug), nor 'the card store is unreachable' (retry)."""
+    tenant, tenant_id = await new_tenant(database)
+    latin1 = tmp_path / "latin1.jsonl"
+    good = json.dumps({"card_type": "voice", "title": "Fine", "content": {}, "tags": []})
+    latin1.write_bytes((good + "\n").encode() + '{"card_type":"voice","title":"Café","content":{}}\n'.encode("latin-1"))
+    imported = run_cli(database, "import", str(latin1), "--tenant", tenant)
+    assert imported.returncode == 1
+    assert "line 2: " in imported.stderr and "UTF-8" in imported.stderr and "report" not in imported.stderr
+    assert await stored(database, tenant_id) == {}
+    nowhere = tmp_path / "no" / "such" / "folder" / "out.jsonl"
+    exported = run_cli(database, "export", "--tenant", tenant, "--output", str(nowhere))
+    assert exported.returncode == 1 and "unreachable" not in exported.stderr
+    assert str(nowhere) in exported.stderr and len(exported.stderr.strip().splitlines()) == 1
