@@ -158,7 +158,10 @@ def _before(value: str | None, retention_days: int | None) -> datetime:
             )
         return retention.cut_off(retention_days)
     if value.endswith("d") and value[:-1].isdigit():
-        return retention.cut_off(int(value[:-1]))
+        try:
+            return retention.cut_off(int(value[:-1]))
+        except OverflowError:  # before the first day of the calendar
+            raise InvalidArgument(f"{value!r} is too many days", hint="Use fewer days, or a date.") from None
     try:
         moment = datetime.fromisoformat(value)
     except ValueError as exc:

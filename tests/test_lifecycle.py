@@ -611,3 +611,11 @@ async def test_a_file_that_is_not_utf8_or_an_output_that_cannot_be_written_is_on
     exported = run_cli(database, "export", "--tenant", tenant, "--output", str(nowhere))
     assert exported.returncode == 1 and "unreachable" not in exported.stderr
     assert str(nowhere) in exported.stderr and len(exported.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("before", ["99999999999d", "1000000d"])
+def test_usage_prune_with_a_cut_off_beyond_the_calendar_is_a_one_line_user_error(
+    database: TestDatabase, before: str
+) -> None:
+    result = run_cli(database, "usage", "prune", "--before", before)
+    assert result.returncode == 1 and "report" not in result.stderr and before in result.stderr
