@@ -239,8 +239,8 @@ async def postgres(external: str | None) -> AsyncIterator[str]:
 
 
 @asynccontextmanager
-async def fresh_database(superuser_url: str) -> AsyncIterator[str]:
-    """A migrated database of its own; yields its name and drops it afterwards."""
+async def fresh_database(superuser_url: str, migrations: list[migrate.Migration] | None = None) -> AsyncIterator[str]:
+    """A migrated database of its own (every migration, or those given); yields its name and drops it afterwards."""
     name = f"card_mcp_bench_{uuid.uuid4().hex[:12]}"
     conn = await asyncpg.connect(superuser_url)
     try:
@@ -256,7 +256,7 @@ async def fresh_database(superuser_url: str) -> AsyncIterator[str]:
             await conn.close()
         owner = await db.connect(with_user(superuser_url, db.OWNER_ROLE, name))
         try:
-            await migrate.migrate(owner)
+            await migrate.migrate(owner, migrations)
         finally:
             await owner.close()
         yield name

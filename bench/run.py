@@ -44,11 +44,14 @@ async def main(args: argparse.Namespace) -> list[Row]:
         Row("replay of that batch vs the original, via the MCP client", ms["replay"], ms["mcp"], "ms", "≤ 0.2"),
     ]
     print("- startup", file=sys.stderr)
-    starts = await startup.measure(2 if args.quick else 5)
+    starts = await startup.measure(2 if args.quick else 5, {"serve": startup.CARD_MCP})
     floor = 1000 * statistics.median(starts["floor"])
+    cold, warm = (
+        1000 * statistics.median(starts[f"serve, {what}"]) for what in ("fresh data dir (initdb)", "existing data dir")
+    )
     rows += [
-        Row("cold start to tools/list (initdb, migrations)", 1000 * statistics.median(starts["fresh"]), floor, "ms"),
-        Row("warm start to tools/list (existing data dir)", 1000 * statistics.median(starts["warm"]), floor, "ms"),
+        Row("cold start to tools/list (initdb, migrations)", cold, floor, "ms"),
+        Row("warm start to tools/list (existing data dir)", warm, floor, "ms", "≤ 1.2"),
     ]
     return rows
 

@@ -148,6 +148,7 @@ class CardEntry:
     acked_at: dict[int, float] = field(default_factory=dict)  # version -> when its acknowledgement arrived
     seen: dict[int, Snapshot] = field(default_factory=dict)  # version -> state, from reads
     deleted_at: float | None = None  # when the first acknowledged delete arrived
+    deleted_stamp: str | None = None  # the deleted_at it answered
     deleting: int = 0  # delete calls in flight
     uncertain: bool = False  # a write on it failed in transport or answered unavailable: its outcome is unknown
 
@@ -566,10 +567,14 @@ class Worker:
         assert answer.data is not None
         if answer.data["card_id"] != card_id:
             self.ledger.problem("inconsistent", f"delete_card of {card_id} answered {answer.data['card_id']}")
-        if entry.deleted_at is not None and entry.deleted_at < answer.started:
-            self.ledger.problem("inconsistent", f"delete_card of {card_id} acknowledged twice")
+        # A delete repeated (retried, or by two workers) answers the first one's deleted_at: anything else is a
+        # card deleted twice.
+        stamp = answer.data["deleted_at"]
+        if entry.deleted_stamp is not None and stamp != entry.deleted_stamp:
+            self.ledger.problem("inconsistent", f"delete_card of {card_id} acknowledged twice, at two times")
         if entry.deleted_at is None:
             entry.deleted_at = time.monotonic()
+            entry.deleted_stamp = stamp
             self.ledger.acknowledged_writes += 1
 
     def batch_cards(self) -> list[dict[str, Any]]:
@@ -934,6 +939,8 @@ def compare_cards(ledger: Ledger, rows: list[asyncpg.Record]) -> None:
                 ledger.problem("isolation", f"card {card_id} made by {tenant.name} is stored under {row['tenant']}")
             top = max(entry.writes)
             expected = entry.writes[top]
+            if entry.deleted_at is not None:  # a delete counts the version up too: it is a version of the history
+                top += 1
             found = Snapshot(row["card_type"], row["title"], tuple(row["tags"]), row["content_hash"])
             if row["version"] < top or (row["version"] == top and found != expected):
                 ledger.problem(

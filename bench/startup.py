@@ -2,7 +2,10 @@
 directory (initdb + migrations) and on an existing one, against the same measure for a bare MCPServer with one
 no-op tool (the floor: Python, the SDK and the stdio handshake). Prints a table of ratios.
 
-    python bench/startup.py [--runs 5]
+    python bench/startup.py [--runs 5] [--before /path/to/another/card-mcp]
+
+The measures are interleaved (floor, then each server, in every run), so that a shared machine's changing load
+weighs on all of them alike; ``--before`` adds another installation's `card-mcp` (e.g. main's) to compare.
 """
 
 from __future__ import annotations
@@ -49,39 +52,38 @@ def data_dir() -> Path:
     return path
 
 
-async def measure(runs: int) -> dict[str, list[float]]:
-    """Seconds to the first tools/list answer, per run: the floor, a fresh data dir, an existing one."""
+async def measure(runs: int, servers: dict[str, str]) -> dict[str, list[float]]:
+    """Seconds to the first tools/list answer, per run: the floor, and for each server a fresh data dir and an
+    existing one (its second start)."""
     floor_file = Path(tempfile.mkdtemp()) / "floor.py"
     floor_file.write_text(FLOOR_SERVER)
-    floor = [
-        await until_tools_listed(StdioServerParameters(command=sys.executable, args=[str(floor_file)]))
-        for _ in range(runs)
-    ]
-    fresh, warm = [], []
+    floor_params = StdioServerParameters(command=sys.executable, args=[str(floor_file)])
+    times: dict[str, list[float]] = {"floor": []}
     for _ in range(runs):
-        folder = data_dir()
-        params = StdioServerParameters(command=CARD_MCP, args=["serve"], env={"CARD_MCP_DATA_DIR": str(folder)})
-        fresh.append(await until_tools_listed(params))
-        warm.append(await until_tools_listed(params))
-        shutil.rmtree(folder, ignore_errors=True)
-    return {"floor": floor, "fresh": fresh, "warm": warm}
+        times["floor"].append(await until_tools_listed(floor_params))
+        for label, command in servers.items():
+            folder = data_dir()
+            params = StdioServerParameters(command=command, args=["serve"], env={"CARD_MCP_DATA_DIR": str(folder)})
+            times.setdefault(f"{label}, fresh data dir (initdb)", []).append(await until_tools_listed(params))
+            times.setdefault(f"{label}, existing data dir", []).append(await until_tools_listed(params))
+            shutil.rmtree(folder, ignore_errors=True)
+    return times
 
 
-async def main(runs: int) -> None:
-    times = await measure(runs)
-    floor, fresh, warm = times["floor"], times["fresh"], times["warm"]
-    base = statistics.median(floor)
+async def main(runs: int, before: str | None) -> None:
+    servers = {"card-mcp serve": CARD_MCP} if before is None else {"before": before, "after": CARD_MCP}
+    times = await measure(runs, servers)
+    base = statistics.median(times["floor"])
     print(f"{'what':<44} {'median s':>9} {'max s':>7} {'floor s':>8} {'ratio':>6}")
-    for name, values in (
-        ("bare MCPServer, no-op tool (floor)", floor),
-        ("card-mcp serve, fresh data dir (initdb)", fresh),
-        ("card-mcp serve, existing data dir", warm),
-    ):
+    for name, values in times.items():
         median = statistics.median(values)
-        print(f"{name:<44} {median:>9.2f} {max(values):>7.2f} {base:>8.2f} {median / base:>6.2f}")
+        label = "bare MCPServer, no-op tool (floor)" if name == "floor" else name
+        print(f"{label:<44} {median:>9.2f} {max(values):>7.2f} {base:>8.2f} {median / base:>6.2f}")
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=5)
-    anyio.run(main, parser.parse_args().runs)
+    parser.add_argument("--before", help="another installation's card-mcp executable, measured beside this one")
+    arguments = parser.parse_args()
+    anyio.run(main, arguments.runs, arguments.before)

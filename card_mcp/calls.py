@@ -2,7 +2,8 @@
 
     Edge.call(caller, name, durable=...)  yields a Call to the body (tools.py, resources.py, prompts.py); the
                                      pooled connection is taken when the call first needs it, not before
-      the body's first query         BEGIN, then the tenant and the statement timeout (db.begin)
+      the body's first query         BEGIN, then the tenant, the statement timeout and the actor its card
+                                     versions name (db.begin)
       the body returns               the usage row in the same transaction, COMMIT; a COMMIT whose answer is lost
                                      with its connection is resolved by asking PostgreSQL (db.committed)
       the body raises                ROLLBACK; the usage row in a statement of its own; CallFailed carrying the
@@ -18,6 +19,7 @@ durable commits without waiting for the WAL flush, which only a crash of Postgre
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -59,6 +61,18 @@ class Caller:
     oauth_client_id: str | None = None
     client_name: str = "unknown"
     client_version: str | None = None
+
+    def actor(self) -> str:
+        """Who this is, as the card versions of its calls name it (JSON; schema/0009_card_history.sql)."""
+        fields = {
+            "transport": self.transport,
+            "api_key_id": self.api_key_id,
+            "connection_id": self.connection_id,
+            "oauth_client_id": self.oauth_client_id,
+            "client_name": self.client_name,
+            "client_version": self.client_version,
+        }
+        return json.dumps({k: str(v) if isinstance(v, UUID) else v for k, v in fields.items() if v is not None})
 
 
 class CallFailed(Exception):
@@ -164,7 +178,13 @@ class Call:
         await self._acquire()
         if not self.begun:
             self.begun = True  # before the await: a failed or cancelled BEGIN is rolled back all the same
-            await db.begin(self._conn, self.tenant_id, self.settings.statement_timeout_ms, durable=self.durable)
+            await db.begin(
+                self._conn,
+                self.tenant_id,
+                self.settings.statement_timeout_ms,
+                durable=self.durable,
+                actor=self.caller.actor(),
+            )
         return self._conn
 
     async def fetch_recorded(self, sql: str, *args: object) -> list[asyncpg.Record]:

@@ -16,7 +16,7 @@ from uuid import UUID
 
 import asyncpg
 
-from .db import Connection
+from .db import Connection, LossyContent
 from .errors import Conflict, DuplicateContent, InvalidArgument, NotFound
 from .models import DEFAULT_MAX_CONTENT_BYTES, Card, NewCard, content_hash, encode_content
 
@@ -121,6 +121,11 @@ async def update_card(
     row = await conn.fetchrow(_LOCK, card_id)
     if row is None:
         raise not_found(card_id)
+    if content is None and isinstance(row["content"], LossyContent):
+        raise InvalidArgument(
+            "this card's stored content cannot be read back exactly, so it cannot be kept as it is",
+            hint="Send the card's content along with your change (it replaces what is stored).",
+        )
     card = to_card(row)
     if expected_version is not None and expected_version != card.version:
         raise Conflict(
@@ -151,18 +156,103 @@ async def update_card(
 
 
 _DELETE = """
-UPDATE card_mcp.cards SET is_active = false, deleted_at = now()
+UPDATE card_mcp.cards SET is_active = false, deleted_at = now(), version = version + 1
  WHERE id = $1 AND is_active
 RETURNING deleted_at
 """
+# A statement of its own, after _DELETE found nothing: its snapshot sees a delete that committed while _DELETE
+# waited for the row (two agents retrying the same delete at once).
+_DELETED_AT = "SELECT deleted_at FROM card_mcp.cards WHERE id = $1 AND NOT is_active"
 
 
 async def delete_card(conn: Connection, card_id: UUID) -> datetime:
-    """Soft-delete: the card becomes invisible to every tool but stays for audit. Returns ``deleted_at``."""
+    """Soft-delete: the card becomes invisible to every tool but its history and restore_card, and its version counts
+    up (the delete is a version of its history). Returns ``deleted_at``; for a card of this tenant deleted already,
+    its original ``deleted_at`` (a retried delete is answered as the first was, which is what the tool's
+    idempotentHint promises, and writes no second version). NotFound when the tenant has no such card."""
     deleted_at: datetime | None = await conn.fetchval(_DELETE, card_id)
+    if deleted_at is None:
+        deleted_at = await conn.fetchval(_DELETED_AT, card_id)
     if deleted_at is None:
         raise not_found(card_id)
     return deleted_at
+
+
+_LOCK_ANY = f"""
+SELECT {CARD}, is_active
+  FROM card_mcp.cards
+ WHERE id = $1
+   FOR UPDATE
+"""  # noqa: S608 - only CARD is interpolated
+_VERSION = """
+SELECT title, tags, content_hash FROM card_mcp.card_versions WHERE card_id = $1 AND version = $2
+"""
+# card_mcp.restored_from marks the version row the history trigger writes (schema/0009_card_history.sql); the
+# sub-select sets it before the row is updated, so before the trigger reads it. The content is copied inside the
+# database (the card's own for an undelete, $2's version's otherwise), never sent back from Python: stored content
+# Python reads only in part (db.LossyContent) would otherwise replace what is stored.
+_RESTORE = f"""
+UPDATE card_mcp.cards AS c
+   SET title = v.v_title, content = v.v_content, tags = v.v_tags, content_hash = v.v_hash, is_active = true,
+       deleted_at = NULL, version = c.version + 1
+  FROM (SELECT set_config('card_mcp.restored_from', coalesce($2::integer::text, ''), true)) AS marked,
+       (SELECT h.title, h.content, h.tags, h.content_hash
+          FROM card_mcp.card_versions AS h
+         WHERE h.card_id = $1 AND h.version = $2::integer
+        UNION ALL
+        SELECT k.title, k.content, k.tags, k.content_hash
+          FROM card_mcp.cards AS k
+         WHERE k.id = $1 AND $2::integer IS NULL) AS v (v_title, v_content, v_tags, v_hash)
+ WHERE c.id = $1
+RETURNING {", ".join(f"c.{column.strip()}" for column in CARD.split(","))}
+"""  # noqa: S608 - only CARD's column names are interpolated
+
+
+async def restore_card(
+    conn: Connection, card_id: UUID, *, version: int | None = None, expected_version: int | None = None
+) -> Card:
+    """Undelete ``card_id`` (no ``version``), or make a new version of it whose title, content and tags equal
+    ``version``'s (undeleting it too). A card already as asked is returned as it is, without a new version, so a
+    repeated call changes nothing. A stale ``expected_version`` is a Conflict; content held by another active card
+    of the type is DuplicateContent naming it; a version not kept is InvalidArgument."""
+    row = await conn.fetchrow(_LOCK_ANY, card_id)
+    if row is None:
+        raise not_found(card_id)
+    card, active = to_card(row), row["is_active"]
+    title, tags, digest = card.title, card.tags, card.content_hash
+    missing = InvalidArgument(
+        f"card {card_id} has no version {version}", hint="get_card_history lists the versions kept; pass one of those."
+    )
+    if version is not None:
+        old = await conn.fetchrow(_VERSION, card_id, version)
+        if old is None:
+            raise missing
+        title, tags, digest = old["title"], old["tags"], old["content_hash"]
+    if active and (title, digest, tags) == (card.title, card.content_hash, card.tags):
+        return card
+    if expected_version is not None and expected_version != card.version:
+        raise Conflict(
+            f"the card is at version {card.version}, not {expected_version}",
+            hint="Read its history again with get_card_history and pass its current version.",
+        )
+    if not active or digest != card.content_hash:
+        other = await conn.fetchval(_OTHER_WITH_CONTENT, card.card_type, digest, card_id)
+        if other is not None:
+            raise DuplicateContent(
+                f"card {other} of type {card.card_type} already has this content",
+                card_id=str(other),
+                hint="Use that card, or delete or change it first, then restore again.",
+            )
+    try:
+        restored = await conn.fetchrow(_RESTORE, card_id, version)
+    except asyncpg.UniqueViolationError as exc:  # another call saved the same content meanwhile
+        raise DuplicateContent(
+            f"another card of type {card.card_type} got this content meanwhile",
+            hint="Search for the card with this content; delete or change it first, or keep it instead.",
+        ) from exc
+    if restored is None:  # the row is locked FOR UPDATE; the version was pruned meanwhile
+        raise missing
+    return to_card(restored)
 
 
 _INSERT_MANY = """

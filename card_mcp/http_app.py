@@ -7,7 +7,7 @@ import logging
 import signal
 import socket
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from ipaddress import ip_address
 from urllib.parse import urlsplit
 
@@ -15,9 +15,11 @@ import anyio
 import uvicorn
 from mcp.server.transport_security import TransportSecuritySettings
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from . import http_edges
 from .config import Settings
 from .errors import SetupError, Unavailable
 from .oauth import RegistrationAddress
@@ -25,6 +27,7 @@ from .server import CardServer
 
 logger = logging.getLogger(__name__)
 
+MCP_PATH = "/mcp"
 _LOOPBACK_HOSTS = ["127.0.0.1:*", "localhost:*", "[::1]:*"]
 _LOOPBACK_ORIGINS = ["http://127.0.0.1:*", "http://localhost:*", "http://[::1]:*"]
 
@@ -62,15 +65,35 @@ def _is_wildcard(host: str) -> bool:
 
 
 def build_app(server: CardServer, settings: Settings) -> Starlette:
-    """The ASGI app; its lifespan is the server's (database, pools, background clean-up)."""
+    """The ASGI app; its lifespan is the server's (database, pools, background clean-up). The bounds of
+    http_edges.py wrap it: the Host matched exactly, the transport's 400s without the input, sessions per key."""
+    security = transport_security(settings)
     app = server.streamable_http_app(
+        streamable_http_path=MCP_PATH,
         stateless_http=settings.stateless,
         max_request_body_size=settings.max_request_bytes,
-        transport_security=transport_security(settings),
+        transport_security=security,
         host=settings.host,
+        session_idle_timeout=settings.session_idle_seconds,
+        max_sessions=settings.max_sessions,
     )
+    # Starlette would redirect /mcp/ to /mcp on the request's own Host: a redirect anywhere a client names.
+    app.router.redirect_slashes = False
+    app.add_route(f"{MCP_PATH}/", http_edges.redirect(f"{settings.url}{MCP_PATH}"), methods=["GET", "POST", "DELETE"])
+    if not settings.stateless:
+        # Innermost (after the authentication middleware): it counts sessions by the caller's key.
+        app.user_middleware.append(
+            Middleware(
+                http_edges.SessionQuota,
+                path=MCP_PATH,
+                per_key=settings.max_sessions_per_key,
+                idle_seconds=settings.session_idle_seconds,
+            )
+        )
+    app.add_middleware(http_edges.NoEcho, path=MCP_PATH)
     app.add_middleware(RegistrationAddress)  # OAuth (#23): /register's caller address, for its limit
     app.add_middleware(_UnavailableAs503)  # outside the authentication middleware, whose key lookup may fail
+    app.add_middleware(http_edges.HostGuard, path=MCP_PATH, allowed_hosts=security.allowed_hosts)
     return app
 
 
@@ -137,6 +160,7 @@ async def serve_http(
         access_log=False,
         timeout_graceful_shutdown=10,
         server_header=False,
+        http=http_edges.BoundedHttpTools,  # the request line and headers bounded before any work
     )
     web = _Uvicorn(config)
 
@@ -162,10 +186,22 @@ async def serve_http(
             if on_listening is not None:
                 on_listening(url)
 
-    async with anyio.create_task_group() as group:
-        group.start_soon(stop_on_signal)
-        group.start_soon(announce)
-        await web.serve(sockets=[sock])
-        group.cancel_scope.cancel()
+    def quiet_failed_start(record: logging.LogRecord) -> bool:
+        """uvicorn logs a failed start-up as a traceback; card-mcp says it in one line (all of it at DEBUG)."""
+        return web.started or record.levelno < logging.ERROR or logger.isEnabledFor(logging.DEBUG)
+
+    uvicorn_log = logging.getLogger("uvicorn.error")
+    uvicorn_log.addFilter(quiet_failed_start)
+    try:
+        async with anyio.create_task_group() as group:
+            group.start_soon(stop_on_signal)
+            group.start_soon(announce)
+            with suppress(SystemExit):  # uvicorn's way of saying the start-up failed
+                await web.serve(sockets=[sock])
+            group.cancel_scope.cancel()
+    finally:
+        uvicorn_log.removeFilter(quiet_failed_start)
     if not web.started:
-        raise SystemExit(1)  # uvicorn logged why (the lifespan failed, or the port is taken)
+        raise server.startup_error or SetupError(
+            "the HTTP server did not start", hint="CARD_MCP_LOG_LEVEL=DEBUG logs why"
+        )

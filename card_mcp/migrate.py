@@ -77,6 +77,10 @@ _EXTENSION_SCHEMA = """
 SELECT n.nspname FROM pg_catalog.pg_extension AS e JOIN pg_catalog.pg_namespace AS n ON n.oid = e.extnamespace
  WHERE e.extname = $1
 """
+# After migrating: the usage log's daily partitions a week ahead (schema/0010_lifecycle.sql), so that a database
+# migrated and then served, or left unserved for a while, never sends a call's usage row to the default partition.
+_HAS_USAGE_PARTITIONS = "SELECT to_regprocedure('card_mcp.usage_partitions_ensure(integer)') IS NOT NULL"
+_ENSURE_USAGE_PARTITIONS = "SELECT count(*) FROM card_mcp.usage_partitions_ensure(7)"
 _REQUIRES = re.compile(r"\A-- requires extension: ([a-z0-9_]+) ([0-9.]+)\s*$", re.MULTILINE)
 
 
@@ -199,6 +203,8 @@ async def migrate(conn: Connection, migrations: list[Migration] | None = None) -
                     f"migration {migration.version} failed: {exc}", hint="Nothing of it was applied."
                 ) from exc
             done.append(migration.version)
+        if await conn.fetchval(_HAS_USAGE_PARTITIONS):
+            await conn.fetchval(_ENSURE_USAGE_PARTITIONS)
         return done
     finally:
         await conn.execute(_UNLOCK, _LOCK_KEY)

@@ -8,7 +8,16 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    StringConstraints,
+    WithJsonSchema,
+)
 from pydantic_core import PydanticCustomError
 
 from .errors import InvalidArgument
@@ -22,13 +31,12 @@ MAX_TAG = 64
 MAX_DEPTH = 32
 DEFAULT_MAX_CONTENT_BYTES = 64 * 1024
 
-# C0 and C1 control characters and DEL; also usable as a JSON Schema (ECMA-262) pattern.
-_NO_CONTROL = r"^[^\u0000-\u001f\u007f-\u009f]*$"
+# No C0 or C1 control character, nor DEL; also a JSON Schema (ECMA-262) pattern, in its shortest spelling.
+_NO_CONTROL = r"^[^\x00-\x1f\x7f-\x9f]*$"
 
 Title = Annotated[
     str,
     StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_TITLE, pattern=_NO_CONTROL),
-    Field(description="A short, specific title (1-200 characters, no control characters)."),
 ]
 Tag = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_TAG, pattern=_NO_CONTROL)]
 
@@ -57,7 +65,7 @@ def _unique_in_order(tags: list[str]) -> list[str]:
 
 Tags = Annotated[
     list[Tag],
-    Field(max_length=MAX_TAGS, description="Up to 20 tags of 1-64 characters; duplicates are removed."),
+    Field(max_length=MAX_TAGS),
     AfterValidator(_unique_in_order),
 ]
 
@@ -86,7 +94,7 @@ def _check_content(value: dict[str, Any]) -> dict[str, Any]:
 Content = Annotated[
     dict[str, Any],
     AfterValidator(_check_content),
-    Field(description="The card's body as a JSON object (at most 64 KiB serialized, nesting depth at most 32)."),
+    Field(description="At most 64 KiB as JSON, depth 32."),
 ]
 
 
@@ -138,7 +146,7 @@ class NewCard(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    card_type: CardType = Field(description="company, audience, voice or insight.")
+    card_type: CardType
     title: Title
     content: Content
     tags: Tags = Field(default_factory=list)
@@ -158,10 +166,16 @@ class Card(BaseModel):
     updated_at: datetime
 
 
+# Figures as a reader takes them in: a score to 3 decimals, a duration to 0.1 ms. Rounded when written out (the
+# tools' results, `card-mcp usage --format json|csv`), never in the value: a search cursor pages on the exact score.
+Score = Annotated[float, PlainSerializer(lambda value: round(value, 3), return_type=float)]
+Milliseconds = Annotated[float, PlainSerializer(lambda value: round(value, 1), return_type=float)]
+
+
 class ScoredCard(Card):
     """A search hit: the card and how well it matched (0..1; 0 when listing without a query)."""
 
-    score: float
+    score: Score
 
 
 class CreateCardResult(BaseModel):
@@ -191,6 +205,43 @@ class DeleteCardResult(BaseModel):
     deleted_at: datetime
 
 
+class ChangedBy(BaseModel):
+    """Who made a change: over HTTP the API key (id and label) or OAuth connection, over stdio the client; for a
+    change made outside card-mcp's tools (transport ``database``), client_name is the database role."""
+
+    transport: Literal["stdio", "http", "memory", "cli", "database"]
+    api_key_id: UUID | None = None
+    api_key_label: str | None = None
+    connection_id: UUID | None = None
+    client_name: str | None = None
+    client_version: str | None = None
+
+
+HistoryOp = Literal["create", "update", "delete", "restore", "import"]
+
+
+class CardVersion(BaseModel):
+    """A card as one change left it; ``changed_fields``: those that differ from the version before."""
+
+    version: int
+    op: HistoryOp
+    title: str
+    content: dict[str, Any]
+    tags: list[str]
+    content_hash: str
+    changed_at: datetime
+    # Listed as an object: its keys are plain in every value, and tools/list is read by every conversation.
+    changed_by: Annotated[ChangedBy, WithJsonSchema({"type": "object"})]
+    changed_fields: list[Literal["title", "content", "tags"]]
+
+
+class CardHistoryResult(BaseModel):
+    """One page of a card's versions, newest first; pass ``next_cursor`` back for older ones."""
+
+    versions: list[CardVersion]
+    next_cursor: str | None
+
+
 class BatchItemResult(BaseModel):
     """The outcome for ``cards[index]`` of a batch."""
 
@@ -214,8 +265,8 @@ class UsageStatsRow(BaseModel):
     key: str
     calls: int
     errors: int
-    p50_ms: float
-    p95_ms: float
+    p50_ms: Milliseconds
+    p95_ms: Milliseconds
     last_at: datetime
 
 

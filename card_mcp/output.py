@@ -8,6 +8,8 @@ import sys
 import time
 from typing import Any
 
+from .models import CardVersion, ChangedBy
+
 
 class ProgressBar:
     """A progress bar on stderr: redrawn in place on a terminal, a line every 10% otherwise (logs, CI)."""
@@ -36,7 +38,7 @@ class ProgressBar:
 
 def print_rows(rows: list[dict[str, Any]], fmt: str, *, key: str) -> None:
     if fmt == "json":
-        print(json.dumps({key: rows}, indent=2))
+        print(json.dumps({key: rows}, separators=(",", ":")))  # one line, for pipelines
         return
     if fmt == "csv":
         if rows:
@@ -53,3 +55,38 @@ def print_rows(rows: list[dict[str, Any]], fmt: str, *, key: str) -> None:
     print("  ".join(c.ljust(widths[c]) for c in columns).rstrip())
     for row in cells:
         print("  ".join(row[c].ljust(widths[c]) for c in columns).rstrip())
+
+
+def print_history(versions: list[CardVersion], fmt: str, *, card: str, tenant: str | None) -> None:
+    """A card's versions (card-mcp history): every field as JSON, or a table of who changed what, when."""
+    if fmt == "json":
+        print_rows([{"tenant": tenant, **v.model_dump(mode="json")} for v in versions], "json", key="versions")
+        return
+    rows = [
+        {
+            "version": v.version,
+            "op": v.op,
+            "changed_at": v.changed_at.isoformat(timespec="seconds"),
+            "changed_by": _who(v.changed_by),
+            "changed": ",".join(v.changed_fields),
+            "title": _printable(v.title),  # written by agents: no terminal control characters
+        }
+        for v in versions
+    ]
+    print(f"card {card} of tenant {tenant!r}", file=sys.stderr)
+    print_rows(rows, "table", key="versions")
+
+
+def _who(by: ChangedBy) -> str:
+    """A version's author in one cell: the key's label and id over HTTP, else the client and its version."""
+    if by.api_key_id is not None:
+        who = f"key {by.api_key_label or '(no label)'} {by.api_key_id}"
+    elif by.connection_id is not None:
+        who = f"oauth {by.connection_id} {by.client_name or ''}"
+    else:
+        who = " ".join(part for part in (by.client_name, by.client_version) if part)
+    return _printable(f"{by.transport}: {who}".strip())
+
+
+def _printable(text: str) -> str:
+    return "".join(ch if ch.isprintable() else "?" for ch in text)

@@ -8,11 +8,12 @@ from typing import Annotated, Any
 
 from mcp.server import MCPServer
 from mcp.server.mcpserver.prompts.base import Message, UserMessage
-from mcp.types import EmbeddedResource, TextResourceContents
+from mcp.types import EmbeddedResource, Prompt, TextResourceContents
 from pydantic import Field
 
 from . import search
 from .calls import current_call
+from .errors import InvalidArgument
 from .models import Card, CardType
 
 _PER_TYPE = 3  # cards of each kind in a brief: enough to write from, small enough to read
@@ -69,6 +70,25 @@ async def _best(card_type: CardType, query: str | None) -> list[Card]:
         await current_call().transaction(), query=query, card_type=card_type, limit=_PER_TYPE
     )
     return [Card.model_validate(hit.model_dump(exclude={"score"})) for hit in hits[:_PER_TYPE]]
+
+
+# The longest value a prompt argument may have (a brief uses the first 200 characters of each).
+MAX_ARGUMENT_CHARS = 1000
+
+
+def check_arguments(prompt: Prompt, arguments: dict[str, Any] | None) -> None:
+    """Refuse arguments ``prompt`` does not declare, values that are not text, and text over the bound, as
+    invalid_argument naming the declared arguments (never the client's keys or values)."""
+    allowed = {argument.name for argument in prompt.arguments or []}
+    names = ", ".join(sorted(allowed)) or "no arguments"
+    for key, value in (arguments or {}).items():
+        if key not in allowed:
+            raise InvalidArgument(f"{prompt.name} has an argument it does not take", hint=f"It takes: {names}.")
+        if not isinstance(value, str) or len(value) > MAX_ARGUMENT_CHARS:
+            raise InvalidArgument(
+                f"{prompt.name}: each argument is text of at most {MAX_ARGUMENT_CHARS} characters",
+                hint="Send shorter text.",
+            )
 
 
 def register(server: MCPServer[Any]) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import re
 from collections.abc import Awaitable, Callable
 from functools import cached_property
 from types import UnionType
@@ -51,7 +52,9 @@ class Tool:
 
     @cached_property
     def description(self) -> str:
-        return inspect.cleandoc(self.body.__doc__ or "")
+        """The body's docstring as the model reads it: paragraphs kept, each on one line, no indentation."""
+        paragraphs = inspect.cleandoc(self.body.__doc__ or "").split("\n\n")
+        return "\n".join(" ".join(paragraph.split()) for paragraph in paragraphs)
 
     @cached_property
     def _hints(self) -> dict[str, Any]:
@@ -77,11 +80,11 @@ class Tool:
 
     @cached_property
     def input_schema(self) -> dict[str, Any]:
-        return inline_refs(self.arguments.model_json_schema(by_alias=True))
+        return compact_schema(inline_refs(self.arguments.model_json_schema(by_alias=True)))
 
     @cached_property
     def output_schema(self) -> dict[str, Any]:
-        return inline_refs(self.result.model_json_schema())
+        return compact_schema(inline_refs(self.result.model_json_schema()), result=True)
 
     @cached_property
     def _text_fields(self) -> frozenset[str]:
@@ -98,7 +101,7 @@ class Tool:
         try:
             validated = self.arguments.model_validate(data)
         except ValidationError as exc:
-            raise invalid_arguments(exc) from None
+            raise invalid_arguments(exc, self.arguments) from None
         return {name: getattr(validated, name) for name in self.arguments.model_fields}
 
     def _pre_parse(self, key: str, value: Any) -> Any:
@@ -129,19 +132,118 @@ def admits_text(annotation: Any) -> bool:
     return any(admits_text(arg) for arg in args) if get_origin(annotation) in (Union, UnionType) else False
 
 
-def invalid_arguments(exc: ValidationError) -> InvalidArgument:
-    """A one-line message naming the fields and rules broken, never the rejected values."""
+# pydantic quotes pieces of the input in some messages ("invalid character: found `z` at 0" for a UUID).
+_QUOTED = re.compile(r"`[^`]*`")
+
+
+# An unexpected key is named when it reads as a name: it is the client's own key (SPEC section 4 forbids echoing
+# values, not keys), and the name is what lets a model fix its call. Anything else (long, control characters, a
+# value pasted as a key) is described, not shown.
+NAMEABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+
+
+def invalid_arguments(exc: ValidationError, model: type[BaseModel] | None = None) -> InvalidArgument:
+    """A one-line message naming the fields and rules broken, never the rejected values; an unexpected key is
+    named, with the nearest valid one (``get_card {"id": ...}``: "unexpected argument 'id' (did you mean
+    'card_id'?)")."""
     problems = []
-    for err in exc.errors(include_input=False, include_url=False, include_context=False)[:5]:
-        if err["type"] == "extra_forbidden":  # the key is the client's text: name its place, not the key
-            where = ".".join(str(part) for part in err["loc"][:-1]) or "arguments"
-            problems.append(f"{where}: unexpected argument (see the inputSchema for the allowed names)")
+    errors = exc.errors(include_input=False, include_url=False, include_context=False)
+    errors.sort(key=lambda err: err["type"] != "extra_forbidden")  # a wrong name first: it explains the rest
+    for err in errors[:5]:
+        if err["type"] == "extra_forbidden":
+            *place, key = err["loc"]
+            where = ".".join(str(part) for part in place) or "arguments"
+            problems.append(f"{where}: {_unexpected(str(key), _names_at(model, place))}")
             continue
         where = ".".join(str(part) for part in err["loc"]) or "arguments"
-        problems.append(f"{where}: {err['msg']}")
+        problems.append(f"{where}: {_QUOTED.sub('a character', err['msg'])}")
     return InvalidArgument(
         "; ".join(problems), hint="Fix these arguments to match the tool's inputSchema and call again."
     )
+
+
+def _unexpected(key: str, valid: list[str]) -> str:
+    if not NAMEABLE.fullmatch(key):
+        return f"an unexpected argument name (allowed: {', '.join(valid)})" if valid else "unexpected argument"
+    import difflib  # only for a wrong argument name: not at start-up
+
+    lowered = key.lower()
+    near = [name for name in valid if lowered in name or name in lowered] or difflib.get_close_matches(
+        lowered, valid, n=1, cutoff=0.6
+    )
+    if near:
+        return f"unexpected argument '{key}' (did you mean '{near[0]}'?)"
+    return f"unexpected argument '{key}' (allowed: {', '.join(valid)})" if valid else f"unexpected argument '{key}'"
+
+
+def _names_at(model: type[BaseModel] | None, place: list[str | int]) -> list[str]:
+    """The argument names valid at ``place`` (a location of a validation error) in ``model``."""
+    for part in place:
+        if model is None or isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        model = _model_in(field.annotation) if field is not None else None
+    return list(model.model_fields) if model is not None else []
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model an annotation holds (list[NewCard], NewCard | None, Annotated[...]), if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def compact_schema(schema: dict[str, Any], *, result: bool = False) -> dict[str, Any]:
+    """``schema`` as few bytes as say the same: every client loads every tool's schemas into its model's context.
+    Dropped: pydantic's generated titles ("Card Type" for card_type), ``default: null`` and
+    ``additionalProperties: true`` (what omission means anyway) and the docstrings of nested models (the tool's
+    description says what goes in); for results (``result=True``) also descriptions, ``format``, ``enum``,
+    ``required`` and a nested object's ``type``: the tool's description says what comes back, every field of a
+    result is always there, and a model reads the values themselves. An argument keeps every bound, enum, format
+    and default.
+    A nullable ``anyOf`` of one typed schema and ``{"type": "null"}`` becomes that schema with ``null`` added to its
+    ``type`` (and ``enum``). Every bound, enum, format and default stays."""
+
+    def compact(node: Any, *, properties: bool = False, root: bool = False) -> Any:
+        if isinstance(node, list):
+            return [compact(item) for item in node]
+        if not isinstance(node, dict):
+            return node
+        if properties:  # the keys are argument names, not keywords
+            return {name: compact(value) for name, value in node.items()}
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            if key == "title" or (result and key in ("description", "required", "format", "enum")):
+                continue
+            if key == "description" and "properties" in node:  # a nested model's docstring
+                continue
+            if (key, value) in (("default", None), ("additionalProperties", True)):
+                continue
+            if result and not root and (key, value) == ("type", "object") and "properties" in node:
+                continue  # a nested result object: its properties say it (the root keeps its type, as MCP asks)
+            out[key] = compact(value, properties=key == "properties")
+        return _nullable(out)
+
+    compacted: dict[str, Any] = compact(schema, root=True)
+    return compacted
+
+
+def _nullable(node: dict[str, Any]) -> dict[str, Any]:
+    """``{"anyOf": [X, {"type": "null"}], ...}`` as X with ``null`` in its type (and enum), where X has one type."""
+    options = node.get("anyOf")
+    if not isinstance(options, list) or len(options) != 2 or {"type": "null"} not in options:
+        return node
+    (other,) = [option for option in options if option != {"type": "null"}]
+    if not isinstance(other.get("type"), str):
+        return node
+    merged = {**other, **{k: v for k, v in node.items() if k != "anyOf"}, "type": [other["type"], "null"]}
+    if "enum" in merged:  # the outer description (what null means here) wins over the type's own
+        merged["enum"] = [*merged["enum"], None]
+    return merged
 
 
 def inline_refs(schema: dict[str, Any]) -> dict[str, Any]:

@@ -21,6 +21,7 @@ import pydantic_core
 from mcp import MCPError
 from mcp.server import MCPServer
 from mcp.server.auth.middleware.auth_context import get_access_token
+from mcp.server.mcpserver.exceptions import ResourceNotFoundError
 from mcp.types import (
     INTERNAL_ERROR,
     INVALID_PARAMS,
@@ -32,16 +33,14 @@ from mcp.types import Tool as McpTool
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from . import __version__, db, idempotency, migrate, oauth, prompts, resources, semantic
+from . import __version__, db, history, idempotency, migrate, oauth, prompts, resources, retention, semantic, tenants
 from .auth import KeyToken, KeyVerifier
 from .calls import Caller, CallFailed, Edge
 from .config import Settings
 from .errors import CardMcpError
-from .issuer import JwtVerifier
 from .oauth import ConnectionToken
 from .registry import Tool
 from .semantic import Semantic
-from .signin import SignInPages
 from .tools import TOOLS
 
 logger = logging.getLogger(__name__)
@@ -78,6 +77,7 @@ class CardServer(MCPServer[AppState]):
         self.verifier = verifier
         self.tools: dict[str, Tool] = {tool.name: tool for tool in TOOLS}
         self.state: AppState | None = None  # while the lifespan runs
+        self.startup_error: Exception | None = None  # why the lifespan could not start, for the one-line report
 
     async def list_tools(self) -> list[McpTool]:
         return [
@@ -95,7 +95,7 @@ class CardServer(MCPServer[AppState]):
     async def call_tool(self, name: str, arguments: dict[str, Any], context: Any = None) -> CallToolResult:
         tool = self.tools.get(name)
         if tool is None:
-            raise MCPError(code=INVALID_PARAMS, message=f"Unknown tool: {name}")
+            raise MCPError(code=INVALID_PARAMS, message="Unknown tool: tools/list names the tools there are")
         state, caller = _caller(context, self.card_settings)
 
         async def progress(done: float, total: float, message: str) -> None:
@@ -107,7 +107,7 @@ class CardServer(MCPServer[AppState]):
         except CallFailed as failed:
             return _error_result(failed.error)
         structured = result.model_dump(mode="json")
-        text = pydantic_core.to_json(result, indent=2).decode()
+        text = pydantic_core.to_json(result).decode()  # compact: a model pays for every indenting space
         return CallToolResult(content=[TextContent(type="text", text=text)], structured_content=structured)
 
     async def read_resource(self, uri: Any, context: Any = None) -> Any:
@@ -115,19 +115,26 @@ class CardServer(MCPServer[AppState]):
         (``resource:card``); failures are JSON-RPC errors (resources have no error results)."""
         state, caller = _caller(context, self.card_settings)
         scheme = str(uri).split("://", 1)[0]
+        # The usage row names what was read by a name of ours: a URI is the client's text, of any length.
+        name = f"resource:{scheme}" if scheme in resources.SCHEMES else "resource:unknown"
         try:
-            async with state.edge.call(caller, f"resource:{scheme}", durable=False):
-                return await super().read_resource(uri, context)
+            async with state.edge.call(caller, name, durable=False):
+                try:
+                    return await super().read_resource(uri, context)
+                except ResourceNotFoundError:
+                    raise resources.no_such_resource() from None
         except CallFailed as failed:
             raise _mcp_error(failed.error) from None
 
     async def get_prompt(self, name: str, arguments: dict[str, Any] | None = None, context: Any = None) -> Any:
         """A prompt, rendered like a tool call: in the tenant's transaction, with its usage row (``prompt:NAME``)."""
-        if name not in {prompt.name for prompt in await self.list_prompts()}:
-            raise MCPError(code=INVALID_PARAMS, message=f"Unknown prompt: {name}")
+        declared = {prompt.name: prompt for prompt in await self.list_prompts()}.get(name)
+        if declared is None:
+            raise MCPError(code=INVALID_PARAMS, message="Unknown prompt: prompts/list names the prompts there are")
         state, caller = _caller(context, self.card_settings)
         try:
             async with state.edge.call(caller, f"prompt:{name}", durable=False):
+                prompts.check_arguments(declared, arguments)
                 return await super().get_prompt(name, arguments, context)
         except CallFailed as failed:
             raise _mcp_error(failed.error) from None
@@ -190,6 +197,21 @@ def _printable(text: str | None) -> str:
 
 @asynccontextmanager
 async def _lifespan(server: CardServer) -> AsyncIterator[AppState]:
+    """The server's resources while it serves; what stopped it from starting is kept on the server, where the HTTP
+    transport finds it (uvicorn reports a failed start-up only as a logged traceback)."""
+    started = False
+    try:
+        async with _serving(server) as state:
+            started = True
+            yield state
+    except Exception as exc:
+        if not started:
+            server.startup_error = exc
+        raise
+
+
+@asynccontextmanager
+async def _serving(server: CardServer) -> AsyncIterator[AppState]:
     settings = server.card_settings
     async with migrate.open_migrated(settings) as database, AsyncExitStack() as stack:
         pool = await db.create_pool(database.app_url, settings)
@@ -204,10 +226,13 @@ async def _lifespan(server: CardServer) -> AsyncIterator[AppState]:
             server.verifier.pool = state.admin_pool
             logger.info("card-mcp %s serving every tenant with an API key over %s", __version__, settings.transport)
         else:
-            state.tenant_id = await db.tenant_id_for(admin_url, settings.tenant, check_role=True)
+            state.tenant_id = await _served_tenant(admin_url, settings)
             logger.info("card-mcp %s serving tenant %r over %s", __version__, settings.tenant, settings.transport)
         async with anyio.create_task_group() as background:
             background.start_soon(idempotency.expire_periodically, admin_url)
+            if settings.history_keep_versions:
+                background.start_soon(history.prune_periodically, admin_url, settings.history_keep_versions)
+            background.start_soon(retention.maintain_periodically, admin_url, settings.usage_retention_days)
             background.start_soon(_semantic_search, state.edge, admin_url)
             if server.verifier is not None:
                 background.start_soon(server.verifier.follow_revocations, admin_url)
@@ -219,6 +244,23 @@ async def _lifespan(server: CardServer) -> AsyncIterator[AppState]:
                 if server.verifier is not None:
                     server.verifier.pool = None
                 background.cancel_scope.cancel()
+
+
+async def _served_tenant(admin_url: str, settings: Settings) -> UUID:
+    """The tenant of --tenant, through an admin connection a server may hold; a tenant it had to create is logged
+    with the tenants that existed (a typo in --tenant would otherwise serve a new, empty brand in silence)."""
+    conn = await db.connect(admin_url)
+    try:
+        await db.check_admin_role(conn)
+        with db.translate_errors():
+            tenant_id, others = await tenants.served_tenant(conn, settings.tenant, create=settings.create_tenant)
+    finally:
+        await conn.close()
+    if others:
+        logger.warning("created tenant %r; existing tenants: %s", settings.tenant, ", ".join(others))
+    elif others is not None:
+        logger.info("created tenant %r, the first one", settings.tenant)
+    return tenant_id
 
 
 async def _semantic_search(edge: Edge, admin_url: str) -> None:
@@ -264,6 +306,8 @@ def build_server(settings: Settings) -> CardServer:
     if verifier is not None:
         server.custom_route("/healthz", methods=["GET"])(partial(_healthz, server))
         if "auth_server_provider" in auth:  # the sign-in page of /authorize
+            from .signin import SignInPages  # HTTP only: stdio starts without it
+
             pages = SignInPages(settings, lambda: verifier.pool)
             server.custom_route("/signin", methods=["GET"])(pages.get)
             server.custom_route("/signin", methods=["POST"])(pages.post)
@@ -275,6 +319,8 @@ def _auth(settings: Settings, verifier: KeyVerifier) -> dict[str, Any]:
     own authorization server, or with CARD_MCP_AUTH_ISSUER_URL an external issuer's JWTs."""
     auth: dict[str, Any] = {"auth": oauth.auth_settings(settings)}
     if settings.auth_issuer_url:
+        from .issuer import JwtVerifier  # and PyJWT, for an external issuer only
+
         auth["token_verifier"] = JwtVerifier(settings, verifier)
     elif oauth.own_issuer_possible(settings):
         auth["auth_server_provider"] = oauth.CardOAuthProvider(settings, verifier)

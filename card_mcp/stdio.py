@@ -12,8 +12,10 @@ loudly when the SDK moves.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
+import re
 import stat
 import sys
 from collections.abc import AsyncIterator
@@ -25,7 +27,16 @@ from anyio.abc import ObjectReceiveStream, ObjectSendStream
 from mcp.server import MCPServer
 from mcp.server.stdio import stdio_server
 from mcp.shared.message import SessionMessage
-from mcp.types import INVALID_REQUEST, PARSE_ERROR, ErrorData, JSONRPCError
+from mcp.types import (
+    INVALID_REQUEST,
+    PARSE_ERROR,
+    ErrorData,
+    JSONRPCError,
+    JSONRPCNotification,
+    JSONRPCRequest,
+    JSONRPCResponse,
+    RequestId,
+)
 from pydantic import ValidationError
 
 logger = logging.getLogger(__name__)
@@ -49,8 +60,79 @@ async def serve(server: MCPServer[Any]) -> None:
         anyio.create_task_group() as tasks,
     ):
         readable, readable_stream = anyio.create_memory_object_stream[SessionMessage | Exception](0)
-        tasks.start_soon(_answer_unreadable, read, write, readable)
-        await lowlevel.run(readable_stream, write, lowlevel.create_initialization_options())
+        flight = _InFlight()
+        answers = _Answers(write, flight)
+        tasks.start_soon(_answer_unreadable, read, answers, _Draining(readable, flight))
+        await lowlevel.run(readable_stream, answers, lowlevel.create_initialization_options())
+
+
+# How long a client that closed stdin waits for the answers to the calls it sent before.
+_DRAIN_TIMEOUT = 30.0
+
+
+class _InFlight:
+    """The requests read from stdin and not answered yet. When stdin ends, the SDK cancels every handler still
+    running; so the end is passed on only once these are answered (a client may pipe its calls and close stdin
+    at once, and expects the answers)."""
+
+    def __init__(self) -> None:
+        self.pending: set[str] = set()
+        self._changed = anyio.Event()
+
+    def read(self, item: SessionMessage | Exception) -> None:
+        message = item.message if isinstance(item, SessionMessage) else None
+        if isinstance(message, JSONRPCRequest):
+            self.pending.add(repr(message.id))
+        elif isinstance(message, JSONRPCNotification) and message.method == "notifications/cancelled":
+            self._settle((message.params or {}).get("requestId"))  # a cancelled request is never answered
+
+    def answered(self, item: SessionMessage) -> None:
+        if isinstance(item.message, JSONRPCResponse | JSONRPCError):
+            self._settle(item.message.id)
+
+    def _settle(self, request_id: object) -> None:
+        self.pending.discard(repr(request_id))
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    async def drained(self) -> None:
+        with anyio.move_on_after(_DRAIN_TIMEOUT):
+            while self.pending:
+                await self._changed.wait()
+        if self.pending:
+            logger.warning("stdin closed; %d call(s) left unanswered after %.0f s", len(self.pending), _DRAIN_TIMEOUT)
+
+
+class _Draining(ObjectSendStream[SessionMessage | Exception]):
+    """The SDK's side of stdin: each request passed on is noted, and at the end of stdin the stream is closed
+    (which ends the session) only once the requests it passed on are answered."""
+
+    def __init__(self, inner: ObjectSendStream[SessionMessage | Exception], flight: _InFlight) -> None:
+        self._inner, self._flight = inner, flight
+
+    async def send(self, item: SessionMessage | Exception) -> None:
+        self._flight.read(item)
+        await self._inner.send(item)
+
+    async def aclose(self) -> None:
+        try:
+            await self._flight.drained()
+        finally:
+            await self._inner.aclose()
+
+
+class _Answers(ObjectSendStream[SessionMessage]):
+    """What goes to stdout, each answer noted as such."""
+
+    def __init__(self, inner: ObjectSendStream[SessionMessage], flight: _InFlight) -> None:
+        self._inner, self._flight = inner, flight
+
+    async def send(self, item: SessionMessage) -> None:
+        self._flight.answered(item)
+        await self._inner.send(item)
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
 
 
 async def _answer_unreadable(
@@ -67,16 +149,94 @@ async def _answer_unreadable(
                 await forward.send(item)
                 continue
             details = item.errors() if isinstance(item, ValidationError) else []
-            if details and details[0]["type"] == "json_invalid" and not str(details[0].get("input", "")).strip():
+            unparsed = details[0].get("input") if details and details[0]["type"] == "json_invalid" else None
+            if isinstance(unparsed, str) and not unparsed.strip():
                 continue
-            code, message = (
-                (PARSE_ERROR, "Parse error: a line on stdin is not JSON")
-                if details and details[0]["type"] == "json_invalid"
-                else (INVALID_REQUEST, "Invalid Request: a line on stdin is JSON but no JSON-RPC message")
-            )
+            request_id: RequestId | None = None
+            if not isinstance(unparsed, str):
+                code, message = INVALID_REQUEST, "Invalid Request: a line on stdin is JSON but no JSON-RPC message"
+            elif unparsed.startswith(_TOO_LONG):
+                request_id = _read_id(unparsed.removeprefix(_TOO_LONG))
+                code, message = PARSE_ERROR, f"Parse error: a line on stdin is over {MAX_MESSAGE_BYTES} bytes"
+            elif (request_id := _unreadable_request_id(unparsed, details[0]["msg"])) is not None:
+                code, message = PARSE_ERROR, _VALID_BUT_UNREADABLE
+            else:
+                code, message = PARSE_ERROR, "Parse error: a line on stdin is not JSON"
             logger.warning("%s (%s)", message, type(item).__name__)
-            error = JSONRPCError(jsonrpc="2.0", id=None, error=ErrorData(code=code, message=message))
+            error = JSONRPCError(jsonrpc="2.0", id=request_id, error=ErrorData(code=code, message=message))
             await write.send(SessionMessage(error))
+
+
+# What _PipeLines hands the SDK in place of a line over MAX_MESSAGE_BYTES (no JSON starts with a NUL), followed by
+# the JSON of the line's id where its start showed one.
+_TOO_LONG = "\x00card-mcp: line too long\x00"
+_VALID_BUT_UNREADABLE = (
+    "Parse error: the message is JSON card-mcp cannot read (nested too deeply, or text with a lone surrogate)"
+)
+# How much of a line is searched for its id: JSON-RPC clients write it before the parameters.
+_ID_SEARCH_CHARS = 64 * 1024
+_ID_VALUE = re.compile(r'\s*:\s*(-?[0-9]{1,18}(?![0-9.eE])|"(?:[^"\\\x00-\x1f]|\\.){0,255}")')
+
+
+def _unreadable_request_id(line: str, problem: str) -> RequestId | None:
+    """The id of a line the SDK's parser refused although it may be JSON: nested deeper than the parser goes (its
+    id read from the line's start), or holding a lone surrogate (which Python's parser reads). None when the line
+    is no JSON, or its id cannot be read."""
+    if "recursion limit" in problem:
+        return _scan_id(line[:_ID_SEARCH_CHARS])
+    if len(line) > _ID_SEARCH_CHARS * 16 or not line.lstrip().startswith("{"):
+        return None
+    try:
+        parsed = json.loads(line)
+    except (ValueError, RecursionError):
+        return None
+    return _valid_id(parsed.get("id")) if isinstance(parsed, dict) and "method" in parsed else None
+
+
+def _scan_id(text: str) -> RequestId | None:
+    """The ``id`` member of the object ``text`` starts with (text that may be cut short): found by walking the
+    strings and brackets of its first level, without parsing the rest."""
+    if not text.lstrip().startswith("{"):
+        return None
+    depth, i, n = 0, 0, len(text)
+    while i < n:
+        ch = text[i]
+        if ch == '"':
+            j = i + 1
+            while j < n and text[j] != '"':
+                j += 2 if text[j] == "\\" else 1
+            if j >= n:
+                return None
+            if depth == 1 and text[i + 1 : j] == "id":
+                value = _ID_VALUE.match(text, j + 1)
+                return _read_id(value.group(1)) if value else None
+            i = j + 1
+            continue
+        if ch in "{[":
+            depth += 1
+        elif ch in "}]":
+            depth -= 1
+        i += 1
+    return None
+
+
+def _read_id(text: str) -> RequestId | None:
+    try:
+        return _valid_id(json.loads(text)) if text else None
+    except ValueError:
+        return None
+
+
+def _valid_id(value: object) -> RequestId | None:
+    """``value`` as a JSON-RPC request id: an integer, or a string that can be written back."""
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        return None
+    if isinstance(value, str):
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            return None
+    return value
 
 
 class _PipeLines:
@@ -89,10 +249,31 @@ class _PipeLines:
         return self
 
     async def __anext__(self) -> str:
-        line = await self._reader.readline()
+        try:
+            line = await self._reader.readuntil(b"\n")
+        except asyncio.IncompleteReadError as end:  # the last line, without its newline
+            line = end.partial
+        except asyncio.LimitOverrunError as overrun:
+            return _TOO_LONG + await self._drop_line(overrun.consumed)
         if not line:
             raise StopAsyncIteration
         return line.decode("utf-8", errors="replace")
+
+    async def _drop_line(self, consumed: int) -> str:
+        """Read past a line over the limit (which the event loop's reader would otherwise end the server on) and
+        return the JSON of its id, if its start shows one."""
+        start = (await self._reader.readexactly(consumed))[: _ID_SEARCH_CHARS // 16]
+        request_id = _scan_id(start.decode("utf-8", errors="replace"))
+        while True:
+            try:
+                await self._reader.readuntil(b"\n")
+                break
+            except asyncio.LimitOverrunError as overrun:
+                await self._reader.readexactly(overrun.consumed)
+            except asyncio.IncompleteReadError:
+                break
+        logger.warning("dropped a line of stdin over %d bytes", MAX_MESSAGE_BYTES)
+        return json.dumps(request_id) if request_id is not None else ""
 
 
 def _pollable(fd: int) -> bool:

@@ -2,15 +2,59 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
-from datetime import date, datetime
+from datetime import UTC, date, datetime, timedelta
 from typing import Literal
 from uuid import UUID
 
 from .db import Connection
+from .errors import InvalidArgument
 from .models import UsageStatsRow
 
 GroupBy = Literal["tool", "card", "day", "client"]
+
+# The window's grammar, one for the usage_stats tool and `card-mcp usage`: a span back (7d, 24h) or an ISO 8601
+# date or date/time, UTC unless it carries an offset. A span is counted back from the window's end (since) or
+# from now (until); a bare date is its midnight (since) or the next midnight (until: that day is included).
+MOMENT_PATTERN = r"^\d{1,6}[dh]$|^\d{4}-\d\d-\d\d[T \d:.Z+-]*$"
+DEFAULT_SINCE = "30d"
+_SPAN = re.compile(r"(\d{1,6})([dh])")
+
+
+def window(since: str | None, until: str | None, *, now: datetime) -> tuple[datetime, datetime]:
+    """The window [start, end) that ``since`` and ``until`` name in the shared grammar (default: the 30 days up
+    to ``now``); InvalidArgument when a moment is not in the grammar, outside the years 1-9999 (UTC), or the
+    window is empty. Messages name the argument as a tool does; the command line says --since for since."""
+    try:
+        end = _moment(until, "until", now=now, end_of_day=True) if until else now
+        start = _moment(since or DEFAULT_SINCE, "since", now=end, end_of_day=False)
+    except OverflowError:  # e.g. 0001-01-01T00:00:00+14:00, which is before year 1 in UTC
+        raise InvalidArgument(
+            "the window reaches outside the years 1-9999 (UTC)",
+            hint="Pass since and until within those years, or omit them for the last 30 days.",
+        ) from None
+    if start >= end:
+        raise InvalidArgument("since must be before until", hint="Swap them, or omit one for the default window.")
+    return start, end
+
+
+def _moment(text: str, name: str, *, now: datetime, end_of_day: bool) -> datetime:
+    span = _SPAN.fullmatch(text)
+    if span:
+        amount = int(span[1])
+        return now - (timedelta(days=amount) if span[2] == "d" else timedelta(hours=amount))
+    try:
+        moment = datetime.fromisoformat(text) if re.fullmatch(MOMENT_PATTERN, text) else None
+    except ValueError:
+        moment = None
+    if moment is None:
+        raise InvalidArgument(
+            f"{name} is not a span or a date", hint="Use 7d, 24h, 2026-11-01 or 2026-11-01T12:00:00Z; times are UTC."
+        )
+    if end_of_day and len(text) == 10:
+        moment += timedelta(days=1)
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
 @dataclass

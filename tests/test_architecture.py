@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import card_mcp
@@ -11,12 +13,26 @@ PACKAGE = Path(card_mcp.__file__).parent
 
 # docs/architecture.md's floors, top (0) to bottom; a module may import its own floor or lower ones.
 FLOORS = {
-    0: {"cli", "output", "server", "http_app", "stdio", "auth", "oauth", "issuer", "signin"},
+    0: {"cli", "output", "lifecycle", "server", "http_app", "http_edges", "stdio", "auth", "oauth", "issuer", "signin"},
     1: {"tools", "registry", "resources", "prompts"},
     2: {"calls"},
-    3: {"cards", "search", "usage", "idempotency", "keys", "tenants", "readers", "connections", "semantic", "chart"},
+    3: {
+        "cards",
+        "history",
+        "search",
+        "usage",
+        "idempotency",
+        "keys",
+        "tenants",
+        "readers",
+        "connections",
+        "semantic",
+        "chart",
+        "retention",
+        "transfer",
+    },
     4: {"db", "migrate", "embedded"},
-    5: {"models", "errors", "config", "__init__"},
+    5: {"models", "errors", "config", "logs", "__init__"},
 }
 FLOOR = {module: floor for floor, modules in FLOORS.items() for module in modules}
 
@@ -63,3 +79,22 @@ def test_no_imports_go_in_a_circle() -> None:
     for module in sorted(graph):
         visit(module, (module,))
     assert circles == []
+
+
+def modules_after_importing(module: str) -> set[str]:
+    """The modules a fresh interpreter holds after importing ``module`` alone."""
+    code = f"import sys, {module}; print(' '.join(sorted(sys.modules)))"
+    return set(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split())
+
+
+def test_importing_the_command_line_loads_no_mcp_sdk_nor_http_stack() -> None:
+    """Start-up: `card-mcp --version`, `tenants list` and the like pay only for what they use; `serve` imports the
+    SDK when it runs."""
+    loaded = modules_after_importing("card_mcp.cli")
+    assert not {m for m in loaded if m.split(".")[0] in {"mcp", "uvicorn", "starlette", "jwt", "matplotlib"}}
+    assert not loaded & {"card_mcp.server", "card_mcp.http_app", "card_mcp.stdio", "uvloop"}
+
+
+def test_serving_over_stdio_loads_neither_the_http_app_nor_the_oauth_pages_nor_jwt() -> None:
+    loaded = modules_after_importing("card_mcp.server, card_mcp.stdio")
+    assert not loaded & {"card_mcp.http_app", "card_mcp.signin", "card_mcp.issuer", "jwt", "difflib"}

@@ -114,7 +114,9 @@ async def test_concurrent_creates_of_one_content_make_one_card(app_pool: asyncpg
     assert await count_cards(app_pool, tenant_a) == 1
 
 
-async def test_deleted_card_is_not_found_by_get_update_or_delete(app_pool: asyncpg.Pool, tenant_a: uuid.UUID) -> None:
+async def test_deleted_card_is_not_found_by_get_or_update_and_deleting_it_again_answers_the_first_delete(
+    app_pool: asyncpg.Pool, tenant_a: uuid.UUID
+) -> None:
     async with tenant_transaction(app_pool, tenant_a) as conn:
         _, card = await cards.create_card(conn, tenant_a, new_card())
         deleted_at = await cards.delete_card(conn, card.id)
@@ -124,8 +126,9 @@ async def test_deleted_card_is_not_found_by_get_update_or_delete(app_pool: async
             await cards.get_card(conn, card.id)
         with pytest.raises(NotFound):
             await cards.update_card(conn, card.id, title="New")
+        assert await cards.delete_card(conn, card.id) == deleted_at
         with pytest.raises(NotFound):
-            await cards.delete_card(conn, card.id)
+            await cards.delete_card(conn, uuid.uuid4())
         hits, _ = await search.search_cards(conn)
     assert card.id not in {c.id for c in hits}
     async with tenant_transaction(app_pool, tenant_a) as conn:

@@ -119,12 +119,15 @@ async def test_start_up_accepts_the_application_role(database: TestDatabase, set
 
 _SQL_WORDS = {"SELECT", "INSERT", "UPDATE", "DELETE", "WITH"}
 # Who runs each module's queries; the rest of the package runs its queries as the application role.
-_ADMIN_MODULES = {"tenants", "keys", "auth", "semantic", "oauth", "issuer", "connections", "signin"}
+_ADMIN_MODULES = {"tenants", "keys", "auth", "semantic", "oauth", "issuer", "connections", "signin", "retention"}
 _ADMIN_QUERIES = {"idempotency._DELETE_EXPIRED"}
 _OWNER_MODULES = {"migrate", "readers"}
-_OWNER_QUERIES = {"connections._CREATE_CODE"}  # connect codes are made with the owner's URL only
+# Connect codes are made, and tenants erased, with the owner's URL only.
+_OWNER_QUERIES = {"connections._CREATE_CODE", "tenants._ERASE"}
 # Semantic search's queries need its tables, which exist only where pgvector does (migration 0006).
 _VECTOR_QUERIES = {"search._HYBRID", "search._NEAREST_SETTINGS"}
+# Export and import of card history need card_versions (schema/0009, issue #21): prepared wherever it exists.
+_HISTORY_QUERIES = {"transfer._CARDS_WITH_HISTORY", "transfer._INSERT_VERSIONS"}
 
 
 def _package_queries() -> dict[str, str]:
@@ -167,13 +170,14 @@ async def test_every_query_of_the_package_prepares_against_the_migrated_schema_a
     queries = _package_queries()
     assert len(queries) >= 40
     vectors = await semantic.database_ready(admin_conn)
+    history = await admin_conn.fetchval("SELECT to_regclass('card_mcp.card_versions') IS NOT NULL")
     owner = await db.connect(database.owner_url)
     failures = []
     try:
         async with app_pool.acquire() as app:
             for name, text in queries.items():
                 module = name.split(".", 1)[0]
-                if name in _VECTOR_QUERIES and not vectors:
+                if (name in _VECTOR_QUERIES and not vectors) or (name in _HISTORY_QUERIES and not history):
                     continue
                 if module in _OWNER_MODULES or name in _OWNER_QUERIES:
                     conn = owner

@@ -23,7 +23,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -35,10 +35,11 @@ from hypothesis import strategies as st
 from hypothesis_jsonschema import from_schema
 from mcp import Client
 from mcp.types import CallToolResult, TextContent
-from pydantic import TypeAdapter, ValidationError
 
-from card_mcp import db
+from card_mcp import db, usage
 from card_mcp.config import Settings
+from card_mcp.errors import InvalidArgument
+from card_mcp.registry import NAMEABLE
 from tests.conftest import TestDatabase, make_tempdir
 from tests.helpers import CARD, TOOLS, connect, error_code, ok
 from tests.test_stdio import CARD_MCP
@@ -55,6 +56,9 @@ DOMAIN_CODES = {
     "delete_card": {"not_found"},
     "batch_create_cards": {"idempotency_conflict"},
     "usage_stats": set(),
+    "get_card_history": {"not_found"},
+    # invalid_argument: a version number the card does not have (its versions are known only to the server).
+    "restore_card": {"not_found", "conflict", "duplicate_content", "invalid_argument"},
 }
 EXAMPLES = 100  # per tool, for valid and for invalid arguments alike
 # delete_card last: the cards the others are given must still be there.
@@ -69,7 +73,8 @@ SELECT (SELECT count(*) FROM card_mcp.card_usage WHERE tenant_id = $1) AS usage,
        (SELECT array[count(*), coalesce(sum(xmin::text::bigint), 0)] FROM card_mcp.cards
          WHERE tenant_id = $1) AS cards,
        (SELECT array[count(*), coalesce(sum(xmin::text::bigint), 0)] FROM card_mcp.idempotency_store
-         WHERE tenant_id = $1) AS keys
+         WHERE tenant_id = $1) AS keys,
+       (SELECT array[count(*)] FROM card_mcp.card_versions WHERE tenant_id = $1) AS versions
 """
 
 
@@ -77,13 +82,15 @@ SELECT (SELECT count(*) FROM card_mcp.card_usage WHERE tenant_id = $1) AS usage,
 class Tally:
     usage: int
     last: tuple[str | None, ...]
-    writes: tuple[tuple[int, ...], tuple[int, ...]]
+    writes: tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
 
 
 async def tally(conn: asyncpg.Connection, tenant_id: uuid.UUID) -> Tally:
     row = await conn.fetchrow(_TALLY, tenant_id)
     assert row is not None
-    return Tally(row["usage"], tuple(row["last"] or ()), (tuple(row["cards"]), tuple(row["keys"])))
+    return Tally(
+        row["usage"], tuple(row["last"] or ()), (tuple(row["cards"]), tuple(row["keys"]), tuple(row["versions"]))
+    )
 
 
 def spec_error(result: CallToolResult) -> tuple[str, str]:
@@ -159,9 +166,11 @@ class Caller:
         return answer
 
     def refused(self, tool: str, arguments: dict[str, Any]) -> str:
-        """The code of a call that must fail without echoing what it sent, after which a valid call succeeds."""
+        """The code of a call that must fail without echoing what it sent (but the names of unexpected keys),
+        after which a valid call succeeds."""
         code, text = self.call(tool, arguments)
         assert code is not None, f"{tool} accepted hostile arguments"
+        text = without_named_keys(text, arguments, self.names)
         assert MARK not in text, f"{tool} echoed the rejected input: {text}"
         self.ok("search_cards", {"limit": 1})  # the server still serves
         return code
@@ -179,11 +188,10 @@ def caller(
 # ---------------------------------------------------------------------------------------------------------------
 # 1. Arguments drawn from the published inputSchema.
 
-_DATETIME = TypeAdapter(datetime)
 _FORMATS = {"uuid": st.uuids().map(str)}
 # The one pattern of these schemas, "no control characters", is the Unicode category Cc: drawn directly, as the
 # regex strategy draws it a character at a time, which took a third of the time of these tests.
-_NO_CONTROL = r"^[^\u0000-\u001f\u007f-\u009f]*$"
+_NO_CONTROL = r"^[^\x00-\x1f\x7f-\x9f]*$"
 _JSON = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
@@ -209,6 +217,8 @@ def _instances(schema: dict[str, Any]) -> st.SearchStrategy[Any]:
     if "anyOf" in schema:
         return st.one_of([instances(branch) for branch in schema["anyOf"]])
     kind = schema.get("type")
+    if isinstance(kind, list):  # a nullable argument: {"type": ["string", "null"], ...}
+        return st.one_of([instances(branch) for branch in branches(schema)])
     if kind == "object" and "properties" not in schema:  # a card's content: any JSON object
         return st.dictionaries(st.text(), _JSON, max_size=4)
     if kind == "object":
@@ -275,12 +285,10 @@ def _bad_card(card: dict[str, Any]) -> bool:
 def _impossible_window(arguments: dict[str, Any]) -> bool:
     """Whether usage_stats' window is empty, or a moment of it is outside what the server can represent."""
     try:
-        given = {k: _DATETIME.validate_python(v) for k, v in arguments.items() if k in ("since", "until") and v}
-        until = given["until"].astimezone(UTC) if "until" in given else datetime.now(UTC)
-        since = given["since"].astimezone(UTC) if "since" in given else until - timedelta(days=30)
-    except (ValidationError, OverflowError):
+        usage.window(arguments.get("since"), arguments.get("until"), now=datetime.now(UTC))
+    except InvalidArgument:
         return True
-    return since >= until
+    return False
 
 
 def breaks_an_unwritten_rule(tool: str, arguments: dict[str, Any]) -> bool:
@@ -289,6 +297,8 @@ def breaks_an_unwritten_rule(tool: str, arguments: dict[str, Any]) -> bool:
         return any(_bad_card(card) for card in arguments["cards"]) or "\x00" in (arguments.get("idempotency_key") or "")
     if tool == "search_cards":  # any cursor a test makes up is not one this server made ("" is none at all)
         return bool(arguments.get("cursor")) or _bad_card({"tags": arguments.get("tags")})
+    if tool == "get_card_history":
+        return bool(arguments.get("cursor"))
     if tool == "usage_stats":
         return _impossible_window(arguments)
     return _bad_card(arguments)
@@ -317,8 +327,18 @@ def test_arguments_valid_under_the_schema_succeed_or_fail_with_a_domain_code(
 _JSON_TYPES = ("string", "integer", "number", "boolean", "null", "array", "object")
 
 
+def branches(schema: dict[str, Any]) -> list[dict[str, Any]]:
+    """The alternatives ``schema`` allows: its anyOf, or one schema per type of a nullable ``type`` list."""
+    if "anyOf" in schema:
+        return list(schema["anyOf"])
+    kind = schema.get("type")
+    if isinstance(kind, list):
+        return [{**schema, "type": one} if one != "null" else {"type": "null"} for one in kind]
+    return [schema]
+
+
 def _types(schema: dict[str, Any]) -> set[str]:
-    return {branch.get("type", "any") for branch in schema.get("anyOf", [schema])}
+    return {branch.get("type", "any") for branch in branches(schema)}
 
 
 def _marked_text(min_size: int = 0) -> st.SearchStrategy[str]:
@@ -350,7 +370,7 @@ def wrong_type(draw: st.DrawFn, schema: dict[str, Any], value: Any) -> Any:
 def broken(draw: st.DrawFn, schema: dict[str, Any], value: Any) -> Any:
     """``value`` (valid under ``schema``, or None where it is absent) changed once so that it breaks ``schema``."""
     options: list[st.SearchStrategy[Any]] = [wrong_type(schema, value)]
-    for branch in schema.get("anyOf", [schema]):
+    for branch in branches(schema):
         kind = branch.get("type")
         current = value if value is not None and kind != "null" else None
         if kind == "string":
@@ -544,6 +564,27 @@ def hostile_cases(card_id: str) -> dict[str, tuple[str, dict[str, Any]]]:
 CASES = list(hostile_cases(str(uuid.UUID(int=0))))
 
 
+def unexpected_keys(value: Any, names: frozenset[str]) -> Iterator[str]:
+    """Every key in ``value``, at any depth, that no schema declares."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if key not in names:
+                yield key
+            yield from unexpected_keys(item, names)
+    elif isinstance(value, list):
+        for item in value:
+            yield from unexpected_keys(item, names)
+
+
+def without_named_keys(text: str, arguments: dict[str, Any], names: frozenset[str]) -> str:
+    """``text`` without the unexpected keys it names, quoted, as the server names them (a key is the client's own
+    name, not a value: SPEC section 4 lets the answer name it, so a model can fix its call)."""
+    for key in unexpected_keys(arguments, names):
+        if NAMEABLE.fullmatch(key):
+            text = text.replace(f"'{key}'", "")
+    return text
+
+
 def leaves(value: Any, names: frozenset[str] = frozenset()) -> Iterator[str]:
     """Every string in ``value``, keys included but for the argument ``names``."""
     if isinstance(value, dict):
@@ -563,6 +604,7 @@ def test_hostile_arguments_are_refused_with_invalid_argument_and_write_nothing(c
     tool, arguments = hostile_cases(caller.anchor)[case]
     code, text = caller.call(tool, arguments)
     assert code == "invalid_argument", text
+    text = without_named_keys(text, arguments, caller.names)
     for leaf in leaves(arguments, caller.names):  # not even the start of a rejected value comes back
         assert len(leaf) < 12 or leaf[:12] not in text, f"{case}: the answer echoes {leaf[:12]!r}"
     assert MARK not in text

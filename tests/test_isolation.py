@@ -1,7 +1,7 @@
 """Tenant isolation as a property: hypothesis drives random sequences of every tool across three tenants, each
 through its own server and in-memory client, and checks every answer against a model of what that tenant should
-see. At the end of each sequence the database must equal the model exactly: each tenant's cards, their versions
-and their usage rows.
+see. At the end of each sequence the database must equal the model exactly: each tenant's cards, their versions,
+their history (every version row) and their usage rows.
 
 The ids a rule picks come from every tenant's cards (deleted ones too) and from nowhere, so a call with another
 tenant's id is as likely as one with its own; idempotency keys and contents are drawn from small pools shared by
@@ -63,6 +63,16 @@ class ModelCard:
     tags: list[str]
     version: int = 1
     active: bool = True
+    deleted_at: str | None = None  # as the first acknowledged delete answered it
+    history: list[tuple[int, str, str, dict[str, Any], list[str]]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.history:
+            self.keep("create")
+
+    def keep(self, op: str) -> None:
+        """The version row the card's last change wrote: (version, op, title, content, tags)."""
+        self.history.append((self.version, op, self.title, self.content, self.tags))
 
     @property
     def digest(self) -> str:
@@ -187,6 +197,8 @@ class Tenants(RuleBasedStateMachine):
         if card_id is not None and any(card_id in other.cards for other in self.tenants if other is not t):
             TALLY["foreign"] += 1
         assert code != "internal"
+        if tool in ("restore_card", "get_card_history"):  # how often the new tools did their work
+            TALLY[f"{tool}:{code or 'ok'}"] += 1
         return result, code
 
     def any_id(self, t: Tenant, pick: int) -> str:
@@ -199,6 +211,14 @@ class Tenants(RuleBasedStateMachine):
         if not choice or pick % 4 == 3:
             return str(uuid.UUID(int=pick))
         return choice[pick // 4 % len(choice)]
+
+    def mostly_own_id(self, t: Tenant, pick: int) -> str:
+        """Two times in three one of ``t``'s own cards (deleted ones too), else any_id: history and restore need
+        cards with a past, which the tenants' own cards have."""
+        own = sorted(t.cards)
+        if own and pick % 3:
+            return own[pick // 3 % len(own)]
+        return self.any_id(t, pick // 3)
 
     # -- rules: every tool ----------------------------------------------------------------------------------
 
@@ -304,6 +324,7 @@ class Tenants(RuleBasedStateMachine):
         if new != (mine.title, mine.content, mine.tags):
             mine.title, mine.content, mine.tags = new
             mine.version += 1
+            mine.keep("update")
         assert mine.matches(result["card"])
 
     @rule(i=tenant_index, pick=picks)
@@ -312,11 +333,75 @@ class Tenants(RuleBasedStateMachine):
         card_id = self.any_id(t, pick)
         result, code = self.call(t, "delete_card", {"card_id": card_id})
         mine = t.cards.get(card_id)
-        if mine is None or not mine.active:
+        if mine is None:
             assert code == "not_found"
             return
         assert code is None and result is not None and result["card_id"] == card_id
-        mine.active = False
+        if not mine.active:  # deleted before: answered as the first delete was, no new version
+            assert result["deleted_at"] == mine.deleted_at
+            return
+        mine.active, mine.deleted_at = False, result["deleted_at"]
+        mine.version += 1  # a delete is a version too
+        mine.keep("delete")
+
+    @rule(i=tenant_index, pick=picks, limit=st.integers(1, 4))
+    def get_card_history(self, i: int, pick: int, limit: int) -> None:
+        """Exactly the card's versions, newest first, page by page; not_found for another tenant's card."""
+        t = self.tenants[i]
+        card_id = self.mostly_own_id(t, pick)
+        mine = t.cards.get(card_id)
+        seen: list[tuple[int, str, str, dict[str, Any], list[str]]] = []
+        cursor = None
+        while True:
+            arguments = {"card_id": card_id, "limit": limit, "cursor": cursor}
+            result, code = self.call(t, "get_card_history", arguments)
+            if mine is None:
+                assert code == "not_found"
+                return
+            assert code is None and result is not None and len(result["versions"]) <= limit
+            seen += [(v["version"], v["op"], v["title"], v["content"], v["tags"]) for v in result["versions"]]
+            cursor = result["next_cursor"]
+            if cursor is None:
+                break
+        assert seen == mine.history[::-1]
+
+    @rule(i=tenant_index, pick=picks, version=st.none() | st.integers(1, 8), stale=st.booleans())
+    def restore_card(self, i: int, pick: int, version: int | None, stale: bool) -> None:
+        t = self.tenants[i]
+        card_id = self.mostly_own_id(t, pick)
+        mine = t.cards.get(card_id)
+        expected = None
+        if mine is not None and pick % 5 == 0:
+            expected = mine.version + 1 if stale else mine.version
+        arguments = {"card_id": card_id, "version": version, "expected_version": expected}
+        result, code = self.call(t, "restore_card", arguments)
+        if mine is None:
+            assert code == "not_found"
+            return
+        target = (mine.title, mine.content, mine.tags)
+        if version is not None:
+            kept = [h for h in mine.history if h[0] == version]
+            if not kept:
+                assert code == "invalid_argument"
+                return
+            target = (kept[0][2], kept[0][3], kept[0][4])
+        if mine.active and target == (mine.title, mine.content, mine.tags):
+            assert code is None and result is not None and mine.matches(result["card"])
+            return
+        if expected is not None and expected != mine.version:
+            assert code == "conflict"
+            return
+        if not mine.active or content_hash(target[1]) != mine.digest:
+            other = t.holding(mine.card_type, content_hash(target[1]))
+            if other is not None and other is not mine:
+                assert code == "duplicate_content"
+                return
+        assert code is None and result is not None
+        mine.title, mine.content, mine.tags = target
+        mine.active, mine.deleted_at = True, None
+        mine.version += 1
+        mine.keep("restore")
+        assert mine.matches(result["card"])
 
     @rule(
         i=tenant_index, card_type=st.none() | card_types, tags=st.none() | st.lists(st.sampled_from(TAGS), max_size=2)
@@ -374,23 +459,25 @@ class Tenants(RuleBasedStateMachine):
             assert DATABASE is not None
             rows = self.portal.run(database_state, DATABASE, [t.name for t in self.tenants])
             for t in self.tenants:
-                cards, usage = rows[t.name]
+                cards, usage, versions = rows[t.name]
                 assert cards == {
                     c.id: (c.card_type, c.title, c.content, c.tags, c.version, c.digest, c.active)
                     for c in t.cards.values()
                 }
                 assert usage == {key: n for key, n in t.calls.items() if n}
+                assert versions == {c.id: c.history for c in t.cards.values()}
         finally:
             self.disconnect()
 
 
-async def database_state(
-    database: TestDatabase, names: list[str]
-) -> dict[str, tuple[dict[str, tuple[Any, ...]], dict[tuple[str, str | None], int]]]:
-    """Each tenant's cards and usage-row counts, read past row-level security as the admin role."""
+State = tuple[dict[str, tuple[Any, ...]], dict[tuple[str, str | None], int], dict[str, list[tuple[Any, ...]]]]
+
+
+async def database_state(database: TestDatabase, names: list[str]) -> dict[str, State]:
+    """Each tenant's cards, usage-row counts and version rows, read past row-level security as the admin role."""
     conn: asyncpg.Connection = await db.connect(database.admin_url)
     try:
-        state: dict[str, tuple[dict[str, tuple[Any, ...]], dict[tuple[str, str | None], int]]] = {}
+        state: dict[str, State] = {}
         for name in names:
             tenant_id = await conn.fetchval("SELECT tenant_id FROM card_mcp.tenants WHERE name = $1", name)
             cards = await conn.fetch(
@@ -403,6 +490,15 @@ async def database_state(
                 " GROUP BY tool, error_code",
                 tenant_id,
             )
+            versions: dict[str, list[tuple[Any, ...]]] = {}
+            for r in await conn.fetch(
+                "SELECT card_id, version, op, title, content, tags FROM card_mcp.card_versions WHERE tenant_id = $1"
+                " ORDER BY card_id, version",
+                tenant_id,
+            ):
+                versions.setdefault(str(r["card_id"]), []).append(
+                    (r["version"], r["op"], r["title"], r["content"], list(r["tags"]))
+                )
             state[name] = (
                 {
                     str(r["id"]): (
@@ -417,6 +513,7 @@ async def database_state(
                     for r in cards
                 },
                 {(r["tool"], r["error_code"]): r["n"] for r in usage},
+                versions,
             )
         return state
     finally:
@@ -453,3 +550,6 @@ def test_random_sequences_of_every_tool_across_three_tenants_match_each_tenants_
     # Seen 2,653-2,823 calls and 166-259 naming another tenant's card (2026-12-03; 289-360 earlier): the ids drawn
     # are random UUIDs, and the share of steps that find another tenant's card already made varies with them.
     assert TALLY["calls"] >= 2500 and TALLY["foreign"] >= 150, TALLY
+    # History and restore must have read and restored the tenants' own cards, not only been refused (seen 42
+    # histories and 60 restores answered, 2026-12-03).
+    assert TALLY["get_card_history:ok"] >= 20 and TALLY["restore_card:ok"] >= 30, TALLY

@@ -26,13 +26,16 @@ async def raw_tenant(pool: asyncpg.Pool, tenant: uuid.UUID) -> AsyncIterator[asy
 
 
 # The tables the application role may read (api_keys it may not touch at all; see the test below).
-TENANT_TABLES = ("tenants", "cards", "idempotency_store", "card_usage")
+TENANT_TABLES = ("tenants", "cards", "idempotency_store", "card_usage", "card_versions")
 # Tables without tenant_id: the migrations ledger, and the secret name of the key-revocation channel (readable by
 # the admin role only).
 NOT_TENANT_TABLES = {"schema_migrations", "notify_channels"}
 # Tables of what exists before any tenant is known (OAuth clients and pending sign-ins): forced RLS and a policy all
 # the same. Citus: reference tables, like tenants and api_keys.
 BEFORE_TENANT_TABLES = {"oauth_clients", "oauth_requests"}
+# The audit of erased tenants outlives them, so it belongs to no tenant (no tenant_id: an erase deletes from every
+# table that has one); forced RLS and a policy all the same. Citus: a local table of the coordinator.
+AUDIT_TABLES = {"tenant_erasures"}
 # Looked up before the tenant is known (readers: role name -> tenant; the rest by a secret's hash): reference tables
 # too, where any unique index is fine.
 REFERENCE_TABLES = (
@@ -145,7 +148,10 @@ async def test_every_table_is_a_tenant_table_with_forced_rls_and_a_policy(databa
             SELECT c.relname, c.relrowsecurity, c.relforcerowsecurity,
                    EXISTS (SELECT FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attname = 'tenant_id'
                              AND NOT a.attisdropped) AS has_tenant,
-                   (SELECT count(*) FROM pg_policy p WHERE p.polrelid = c.oid) AS policies
+                   (SELECT count(*) FROM pg_policy p WHERE p.polrelid = c.oid) AS policies,
+                   c.relispartition AS partition,
+                   array(SELECT a.grantee::regrole::text FROM aclexplode(c.relacl) AS a
+                          WHERE a.grantee <> c.relowner) AS grantees
               FROM pg_class c
              WHERE c.relnamespace = 'card_mcp'::regnamespace AND c.relkind IN ('r', 'p')
             """
@@ -154,12 +160,51 @@ async def test_every_table_is_a_tenant_table_with_forced_rls_and_a_policy(databa
         await conn.close()
     names = {row["relname"] for row in tables}
     assert set(TENANT_TABLES) <= names
+    assert any(row["partition"] for row in tables), "card_usage has partitions to audit"
     for row in tables:
         if row["relname"] in NOT_TENANT_TABLES:
             continue
-        assert row["has_tenant"] or row["relname"] in BEFORE_TENANT_TABLES, row["relname"]
+        assert row["has_tenant"] or row["relname"] in BEFORE_TENANT_TABLES | AUDIT_TABLES, row["relname"]
         assert row["relrowsecurity"] and row["relforcerowsecurity"], row["relname"]
-        assert row["policies"] >= 1, row["relname"]
+        if row["partition"]:
+            # Reached only through its parent, whose policies apply; reached directly, no role but the owner has
+            # any privilege on it, and forced RLS without a policy shows the owner nothing either.
+            assert row["grantees"] == [], row["relname"]
+        else:
+            assert row["policies"] >= 1, row["relname"]
+
+
+async def test_no_role_but_the_owner_can_read_or_write_a_usage_partition_directly(
+    database: TestDatabase, app_pool: asyncpg.Pool, tenant_a: uuid.UUID
+) -> None:
+    async with tenant_transaction(app_pool, tenant_a) as conn:
+        await conn.execute(
+            "INSERT INTO card_mcp.card_usage (tenant_id, tool, status, duration_ms, transport)"
+            " VALUES ($1, 'get_card', 'ok', 1, 'stdio')",
+            tenant_a,
+        )
+    owner = await asyncpg.connect(database.owner_url)
+    try:
+        partitions = await owner.fetch(
+            "SELECT c.oid::regclass::text AS name FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
+            " WHERE i.inhparent = 'card_mcp.card_usage'::regclass"
+        )
+        today = await owner.fetchval(
+            "SELECT tableoid::regclass::text FROM card_mcp.card_usage WHERE tenant_id = $1 LIMIT 1", tenant_a
+        )
+        assert today is not None and today.startswith("card_mcp.card_usage_p")  # through its own erase policy
+        assert await owner.fetchval(f"SELECT count(*) FROM {today}") == 0  # noqa: S608 - a catalog name
+    finally:
+        await owner.close()
+    assert len(partitions) > 7  # a week ahead and the default
+    for role_url in (database.app_url, database.admin_url, database.url_as(db.ANALYST_ROLE)):
+        conn = await asyncpg.connect(role_url)
+        try:
+            for partition in partitions:
+                with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                    await conn.fetchval(f"SELECT count(*) FROM {partition['name']}")  # noqa: S608 - catalog names
+        finally:
+            await conn.close()
 
 
 async def test_every_key_and_foreign_key_of_a_tenant_table_includes_tenant_id(database: TestDatabase) -> None:
@@ -190,7 +235,7 @@ async def test_every_key_and_foreign_key_of_a_tenant_table_includes_tenant_id(da
         await conn.close()
     assert rows
     for row in rows:
-        if row["tbl"].endswith(tuple(NOT_TENANT_TABLES | BEFORE_TENANT_TABLES)):
+        if row["tbl"].endswith(tuple(NOT_TENANT_TABLES | BEFORE_TENANT_TABLES | AUDIT_TABLES)):
             continue
         if row["conname"] == "oauth_connections_client_fkey":  # between reference tables: Citus allows it
             continue
@@ -198,9 +243,61 @@ async def test_every_key_and_foreign_key_of_a_tenant_table_includes_tenant_id(da
     for row in unique_indexes:
         # tenants and api_keys become Citus reference tables (read before a tenant is known), where any unique
         # index is fine.
-        if row["tbl"].endswith(tuple(NOT_TENANT_TABLES)) or row["tbl"] in REFERENCE_TABLES:
+        if row["tbl"].endswith(tuple(NOT_TENANT_TABLES | AUDIT_TABLES)) or row["tbl"] in REFERENCE_TABLES:
             continue
         assert row["has_tenant"], row["idx"]
+
+
+async def test_the_schema_stays_distributable_by_tenant_id(database: TestDatabase) -> None:
+    """What Citus needs (docs/scale-out.md): every table with tenant_id is either distributed by it or a named
+    reference table; a distributed table's foreign keys point to reference tables or include tenant_id on both
+    sides (co-located), no reference table points into a distributed one, and a distributed table draws from no
+    sequence but a bigint identity (Citus hands each node its own range: unique, not globally ordered, which no
+    key or query here relies on)."""
+    conn = await asyncpg.connect(database.owner_url)
+    try:
+        tables = {
+            row["tbl"]
+            for row in await conn.fetch(
+                "SELECT c.oid::regclass::text AS tbl FROM pg_class c JOIN pg_attribute a ON a.attrelid = c.oid"
+                " WHERE c.relnamespace = 'card_mcp'::regnamespace AND c.relkind IN ('r', 'p')"
+                " AND NOT c.relispartition AND a.attname = 'tenant_id' AND NOT a.attisdropped"
+            )
+        }
+        foreign_keys = await conn.fetch(
+            """
+            SELECT f.conname, f.conrelid::regclass::text AS child, f.confrelid::regclass::text AS parent,
+                   EXISTS (SELECT FROM unnest(f.conkey, f.confkey) AS k(c, p)
+                             JOIN pg_attribute ca ON ca.attrelid = f.conrelid AND ca.attnum = k.c
+                             JOIN pg_attribute pa ON pa.attrelid = f.confrelid AND pa.attnum = k.p
+                            WHERE ca.attname = 'tenant_id' AND pa.attname = 'tenant_id') AS by_tenant
+              FROM pg_constraint f
+             WHERE f.connamespace = 'card_mcp'::regnamespace AND f.contype = 'f' AND f.conparentid = 0
+            """
+        )
+        sequences = await conn.fetch(
+            """
+            SELECT c.oid::regclass::text AS tbl, a.attname, a.attidentity <> '' AS attidentity,
+                   format_type(a.atttypid, NULL) AS type,
+                   coalesce(pg_get_expr(d.adbin, d.adrelid) LIKE '%nextval(%', false) AS nextval
+              FROM pg_class c
+              JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+              LEFT JOIN pg_attrdef d ON d.adrelid = c.oid AND d.adnum = a.attnum
+             WHERE c.relnamespace = 'card_mcp'::regnamespace AND c.relkind IN ('r', 'p') AND NOT c.relispartition
+            """
+        )
+    finally:
+        await conn.close()
+    distributed = tables - set(REFERENCE_TABLES)
+    assert {"card_mcp.cards", "card_mcp.card_usage", "card_mcp.idempotency_store"} <= distributed
+    for fk in foreign_keys:
+        if fk["child"] in distributed and fk["parent"] in distributed:
+            assert fk["by_tenant"], f"{fk['child']}.{fk['conname']}: not co-located by tenant_id"
+        if fk["child"] in REFERENCE_TABLES:
+            assert fk["parent"] not in distributed, f"{fk['child']}.{fk['conname']}: reference -> distributed"
+    for column in sequences:
+        if column["tbl"] in distributed and (column["attidentity"] or column["nextval"]):
+            assert column["attidentity"] and column["type"] == "bigint", f"{column['tbl']}.{column['attname']}"
 
 
 async def test_every_view_is_security_invoker_and_every_definer_function_has_a_search_path(
@@ -234,6 +331,9 @@ DEFINERS = {
     "create_api_key": {db.ADMIN_ROLE},
     "revoke_api_key": {db.ADMIN_ROLE},
     "announce_api_key_change": set(),  # a trigger: fires without EXECUTE
+    # Card history (schema/0009_card_history.sql): key labels for history entries; retention, for the server.
+    "api_key_label": {db.APP_ROLE, db.ADMIN_ROLE},
+    "prune_card_versions": {db.ADMIN_ROLE},
     # OAuth (schema/0008_oauth.sql): each step of a sign-in, for the running server; connect codes the owner's only.
     **{
         f"oauth_{step}": {db.ADMIN_ROLE}
@@ -252,6 +352,9 @@ DEFINERS = {
         )
     },
     "oauth_connect_code_create": set(),
+    # Usage partitions (schema/0010_lifecycle.sql): the server keeps them ahead and prunes by retention.
+    "usage_partitions_ensure": {db.ADMIN_ROLE},
+    "usage_prune": {db.ADMIN_ROLE},
 }
 
 

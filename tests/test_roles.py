@@ -333,13 +333,15 @@ async def test_a_read_only_default_on_the_application_role_does_not_stop_a_tenan
 # -- the catalog: what each role may do, as docs/security.md lists it ----------------------------------------------
 
 S, INS, U, D = "SELECT", "INSERT", "UPDATE", "DELETE"
-PEOPLE_READ = {"tenants": {S}, "cards": {S}, "card_usage": {S}, "usage_daily": {S}, "usage_by_card": {S}}
+PEOPLE_READ = {"tenants": {S}, "cards": {S}, "card_versions": {S}, "card_usage": {S}, "usage_daily": {S}}
+PEOPLE_READ["usage_by_card"] = {S}
 PEOPLE_READ["usage_by_client"] = {S}
 PRIVILEGES = {
     db.APP_ROLE: {
         "schema_migrations": {S},
         "tenants": {S},
         "cards": {S, INS, U},
+        "card_versions": {S, INS},  # versions are added (by trigger) and read, never changed
         "idempotency_store": {S, INS, U, D},
         "card_usage": {S, INS},
         "usage_daily": {S},
@@ -353,6 +355,7 @@ PRIVILEGES = {
         "schema_migrations": {S},
         "tenants": {S},
         "cards": {S},
+        "card_versions": {S},  # retention only through card_mcp.prune_card_versions
         "idempotency_store": {S},
         "card_usage": {S},
         "api_keys": {S},
@@ -366,7 +369,7 @@ PRIVILEGES = {
         "embedding_queue": {S, INS, U, D},
         "search_vocabulary": {S},
     },
-    db.ANALYST_ROLE: PEOPLE_READ,
+    db.ANALYST_ROLE: {**PEOPLE_READ, "tenant_erasures": {S}},  # who erased which tenant, when (0010)
     db.READER_GROUP: {**PEOPLE_READ, "readers": {S}},
 }
 

@@ -33,6 +33,9 @@ async def test_get_card_is_one_round_trip_and_other_calls_two_plus_their_queries
                 "search_cards": ("search_cards", {"query": "plain"}),
                 "create_card": ("create_card", {**CARD, "content": {"summary": "new"}}),
                 "create_card of invalid arguments": ("create_card", {**CARD, "title": ""}),
+                "update_card": ("update_card", {"card_id": card_id, "title": "Changed"}),
+                "get_card_history": ("get_card_history", {"card_id": card_id}),
+                "restore_card of an active card": ("restore_card", {"card_id": card_id, "version": 1}),
                 "batch retried exactly": ("batch_create_cards", {"cards": batch, "idempotency_key": "k"}),
                 "batch retried respelled": ("batch_create_cards", {"cards": respelled, "idempotency_key": "k"}),
             }
@@ -42,6 +45,8 @@ async def test_get_card_is_one_round_trip_and_other_calls_two_plus_their_queries
             for what, (tool, arguments) in calls.items():
                 if tool == "create_card" and "summary" in arguments["content"]:
                     arguments = {**arguments, "content": {"summary": uuid.uuid4().hex}}  # a new card each time
+                if tool == "update_card":
+                    arguments = {**arguments, "title": uuid.uuid4().hex}  # a real change, with its version row
                 before = wire.turns
                 result = await client.call_tool(tool, arguments)
                 counted[what] = wire.turns - before
@@ -53,6 +58,9 @@ async def test_get_card_is_one_round_trip_and_other_calls_two_plus_their_queries
         "search_cards": 1,  # one statement: tenant, search, usage row, commit
         "create_card": 5,  # the same, with the insert
         "create_card of invalid arguments": 1,  # nothing read or written: the usage row in one statement
+        "update_card": 6,  # BEGIN; settings and actor; lock; update (and its version, by trigger); usage; COMMIT
+        "get_card_history": 5,  # BEGIN; the settings; the page; the usage row; COMMIT
+        "restore_card of an active card": 7,  # BEGIN; settings; lock; the version read; the restore; usage; COMMIT
         "batch retried exactly": 5,  # answered from the key and the arguments' hash, before validation
         "batch retried respelled": 6,  # validated, then found by the hash of the validated cards
     }

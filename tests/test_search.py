@@ -277,7 +277,7 @@ async def test_a_card_resource_reads_one_card_and_answers_not_found_alike(
             await client.call_tool("create_card", {"card_type": "voice", "title": "Voice", "content": {"tone": "dry"}})
         )["card"]
         templates = {t.uri_template for t in (await client.list_resource_templates()).resource_templates}
-        assert templates == {"card://{card_id}", "cards://{card_type}"}
+        assert templates == {"card://{card_id}", "card://{card_id}/history", "cards://{card_type}"}
         read = await client.read_resource(f"card://{card['id']}")
         contents = read.contents[0]
         assert isinstance(contents, TextResourceContents) and contents.mime_type == "application/json"

@@ -14,7 +14,8 @@ from mcp import Client, MCPError
 
 from card_mcp import db
 from card_mcp.config import Settings
-from tests.helpers import CARD, TOOLS, connect, create, error_code, ok, usage_rows
+from tests.conftest import TestDatabase
+from tests.helpers import CARD, TOOLS, connect, create, error_code, ok, superuser, usage_rows
 
 
 @pytest.fixture
@@ -64,6 +65,135 @@ async def test_tools_list_names_annotations_and_portable_schemas(client: Client)
     assert search_props["limit"]["minimum"] == 1 and search_props["limit"]["maximum"] == 50
     batch_cards = tools["batch_create_cards"].input_schema["properties"]["cards"]
     assert (batch_cards["minItems"], batch_cards["maxItems"]) == (1, 1000)
+
+
+# What every conversation that loads the server pays for, in bytes of compact JSON: the tools' names, descriptions
+# and schemas. tools.py says how a description is written so that a new tool fits.
+TOOLS_LIST_BUDGET = 8 * 1024
+
+
+async def test_tools_list_fits_its_budget_with_every_bound_and_no_indentation(client: Client) -> None:
+    tools = (await client.list_tools()).tools
+
+    def compact(value: object) -> int:
+        return len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode())
+
+    sizes = {
+        tool.name: len(tool.name.encode())
+        + len((tool.description or "").encode())
+        + compact(tool.input_schema)
+        + compact(tool.output_schema)
+        for tool in tools
+    }
+    listing = sum(compact(tool.model_dump(by_alias=True, exclude_none=True, mode="json")) for tool in tools)
+    for name, size in sizes.items():
+        print(f"tools/list: {name:<20} {size:>5} bytes")
+    print(f"tools/list: names, descriptions and schemas {sum(sizes.values())} bytes of {TOOLS_LIST_BUDGET}")
+    print(f"tools/list: the whole listing (titles and annotations too) {listing} bytes")
+    assert sum(sizes.values()) <= TOOLS_LIST_BUDGET
+    for tool in tools:
+        assert tool.description is not None and "\n " not in tool.description and "  " not in tool.description
+        assert "Returns" in tool.description  # what comes back, said once
+    create = {t.name: t for t in tools}["create_card"].input_schema["properties"]
+    assert create["content"]["description"].count("64 KiB") == 1  # a bound no JSON Schema keyword can carry
+    assert create["title"]["pattern"] and create["tags"]["items"]["pattern"]  # no control characters
+
+
+async def test_results_are_compact_json_with_scores_to_3_decimals_and_milliseconds_to_a_tenth(client: Client) -> None:
+    for n in range(3):
+        await create(client, title=f"Spring launch audience {n}", content={"who": f"coastal parents, wave {n}"})
+    found = await client.call_tool("search_cards", {"query": "spring coastal parents"})
+    text = found.content[0].text  # type: ignore[union-attr]
+    assert text == json.dumps(ok(found), separators=(",", ":"), ensure_ascii=False)  # no indentation, no spaces
+    scores = [card["score"] for card in ok(found)["cards"]]
+    assert scores and all(0 < score <= 1 and score == round(score, 3) for score in scores)
+    rows = ok(await client.call_tool("usage_stats", {"since": "1h"}))["rows"]
+    assert rows and all(r["p50_ms"] == round(r["p50_ms"], 1) and r["p95_ms"] == round(r["p95_ms"], 1) for r in rows)
+
+
+async def cards_of(database: TestDatabase, tenant: str) -> list[tuple[Any, ...]]:
+    """Every card row of ``tenant``, deleted ones included, as the database holds them."""
+    async with superuser(database) as conn:
+        rows = await conn.fetch(
+            "SELECT c.id, c.title, c.content, c.tags, c.version, c.is_active, c.deleted_at, c.updated_at"
+            "  FROM card_mcp.cards c JOIN card_mcp.tenants t USING (tenant_id) WHERE t.name = $1 ORDER BY c.id",
+            tenant,
+        )
+    return [tuple(row) for row in rows]
+
+
+def twice_arguments(tool: str, card_id: str) -> dict[str, Any]:
+    """Arguments to call ``tool`` with twice, on a tenant holding the card ``card_id``."""
+    return {
+        "create_card": {**CARD, "content": {"twice": True}},
+        "get_card": {"card_id": card_id},
+        "search_cards": {"query": "voice"},
+        "update_card": {"card_id": card_id, "title": "Renamed", "tags": ["x"], "expected_version": 1},
+        "delete_card": {"card_id": card_id},
+        "batch_create_cards": {"cards": [{**CARD, "content": {"batch": n}} for n in range(3)]},
+        "usage_stats": {"since": "1h", "group_by": "card"},
+        "get_card_history": {"card_id": card_id},
+        "restore_card": {"card_id": card_id, "version": 1},  # the card as it is: nothing to write, twice
+    }[tool]
+
+
+@pytest.mark.parametrize("tool", sorted(TOOLS))
+async def test_every_tools_hints_hold_when_it_is_called_twice(
+    database: TestDatabase, client: Client, tenant: str, tool: str
+) -> None:
+    """readOnlyHint: no card changes. destructiveHint false: no card that existed before changes. idempotentHint:
+    the second call with the same arguments changes nothing more, and (but for a stale expected_version, which
+    the first call made stale) answers as the first did."""
+    listed = {t.name: t for t in (await client.list_tools()).tools}[tool].annotations
+    assert listed is not None
+    card = await create(client)
+    before = await cards_of(database, tenant)
+    arguments = twice_arguments(tool, card["id"])
+    first = await client.call_tool(tool, arguments)
+    after_first = await cards_of(database, tenant)
+    second = await client.call_tool(tool, arguments)
+    after_second = await cards_of(database, tenant)
+    assert not first.is_error, first.content
+    if listed.read_only_hint:
+        assert before == after_first == after_second
+    if not listed.destructive_hint:  # only additions: every card there before is as it was
+        assert [row for row in after_second if row[0] in {r[0] for r in before}] == before
+    if listed.idempotent_hint:
+        assert after_second == after_first
+        if tool == "update_card":  # the version the first call read is stale now: refused, nothing written
+            assert error_code(second) == "conflict"
+        else:
+            assert not second.is_error, second.content
+            answers = [ok(first), ok(second)]
+            if tool == "create_card":
+                assert [a["status"] for a in answers] == ["created", "existing"]
+                assert answers[0]["card"] == answers[1]["card"]
+            elif tool == "batch_create_cards":
+                assert [a["created"] for a in answers] == [3, 0] and [a["existing"] for a in answers] == [0, 3]
+                assert [r["card_id"] for r in answers[0]["results"]] == [r["card_id"] for r in answers[1]["results"]]
+            elif tool != "usage_stats":  # whose figures count the first call
+                assert answers[0] == answers[1]
+    else:
+        assert after_second != after_first
+
+
+async def test_an_unexpected_argument_is_named_with_the_nearest_valid_one(client: Client) -> None:
+    def message(result: Any) -> str:
+        assert error_code(result) == "invalid_argument"
+        text: str = json.loads(result.content[0].text)["error"]["message"]
+        return text
+
+    card_id = str(uuid.uuid4())
+    assert message(await client.call_tool("get_card", {"id": card_id})).startswith(
+        "arguments: unexpected argument 'id' (did you mean 'card_id'?)"
+    )
+    batch = {"cards": [{**CARD, "tag": ["x"]}]}
+    assert "cards.0: unexpected argument 'tag' (did you mean 'tags'?)" in message(
+        await client.call_tool("batch_create_cards", batch)
+    )
+    nothing_near = message(await client.call_tool("usage_stats", {"zzz": 1}))
+    assert nothing_near == "arguments: unexpected argument 'zzz' (allowed: since, until, group_by, limit)"
+    assert card_id not in message(await client.call_tool("get_card", {card_id: card_id}))  # a value, not a name
 
 
 async def test_create_get_search_update_delete_round_trip(client: Client) -> None:
@@ -152,18 +282,20 @@ async def test_get_update_delete_answer_not_found_alike_for_missing_deleted_and_
     settings: Settings, client: Client
 ) -> None:
     deleted = await create(client, content={"gone": True})
-    ok(await client.call_tool("delete_card", {"card_id": deleted["id"]}))
+    first = ok(await client.call_tool("delete_card", {"card_id": deleted["id"]}))
     async with connect(settings, f"other-{uuid.uuid4().hex[:8]}") as other:
         foreign = await create(other, content={"theirs": True})
     for card_id in (str(uuid.uuid4()), deleted["id"], foreign["id"]):
         answers = [
             await client.call_tool("get_card", {"card_id": card_id}),
             await client.call_tool("update_card", {"card_id": card_id, "title": "x"}),
-            await client.call_tool("delete_card", {"card_id": card_id}),
         ]
+        if card_id != deleted["id"]:  # deleting a deleted card of one's own again answers the first delete
+            answers.append(await client.call_tool("delete_card", {"card_id": card_id}))
         texts = {json.loads(a.content[0].text)["error"]["hint"] for a in answers}  # type: ignore[union-attr]
-        assert [error_code(a) for a in answers] == ["not_found"] * 3
+        assert [error_code(a) for a in answers] == ["not_found"] * len(answers)
         assert card_id not in "".join(texts)
+    assert ok(await client.call_tool("delete_card", {"card_id": deleted["id"]})) == first
 
 
 async def test_tenants_see_nothing_of_each_other_through_the_tools(settings: Settings, client: Client) -> None:

@@ -51,7 +51,7 @@ async def test_serve_over_stdio_lists_and_calls_every_tool_and_keeps_tenants_apa
     info = Implementation(name="stdio-e2e", version="0.1")
     async with Client(server_params(data_dir, "brand-a"), mode="legacy", client_info=info) as a:
         tools = {t.name: t for t in (await a.list_tools()).tools}
-        assert len(tools) == 7
+        assert len(tools) == 9
         for tool in tools.values():
             assert "$schema" not in tool.input_schema and tool.annotations is not None
         created = payload(
@@ -81,6 +81,13 @@ async def test_serve_over_stdio_lists_and_calls_every_tool_and_keeps_tenants_apa
         assert updated["card"]["version"] == 2
         deletable = batch["results"][0]["card_id"]
         assert payload(await a.call_tool("delete_card", {"card_id": deletable}))["card_id"] == deletable
+        assert payload(await a.call_tool("restore_card", {"card_id": deletable}))["card"]["version"] == 3
+        versions = payload(await a.call_tool("get_card_history", {"card_id": deletable}))["versions"]
+        assert [(v["op"], v["changed_by"]["transport"], v["changed_by"]["client_name"]) for v in versions] == [
+            ("restore", "stdio", "stdio-e2e"),
+            ("delete", "stdio", "stdio-e2e"),
+            ("create", "stdio", "stdio-e2e"),
+        ]
         stats = payload(await a.call_tool("usage_stats", {"group_by": "client"}))
         assert stats["rows"][0]["key"] == "stdio-e2e"
         bad = await a.call_tool("get_card", {"card_id": "nope"})
@@ -92,6 +99,8 @@ async def test_serve_over_stdio_lists_and_calls_every_tool_and_keeps_tenants_apa
                 assert missing.is_error and payload(missing)["error"]["code"] == "not_found"
             assert payload(await b.call_tool("search_cards", {"query": "rockets"}))["cards"] == []
             assert payload(await b.call_tool("search_cards", {}))["cards"] == []
+            history = await b.call_tool("get_card_history", {"card_id": deletable})
+            assert history.is_error and payload(history)["error"]["code"] == "not_found"
 
 
 def start_serve(data_dir: Path) -> subprocess.Popen[bytes]:

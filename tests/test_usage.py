@@ -113,7 +113,12 @@ async def mix(database: TestDatabase, settings: Settings) -> Mix:
 
 
 def comparable(figures: dict[str, Any]) -> dict[str, Any]:
-    return {**figures, "p50_ms": pytest.approx(figures["p50_ms"]), "p95_ms": pytest.approx(figures["p95_ms"])}
+    """Figures as the tool gives them: durations to 0.1 ms (rounded half to even: within 0.05 of the exact)."""
+    return {
+        **figures,
+        "p50_ms": pytest.approx(figures["p50_ms"], abs=0.0501),
+        "p95_ms": pytest.approx(figures["p95_ms"], abs=0.0501),
+    }
 
 
 @pytest.mark.parametrize("group_by", GROUPINGS)
@@ -171,7 +176,8 @@ async def test_usage_command_matches_the_raw_rows_in_every_format(
         assert got.keys() == {g for g in want if g[0] in tenants}
         for group, (calls, errors, p95) in got.items():
             assert (calls, errors) == (want[group]["calls"], want[group]["errors"]), group
-            assert p95 == pytest.approx(want[group]["p95_ms"], abs=0.06 if fmt == "table" else 1e-6)
+            assert p95 == pytest.approx(want[group]["p95_ms"], abs=0.0501)  # to 0.1 ms, in every format
+            assert p95 == round(p95, 1)
 
 
 async def test_the_views_read_as_the_application_role_return_only_its_tenant(
@@ -210,6 +216,8 @@ async def test_the_views_read_as_the_application_role_return_only_its_tenant(
         key: f["calls"] for (tenant, key), f in expected(raw, "client").items() if tenant == tenant_a
     }
     assert {"alpha", "beta"} <= {r["client_name"] for r in clients}
+    for row in [*daily, *cards, *clients]:  # to 0.1 ms, as the command and the tool give them
+        assert (row["p50_ms"], row["p95_ms"]) == (round(row["p50_ms"], 1), round(row["p95_ms"], 1))
     async with app_pool.acquire() as conn:  # no tenant set: nothing
         assert await conn.fetchval("SELECT count(*) FROM card_mcp.usage_daily") == 0
 
@@ -229,4 +237,33 @@ async def test_usage_refuses_an_unknown_tenant_and_a_bad_window(database: TestDa
     unknown = usage_cli(database, mix, "--tenant", "no-such-tenant")
     assert unknown.returncode == 1 and "no tenant" in unknown.stderr
     backwards = usage_cli(database, mix, "--since", "2026-01-02", "--until", "2026-01-01")  # last flag wins
-    assert backwards.returncode == 1 and "--since must be before --until" in backwards.stderr
+    assert backwards.returncode == 1 and "since must be before until" in backwards.stderr
+
+
+@pytest.mark.parametrize("since", ["7d", "24h", "today"])
+async def test_usage_stats_tool_and_command_read_the_same_window_grammar(
+    database: TestDatabase, settings: Settings, mix: Mix, since: str
+) -> None:
+    tenant_a = mix.tenants[0]
+    since = mix.since.date().isoformat() if since == "today" else since  # a bare date: its midnight, UTC
+    command = run_cli(database, "usage", "--tenant", tenant_a, "--since", since, "--format", "json")
+    assert command.returncode == 0, command.stderr
+    async with connect(settings, tenant_a) as client:  # after the command: its own row is not in its answer
+        tool = ok(await client.call_tool("usage_stats", {"since": since}))["rows"]
+    assert {r["key"]: (r["calls"], r["errors"]) for r in tool} == {
+        r["key"]: (r["calls"], r["errors"]) for r in json.loads(command.stdout)["rows"]
+    }
+    assert {r["key"] for r in tool} >= {"create_card", "get_card"}
+
+
+async def test_a_window_outside_the_grammar_is_named_by_the_tool_and_the_command(
+    database: TestDatabase, settings: Settings, mix: Mix
+) -> None:
+    async with connect(settings, mix.tenants[0]) as client:
+        result = await client.call_tool("usage_stats", {"since": "last week"})
+    assert error_code(result) == "invalid_argument"
+    assert "since is not a span or a date" in result.content[0].text  # type: ignore[union-attr]
+    command = run_cli(database, "usage", "--since", "last week")
+    assert command.returncode == 1 and command.stderr.splitlines() == [
+        "card-mcp: since is not a span or a date (Use 7d, 24h, 2026-11-01 or 2026-11-01T12:00:00Z; times are UTC.)"
+    ]
