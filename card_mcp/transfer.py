@@ -42,7 +42,6 @@ SELECT set_config('app.current_tenant_id', $1::text, true),
        set_config('card_mcp.version_op', 'import', true),
        set_config('card_mcp.actor', '{"transport": "cli", "client_name": "card-mcp import"}', true)
 """
-_HISTORY_EXISTS = "SELECT to_regclass('card_mcp.card_versions') IS NOT NULL"
 _COUNT = "SELECT count(*) FROM card_mcp.cards WHERE $1::boolean OR is_active"
 # In id order: the primary key's order within the tenant, so the cursor streams without a sort. Content (and the
 # versions) as PostgreSQL's own JSON text, written to the file as it is: read into Python and written back, content
@@ -188,11 +187,6 @@ async def export_cards(
 ) -> ExportReport:
     """Write the tenant's cards to ``out`` as JSON Lines, from one snapshot, through a cursor. ``conn`` is the
     application role's, outside any transaction."""
-    if include_history and not await conn.fetchval(_HISTORY_EXISTS):
-        raise InvalidArgument(
-            "--include-history needs card history (the card_versions table of issue #21), which this database has not",
-            hint="Run `card-mcp migrate`, or export without --include-history.",
-        )
     async with conn.transaction(isolation="repeatable_read", readonly=True):
         await conn.execute(_SET_TENANT, str(tenant_id))
         total: int = await conn.fetchval(_COUNT, include_deleted)
@@ -333,11 +327,6 @@ async def import_cards(
     report = validate(path, max_bytes=max_bytes)
     if report.error_count:
         return report
-    if report.with_history and not await conn.fetchval(_HISTORY_EXISTS):
-        raise InvalidArgument(
-            f"{report.with_history} cards carry history, which this database cannot keep (no card_versions table)",
-            hint="Run `card-mcp migrate` first (card history arrives with issue #21).",
-        )
     batch: list[dict[str, Any]] = []
     versions: list[dict[str, Any]] = []
     done = 0

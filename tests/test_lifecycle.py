@@ -399,11 +399,6 @@ def test_settings_read_the_retention_from_the_environment(monkeypatch: pytest.Mo
 # -- card history (schema/0009, issue #21) --------------------------------------------------------------------------
 
 
-async def has_history(database: TestDatabase) -> bool:
-    async with superuser(database) as conn:
-        return bool(await conn.fetchval("SELECT to_regclass('card_mcp.card_versions') IS NOT NULL"))
-
-
 async def versions(database: TestDatabase, tenant: uuid.UUID) -> dict[uuid.UUID, list[tuple[Any, ...]]]:
     async with superuser(database) as conn:
         rows = await conn.fetch(
@@ -420,8 +415,6 @@ async def versions(database: TestDatabase, tenant: uuid.UUID) -> dict[uuid.UUID,
 async def test_export_with_history_then_import_gives_equal_versions(
     database: TestDatabase, app_pool: asyncpg.Pool, tmp_path: Path
 ) -> None:
-    if not await has_history(database):
-        pytest.skip("card history (card_versions, issue #21) is not in this build")
     source, source_id = await new_tenant(database)
     ids = await make_cards(app_pool, source_id, 3)
     async with tenant_transaction(app_pool, source_id) as conn:
@@ -439,14 +432,6 @@ async def test_export_with_history_then_import_gives_equal_versions(
     again = run_cli(database, "import", str(out), "--tenant", target)
     assert again.stdout.startswith("created 0, existing 3 ")
     assert await versions(database, target_id) == await versions(database, source_id)
-
-
-async def test_export_with_history_says_so_where_there_is_no_history(database: TestDatabase) -> None:
-    if await has_history(database):
-        pytest.skip("this build keeps card history: the test above covers it")
-    tenant, _ = await new_tenant(database)
-    result = run_cli(database, "export", "--tenant", tenant, "--include-history")
-    assert result.returncode == 1 and "card_versions" in result.stderr and result.stdout == ""
 
 
 # Content PostgreSQL stores and Python reads only in part (db.LossyContent): nested deeper than its parser goes, and
