@@ -605,13 +605,8 @@ async def _db(args: argparse.Namespace, settings: Settings) -> int:
 async def _connection(settings: Settings, url: Callable[[db.Database], str]) -> AsyncIterator[db.Connection]:
     """The database ready for a command (migrate.open_migrated) and one connection to it, as the role whose URL
     ``url`` picks; database errors inside become card-mcp's errors (one line on stderr, exit 1)."""
-    async with migrate.open_migrated(settings) as database:
-        conn = await db.connect(url(database))
-        try:
-            with db.translate_errors():
-                yield conn
-        finally:
-            await conn.close()
+    async with migrate.open_migrated(settings) as database, db.connected(url(database)) as conn:
+        yield conn
 
 
 def _has_uvloop() -> bool:

@@ -161,6 +161,18 @@ async def connect(url: str) -> asyncpg.Connection[asyncpg.Record]:
     return conn
 
 
+@asynccontextmanager
+async def connected(url: str) -> AsyncIterator[Connection]:
+    """One connection for a command: database errors inside become card-mcp's errors (one line, exit 1); closed
+    when the block ends."""
+    conn = await connect(url)
+    try:
+        with translate_errors():
+            yield conn
+    finally:
+        await conn.close()
+
+
 async def _init_connection(conn: Connection) -> None:
     for type_name in ("json", "jsonb"):
         await conn.set_type_codec(type_name, encoder=json.dumps, decoder=read_json, schema="pg_catalog")

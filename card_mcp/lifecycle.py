@@ -7,8 +7,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TextIO
@@ -19,18 +17,8 @@ from .config import Settings
 from .errors import InvalidArgument
 
 
-@asynccontextmanager
-async def _connected(database: db.Database, url: Callable[[db.Database], str]) -> AsyncIterator[db.Connection]:
-    conn = await db.connect(url(database))
-    try:
-        with db.translate_errors():
-            yield conn
-    finally:
-        await conn.close()
-
-
 async def _tenant_id(database: db.Database, name: str) -> UUID:
-    async with _connected(database, db.Database.require_admin_url) as admin:
+    async with db.connected(database.require_admin_url()) as admin:
         return await tenants.tenant_id(admin, name)
 
 
@@ -45,11 +33,11 @@ async def export(args: argparse.Namespace, settings: Settings) -> int:
     partial = target.with_name(target.name + ".partial") if target else None
     async with migrate.open_migrated(settings) as database:
         tenant_id = await _tenant_id(database, args.tenant)
-        # Opened here, not under _connected, whose error translation would call a file that cannot be written an
+        # Opened here, not under db.connected, whose error translation would call a file that cannot be written an
         # unreachable database.
         out = _open_output(partial) if partial else sys.stdout
         try:
-            async with _connected(database, _app_url) as conn:
+            async with db.connected(_app_url(database)) as conn:
                 report = await transfer.export_cards(
                     conn,
                     tenant_id,
@@ -91,7 +79,7 @@ async def import_(args: argparse.Namespace, settings: Settings) -> int:
     bar = output.ProgressBar("importing cards")
     async with migrate.open_migrated(settings) as database:
         tenant_id = await _tenant_id(database, args.tenant)
-        async with _connected(database, _app_url) as conn:
+        async with db.connected(_app_url(database)) as conn:
             report = await transfer.import_cards(
                 conn, tenant_id, path, max_bytes=settings.max_content_bytes, progress=bar.update
             )
@@ -129,7 +117,7 @@ async def delete_tenant(args: argparse.Namespace, settings: Settings) -> int:
         raise InvalidArgument("the name typed did not match; nothing was erased", hint="Type it exactly, or --yes.")
     async with (
         migrate.open_migrated(settings) as database,
-        _connected(database, lambda d: d.require_owner_url("tenants delete")) as conn,
+        db.connected(database.require_owner_url("tenants delete")) as conn,
     ):
         orphans = await readers.list_readers(conn, args.name)
         removed = await tenants.erase_tenant(conn, args.name)
@@ -174,7 +162,7 @@ async def prune(args: argparse.Namespace, settings: Settings) -> int:
     before = _before(args.before, settings.usage_retention_days)
     if before > datetime.now(UTC) + timedelta(minutes=1):
         raise InvalidArgument("--before is in the future", hint="Prune only what is past, e.g. --before 90d.")
-    async with migrate.open_migrated(settings) as database, _connected(database, db.Database.require_admin_url) as conn:
+    async with migrate.open_migrated(settings) as database, db.connected(database.require_admin_url()) as conn:
         dropped = await retention.prune(conn, before)
     rows = [{"partition": d.partition, "from": d.range_from.isoformat(), "to": d.range_to.isoformat()} for d in dropped]
     output.print_rows(rows, "table", key="partitions dropped")
