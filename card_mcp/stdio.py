@@ -128,8 +128,10 @@ class _Answers(ObjectSendStream[SessionMessage]):
         self._inner, self._flight = inner, flight
 
     async def send(self, item: SessionMessage) -> None:
-        self._flight.answered(item)
+        # Noted once handed to the stdout writer, not before: the end of stdin cancels every handler still sending,
+        # so an answer marked first could be dropped on its way out.
         await self._inner.send(item)
+        self._flight.answered(item)
 
     async def aclose(self) -> None:
         await self._inner.aclose()
