@@ -16,15 +16,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequen
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Literal, get_args, get_origin
 from uuid import UUID
 
 import anyio
 from pydantic import ValidationError
-from pydantic.fields import FieldInfo
 
 from . import __version__, connections, db, history, keys, lifecycle, logs, migrate, output, readers, tenants, usage
-from .config import Settings
+from .config import Settings, invalid_setting
 from .errors import CardMcpError, InvalidArgument, SetupError
 
 logger = logging.getLogger("card_mcp")
@@ -272,41 +270,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         settings = Settings()
         return Settings.model_validate({**settings.model_dump(), **flags}) if flags else settings
     except ValidationError as exc:
-        raise invalid_setting(exc, flags) from exc
-
-
-def invalid_setting(exc: ValidationError, flags: dict[str, object]) -> SetupError:
-    """The first setting ``exc`` refuses, named as the user set it: ``--port`` or ``CARD_MCP_PORT``."""
-    err = exc.errors(include_url=False)[0]
-    name = str(err["loc"][0]) if err["loc"] else ""
-    where = _FLAGS[name] if name in flags and name in _FLAGS else f"CARD_MCP_{name.upper()}"
-    field = Settings.model_fields.get(name)
-    takes = _accepts(field) if field is not None else "a valid value"
-    default = f"; unset, it is {field.default}" if field is not None and field.default not in (None, "") else ""
-    problem = err["msg"].split(",")[0].replace("Input should be", "it should be")
-    return SetupError(f"{where} is not valid: {problem}", hint=f"it takes {takes}{default}")
-
-
-def _accepts(field: FieldInfo) -> str:
-    """What a setting accepts, in words: its type and bounds (``an integer from 0 to 65535``)."""
-    annotation = field.annotation
-    choices = get_args(annotation) if get_origin(annotation) is Literal else ()
-    if choices:
-        return "one of " + ", ".join(str(choice) for choice in choices)
-    kind = {int: "an integer", float: "a number", bool: "true or false", Path: "a folder path"}.get(
-        annotation if isinstance(annotation, type) else type(None), "text"
-    )
-    bounds = []
-    for rule in field.metadata:
-        for attribute, words in (("ge", "at least"), ("gt", "above"), ("le", "at most"), ("lt", "below")):
-            value = getattr(rule, attribute, None)
-            if value is not None:
-                bounds.append(f"{words} {value}")
-        if getattr(rule, "min_length", None):
-            bounds.append(f"at least {rule.min_length} characters")
-        if getattr(rule, "max_length", None):
-            bounds.append(f"at most {rule.max_length} characters")
-    return kind + (f", {' and '.join(bounds)}" if bounds else "")
+        raise invalid_setting(exc, {name: _FLAGS[name] for name in flags}) from exc
 
 
 async def _serve(args: argparse.Namespace, settings: Settings) -> int:

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args, get_origin
 
 import platformdirs
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationError, model_validator
+from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .errors import SetupError
 
 # Where root keeps the embedded database: outside every home folder, because the unprivileged user that
 # PostgreSQL must run as has to reach it without loosening the permissions of /root.
@@ -144,3 +147,38 @@ class Settings(BaseSettings):
     def embedded(self) -> bool:
         """True when card-mcp runs (and owns) its own PostgreSQL."""
         return self.database_url is None
+
+
+def invalid_setting(exc: ValidationError, flags: dict[str, str]) -> SetupError:
+    """The first setting ``exc`` refuses, named as the user set it: by its flag when ``flags`` (setting name to
+    flag) holds it (``--port``), else as ``CARD_MCP_PORT``; with what the setting accepts."""
+    err = exc.errors(include_url=False)[0]
+    name = str(err["loc"][0]) if err["loc"] else ""
+    where = flags.get(name, f"CARD_MCP_{name.upper()}")
+    field = Settings.model_fields.get(name)
+    takes = _accepts(field) if field is not None else "a valid value"
+    default = f"; unset, it is {field.default}" if field is not None and field.default not in (None, "") else ""
+    problem = err["msg"].split(",")[0].replace("Input should be", "it should be")
+    return SetupError(f"{where} is not valid: {problem}", hint=f"it takes {takes}{default}")
+
+
+def _accepts(field: FieldInfo) -> str:
+    """What a setting accepts, in words: its type and bounds (``an integer from 0 to 65535``)."""
+    annotation = field.annotation
+    choices = get_args(annotation) if get_origin(annotation) is Literal else ()
+    if choices:
+        return "one of " + ", ".join(str(choice) for choice in choices)
+    kind = {int: "an integer", float: "a number", bool: "true or false", Path: "a folder path"}.get(
+        annotation if isinstance(annotation, type) else type(None), "text"
+    )
+    bounds = []
+    for rule in field.metadata:
+        for attribute, words in (("ge", "at least"), ("gt", "above"), ("le", "at most"), ("lt", "below")):
+            value = getattr(rule, attribute, None)
+            if value is not None:
+                bounds.append(f"{words} {value}")
+        if getattr(rule, "min_length", None):
+            bounds.append(f"at least {rule.min_length} characters")
+        if getattr(rule, "max_length", None):
+            bounds.append(f"at most {rule.max_length} characters")
+    return kind + (f", {' and '.join(bounds)}" if bounds else "")
