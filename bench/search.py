@@ -5,6 +5,7 @@ statement is the one the tool runs (card_mcp.search_page, 10 hits and whether mo
 the plan of the ranking inside card_mcp.search_cards for the slowest query.
 
     python bench/search.py [--cards 1000000] [--big 100000] [--per-tenant 1000] [--database-url SUPERUSER_URL]
+                            [--keep NAME]
 
 The cards are the relevance set's 212 cards, repeated with a number in each title and content, loaded by the
 superuser with INSERT ... SELECT (the search indexes dropped during the load and built after, as one would for
@@ -85,7 +86,7 @@ def p95(values: list[float]) -> float:
 async def main(args: argparse.Namespace) -> None:
     # Every query of the relevance set (the paraphrases too: lexical search must answer them fast, if not well).
     queries = [q["query"] for q in json.loads(RELEVANCE.read_text())["queries"]]
-    async with postgres(args.database_url) as superuser_url, fresh_database(superuser_url) as name:
+    async with postgres(args.database_url) as superuser_url, fresh_database(superuser_url, keep=args.keep) as name:
         admin_url = with_user(superuser_url, db.ADMIN_ROLE, name)
         app_url = with_user(superuser_url, db.APP_ROLE, name)
         big = await db.tenant_id_for(admin_url, "big")
@@ -95,7 +96,8 @@ async def main(args: argparse.Namespace) -> None:
         app = await db.connect(app_url)
         try:
             started = time.perf_counter()
-            await load(superuser, args, big, small)
+            if not await superuser.fetchval("SELECT EXISTS (SELECT FROM card_mcp.cards)"):
+                await load(superuser, args, big, small)
             load_s = time.perf_counter() - started
             total = await superuser.fetchval("SELECT count(*) FROM card_mcp.cards")
             version = await superuser.fetchval("SHOW server_version")
@@ -166,6 +168,9 @@ if __name__ == "__main__":
     parser.add_argument("--big", type=int, default=100_000, help="cards of the one big tenant")
     parser.add_argument("--per-tenant", type=int, default=1000, help="cards of each small tenant")
     parser.add_argument("--database-url", help="a superuser URL of an external server (default: embedded)")
+    parser.add_argument(
+        "--keep", metavar="NAME", help="load into database NAME and keep it; a later run with it skips the load"
+    )
     arguments = parser.parse_args()
     if not 0 < arguments.big < arguments.cards or arguments.per_tenant < 1:
         parser.error("--big must be between 0 and --cards, and --per-tenant at least 1")
