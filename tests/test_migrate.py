@@ -166,8 +166,9 @@ async def test_upgrading_a_database_that_holds_cards_indexes_them_for_search(fre
             assert await migrate.migrate(owner) == [m for m in required() if m >= "0011"]
             async with app.transaction():
                 await app.execute("SELECT set_config('app.current_tenant_id', $1, true)", str(tenant))
-                found = await app.fetch("SELECT id FROM card_mcp.search_cards('onboarding tone', NULL, NULL, NULL, NULL, 10)")
-                typo = await app.fetch("SELECT id FROM card_mcp.search_cards('onbording', NULL, NULL, NULL, NULL, 10)")
+                search = "SELECT id FROM card_mcp.search_cards($1, NULL, NULL, NULL, NULL, 10)"
+                found = await app.fetch(search, "onboarding tone")
+                typo = await app.fetch(search, "onbording")
                 postings = await app.fetchval("SELECT count(*) FROM card_mcp.search_postings")
         finally:
             await app.close()
