@@ -7,9 +7,9 @@ the plan of the ranking inside card_mcp.search_cards for the slowest query.
     python bench/search.py [--cards 1000000] [--big 100000] [--per-tenant 1000] [--database-url SUPERUSER_URL]
                             [--keep NAME]
 
-The cards are the relevance set's 212 cards, repeated with a number in each title and content, loaded by the
-superuser with INSERT ... SELECT (the search indexes dropped during the load and built after, as one would for
-a bulk load), then VACUUM ANALYZE. Database creation as in bench/batch.py.
+The cards are the relevance set's 312 cards, repeated with a number in each title and content, loaded by the
+superuser with INSERT ... SELECT (the search indexes, the postings' included, dropped during the load and built
+after, as one would for a bulk load), then VACUUM ANALYZE. Database creation as in bench/batch.py.
 """
 
 from __future__ import annotations
@@ -43,13 +43,22 @@ SELECT CASE WHEN g <= $5 THEN $6::uuid ELSE ($7::uuid[])[1 + (g - $5 - 1) / $8] 
        generate_series(1, $9) AS g
 """
 
-_INDEXES = ("CREATE INDEX cards_search_doc_idx ON card_mcp.cards USING gin (tenant_id, search_doc) WHERE is_active",)
+_DROP = (
+    "DROP INDEX card_mcp.cards_search_doc_idx",
+    "ALTER TABLE card_mcp.search_postings DROP CONSTRAINT search_postings_pkey",
+)
+_INDEXES = (
+    "CREATE INDEX cards_search_doc_idx ON card_mcp.cards USING gin (tenant_id, search_doc) WHERE is_active",
+    "ALTER TABLE card_mcp.search_postings"
+    " ADD CONSTRAINT search_postings_pkey PRIMARY KEY (tenant_id, word, card_id) INCLUDE (weight)",
+)
 
 
 async def load(superuser: asyncpg.Connection, args: argparse.Namespace, big: uuid.UUID, small: list[uuid.UUID]) -> None:
     data = json.loads(RELEVANCE.read_text())
     templates = [c for brand in data["brands"] for c in brand["cards"]]
-    await superuser.execute("DROP INDEX card_mcp.cards_search_doc_idx")
+    for statement in _DROP:
+        await superuser.execute(statement)
     await superuser.execute(
         _LOAD,
         [c["card_type"] for c in templates],
@@ -66,6 +75,7 @@ async def load(superuser: asyncpg.Connection, args: argparse.Namespace, big: uui
         await superuser.execute(statement)
     await superuser.execute("VACUUM ANALYZE card_mcp.cards")
     await superuser.execute("VACUUM ANALYZE card_mcp.search_vocabulary")
+    await superuser.execute("VACUUM ANALYZE card_mcp.search_postings")
 
 
 async def timings(conn: asyncpg.Connection, tenant: uuid.UUID, queries: list[str], statement: str) -> list[float]:
@@ -158,7 +168,7 @@ async def explain(superuser: asyncpg.Connection, tenant: uuid.UUID, query: str) 
         await superuser.execute("SET auto_explain.log_min_duration = -1; SET client_min_messages = warning")
     finally:
         superuser.remove_log_listener(listen)
-    inner = [m for m in messages if "card_mcp.cards" in m and "search_doc" in m]
+    inner = [m for m in messages if "search_doc @@" in m or "search_postings" in m]
     return "\n\n".join(inner if inner else messages).splitlines()
 
 
