@@ -324,7 +324,7 @@ def domain_error(exc: BaseException) -> CardMcpError | None:
         return exc
     if isinstance(exc, asyncpg.QueryCanceledError):
         logger.warning("database statement cancelled: %s", exc)
-        return Unavailable("the database took too long to answer")
+        return too_slow()
     if isinstance(exc, asyncpg.DeadlockDetectedError | asyncpg.SerializationError):
         logger.warning("transaction aborted by a concurrent one: %s", exc)
         return Conflict("a concurrent call touched the same cards", hint="Retry the same call; nothing was saved.")
@@ -347,6 +347,12 @@ def domain_error(exc: BaseException) -> CardMcpError | None:
         logger.error("unexpected database error", exc_info=exc)
         return Internal("the card store failed unexpectedly")
     return None
+
+
+def too_slow() -> Unavailable:
+    """What a call over its statement timeout is told: by PostgreSQL (a cancelled statement of a transaction) or
+    by asyncpg (a call's one statement, which no transaction-local timeout reaches: Call.fetch_recorded)."""
+    return Unavailable("the database took too long to answer")
 
 
 @contextmanager
