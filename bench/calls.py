@@ -63,7 +63,7 @@ from startup import FLOOR_SERVER as FLOOR_STDIO
 from startup import FLOOR_TOOL
 
 from card_mcp import cards as card_store
-from card_mcp import db, keys, usage
+from card_mcp import db, keys, search, usage
 from card_mcp.config import Settings
 from card_mcp.models import NewCard
 
@@ -298,6 +298,39 @@ async def search_stdio_latency(t: Target, out: Results, calls: int) -> None:
     out.add(*p50, "ms", "≤ 2")
     out.add(
         "search_cards vs get_card over stdio, p95", 1000 * percentile(mine, 0.95), 1000 * percentile(base, 0.95), "ms"
+    )
+    await one_statements(t, out, calls)
+
+
+async def one_statements(t: Target, out: Results, calls: int) -> None:
+    """The SQL of the two calls above: each one's single statement (card_mcp.search_cards_call with the arguments
+    the server sends for the same queries, card_mcp.get_card_call), timed alone from a pool of the application
+    role in this process, in alternating blocks. What the call takes beyond it is the server's and the client's."""
+    rng = random.Random(3)
+    settings = Settings(database_url=t.app_url, log_level="WARNING")
+    row = ("bench", None, "stdio", None, 0.0, None, None)  # the usage row's fields after the tool's name
+
+    def search_call() -> tuple[Any, ...]:
+        return (t.tenant_id, *search.plan(query=rng.choice(t.words)).args, "search_cards", *row)
+
+    pool = await db.create_pool(t.app_url, settings)
+    try:
+        async with pool.acquire() as conn:
+
+            async def search_statement() -> None:
+                await conn.fetch(search.SEARCH_CARDS_CALL, *search_call())
+
+            async def get_statement() -> None:
+                await conn.fetch(card_store.GET_CARD_CALL, t.tenant_id, rng.choice(t.card_ids), "get_card", *row)
+
+            mine, base = await side_by_side(search_statement, get_statement, calls)
+    finally:
+        await pool.close()
+    out.add(
+        "its one statement alone (SQL): search_cards_call vs get_card_call, p50",
+        1000 * statistics.median(mine),
+        1000 * statistics.median(base),
+        "ms",
     )
 
 
