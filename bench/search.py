@@ -1,7 +1,8 @@
 """search_cards among 1,000,000 cards (one tenant of 100,000, the rest in tenants of 1,000): p50 and p95 of the
 relevance set's queries (tests/data/relevance.json) as the application role runs them (row-level security on),
 against the same statement run by a superuser (to whom row-level security does not apply), as a ratio. The
-statement is the one the tool runs (card_mcp.search_page, 10 hits and whether more exist). Prints the table and
+statement is the one the tool runs (card_mcp.search_cards_call: the tenant, a page of 10 and whether more exist,
+the cards, the usage row). Prints the table and
 the plan of the ranking inside card_mcp.search_cards for the slowest query.
 
     python bench/search.py [--cards 1000000] [--big 100000] [--per-tenant 1000] [--database-url SUPERUSER_URL]
@@ -43,12 +44,8 @@ SELECT CASE WHEN g <= $5 THEN $6::uuid ELSE ($7::uuid[])[1 + (g - $5 - 1) / $8] 
        generate_series(1, $9) AS g
 """
 
-_DROP = (
-    "DROP INDEX card_mcp.cards_search_doc_idx",
-    "ALTER TABLE card_mcp.search_postings DROP CONSTRAINT search_postings_pkey",
-)
+_DROP = ("ALTER TABLE card_mcp.search_postings DROP CONSTRAINT search_postings_pkey",)
 _INDEXES = (
-    "CREATE INDEX cards_search_doc_idx ON card_mcp.cards USING gin (tenant_id, search_doc) WHERE is_active",
     "ALTER TABLE card_mcp.search_postings"
     " ADD CONSTRAINT search_postings_pkey PRIMARY KEY (tenant_id, word, card_id) INCLUDE (weight)",
 )
@@ -78,14 +75,18 @@ async def load(superuser: asyncpg.Connection, args: argparse.Namespace, big: uui
     await superuser.execute("VACUUM ANALYZE card_mcp.search_postings")
 
 
-async def timings(conn: asyncpg.Connection, tenant: uuid.UUID, queries: list[str], statement: str) -> list[float]:
+# The usage row's fields search_cards_call takes after the search's own arguments (calls.Call.fetch_recorded).
+_USAGE = ("search_cards", "bench", "1", "stdio", None, 0.0, None, None)
+
+
+async def timings(conn: asyncpg.Connection, tenant: uuid.UUID, queries: list[str]) -> list[float]:
+    """Each query as the tool runs it: one statement (card_mcp.search_cards_call) that sets the tenant, ranks the
+    page, reads its cards and writes the usage row, committed."""
     times = []
-    async with conn.transaction():
-        await conn.execute("SELECT set_config('app.current_tenant_id', $1, true)", str(tenant))
-        for query in queries:
-            started = time.perf_counter()
-            await conn.fetch(statement, *search.plan(query=query, limit=10).args)
-            times.append((time.perf_counter() - started) * 1000)
+    for query in queries:
+        started = time.perf_counter()
+        await conn.fetch(search.SEARCH_CARDS_CALL, tenant, *search.plan(query=query, limit=10).args, *_USAGE)
+        times.append((time.perf_counter() - started) * 1000)
     return times
 
 
@@ -116,10 +117,10 @@ async def main(args: argparse.Namespace) -> None:
             labels = (f"{args.big:,}-card tenant", f"{args.per_tenant:,}-card tenant")
             for label, tenant in zip(labels, (big, small[len(small) // 2]), strict=True):
                 for conn in (app, superuser):  # warm both: caches, plans
-                    await timings(conn, tenant, queries, search._PAGE)
-                app_times = await timings(app, tenant, queries, search._PAGE)
+                    await timings(conn, tenant, queries)
+                app_times = await timings(app, tenant, queries)
                 rows.append((label, "application role (RLS on)", app_times))
-                rows.append((label, "superuser (no RLS)", await timings(superuser, tenant, queries, search._PAGE)))
+                rows.append((label, "superuser (no RLS)", await timings(superuser, tenant, queries)))
                 slowest = max(zip(app_times, queries, strict=True))[1]
                 plans[label] = [f"({slowest!r})", *await explain(superuser, tenant, slowest)]
         finally:
@@ -163,12 +164,11 @@ async def explain(superuser: asyncpg.Connection, tenant: uuid.UUID, query: str) 
         )
         async with superuser.transaction():
             await superuser.execute(f"SET LOCAL ROLE {db.APP_ROLE}")
-            await superuser.execute("SELECT set_config('app.current_tenant_id', $1, true)", str(tenant))
-            await superuser.fetch(search._PAGE, *search.plan(query=query, limit=10).args)
+            await superuser.fetch(search.SEARCH_CARDS_CALL, tenant, *search.plan(query=query, limit=10).args, *_USAGE)
         await superuser.execute("SET auto_explain.log_min_duration = -1; SET client_min_messages = warning")
     finally:
         superuser.remove_log_listener(listen)
-    inner = [m for m in messages if "search_doc @@" in m or "search_postings" in m]
+    inner = [m for m in messages if "search_postings" in m]
     return "\n\n".join(inner if inner else messages).splitlines()
 
 
