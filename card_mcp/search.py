@@ -35,13 +35,13 @@ SELECT {CARD}, score
 """  # noqa: S608 - only CARD is interpolated
 
 
-# One page of any search (schema/0011_search_exact.sql, card_mcp.search_page: a listing without words, a ranking
-# with them, hybrid with a query vector too), best first, each hit marked kept when it belongs to this page; one
-# more row, unkept, when more exist.
+# One page of any search (schema/0014_search_postings.sql, card_mcp.search_page: a listing without words, a
+# ranking with them, hybrid with a query vector too), best first, each hit marked kept when it belongs to this
+# page; one more row, unkept, when more exist; each row with the words looked up as typos, for the cursor to pin.
 _PAGE = f"""
-SELECT {CARD}, p.score, p.kept
-  FROM card_mcp.search_page($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
-       WITH ORDINALITY AS p(id, score, kept, n)
+SELECT {CARD}, p.score, p.kept, p.typos
+  FROM card_mcp.search_page($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
+       WITH ORDINALITY AS p(id, score, kept, typos, n)
   JOIN card_mcp.cards AS c USING (id)
  ORDER BY p.n
 """  # noqa: S608 - only CARD is interpolated
@@ -49,7 +49,7 @@ SELECT {CARD}, p.score, p.kept
 # the call's usage row written naming the cards of the page, all committed; the rows of _PAGE.
 SEARCH_CARDS_CALL = (
     "SELECT * FROM card_mcp.search_cards_call("
-    "$1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22)"
+    "$1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23)"
 )
 EXACT_VECTORS = 5000  # a tenant with at most this many vectors is searched exactly (as in search_page)
 NEAREST = 200  # a big tenant's vector candidates beyond the cards already served and this page
@@ -129,12 +129,15 @@ def _read_cursor(cursor: str) -> Any:
         ) from exc
 
 
-def _decode_cursor(cursor: str, pinned: dict[str, Any]) -> tuple[float, datetime, UUID, int]:
+def _decode_cursor(cursor: str, pinned: dict[str, Any]) -> tuple[float, datetime, UUID, int, list[int] | None]:
     try:
         data = _read_cursor(cursor)
         score, stamp, card_id = data.pop("after")
         served = int(data.pop("n", 0))
-        position = float(score), datetime.fromisoformat(stamp), UUID(card_id), max(served, 0)
+        typos = data.pop("z", None)  # the words the first page looked up as typos
+        if typos is not None:
+            typos = [int(k) for k in typos][:16]
+        position = float(score), datetime.fromisoformat(stamp), UUID(card_id), max(served, 0), typos
     except (ValueError, TypeError, KeyError, AttributeError, OverflowError, RecursionError) as exc:
         raise InvalidArgument(
             "the cursor is not one this server made", hint="Pass next_cursor exactly as returned, or omit it."
@@ -181,7 +184,9 @@ def plan(
     if hybrid:
         assert nearest is not None
         pinned["m"] = nearest.model
-    score, updated_at, after_id, served = _decode_cursor(cursor, pinned) if cursor else (None, None, None, 0)
+    score, updated_at, after_id, served, typos = (
+        _decode_cursor(cursor, pinned) if cursor else (None, None, None, 0, None)
+    )
     wanted = list(tags) if tags else None
     semantic: tuple[Any, ...] = (None, None, None, None, None)
     if hybrid:
@@ -190,7 +195,7 @@ def plan(
         vector = json.dumps(nearest.vector)
         semantic = (vector, nearest.model, nearest.floor, nearest.ceiling, served + limit + NEAREST)
     after = (score, None, after_id) if words else (None, updated_at, after_id)
-    return Plan((words, card_type, wanted, *after, limit, max_bytes, *semantic), pinned)
+    return Plan((words, card_type, wanted, *after, limit, max_bytes, *semantic, typos), pinned)
 
 
 async def search_cards(
@@ -208,15 +213,24 @@ async def search_cards(
     to ``limit + 1`` hits, so the caller can tell whether more exist, and the arguments a cursor must pin."""
     planned = plan(query=query, card_type=card_type, tags=tags, limit=limit, cursor=cursor, nearest=nearest)
     rows = await conn.fetch(_PAGE, *planned.args)
-    return [to_hit(row) for row in rows], planned.pinned
+    return [to_hit(row) for row in rows], _pin_typos(rows, planned.pinned)
 
 
 def to_hit(row: asyncpg.Record) -> ScoredCard:
-    return ScoredCard.model_validate({k: v for k, v in row.items() if k != "kept"})
+    return ScoredCard.model_validate({k: v for k, v in row.items() if k not in ("kept", "typos")})
+
+
+def _pin_typos(rows: Sequence[asyncpg.Record], pinned: dict[str, Any]) -> dict[str, Any]:
+    """``pinned`` with the words the page looked up as typos, which the next page must look up alike (whether a
+    word looks misspelt depends on the tenant's other cards, which may change between pages)."""
+    if rows and rows[0]["typos"] is not None:
+        return {**pinned, "z": list(rows[0]["typos"])}
+    return pinned
 
 
 def page_of(rows: Sequence[asyncpg.Record], pinned: dict[str, Any]) -> Page:
     """The page card_mcp.search_page marked (its kept rows), and the cursor of the next when more exist."""
+    pinned = _pin_typos(rows, pinned)
     kept = [to_hit(row) for row in rows if row["kept"]]
     more = len(kept) < len(rows)
     if more and "n" in pinned:  # a hybrid search counts the cards served, for its candidates' depth

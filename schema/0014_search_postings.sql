@@ -149,6 +149,53 @@ BEGIN
 END
 $$;
 
+-- A query's searched words, as every search reads them: its first 16 distinct words (lower case, letters and
+-- digits) in the order written, numbered k from 1 in that order once stop words (no lexeme) are left out, with each
+-- word's stemmed lexemes l, one row per (k, l).
+CREATE FUNCTION card_mcp.search_words(p_query text) RETURNS TABLE (k integer, w text, l text)
+    LANGUAGE sql STABLE
+    SET search_path = pg_catalog, pg_temp
+AS $$
+    WITH first_words AS (
+        SELECT w, min(n) AS first
+          FROM regexp_split_to_table(lower(left(p_query, 500)), '[^[:alnum:]]+') WITH ORDINALITY AS t(w, n)
+         WHERE w <> ''
+         GROUP BY w
+         ORDER BY min(n)
+         LIMIT 16
+    )
+    SELECT dense_rank() OVER (ORDER BY x.first)::integer, x.w, l
+      FROM first_words AS x, unnest(tsvector_to_array(to_tsvector('english', x.w))) AS l
+$$;
+
+-- The searched words (their k) that are looked up by trigrams as typos: words of 4 letters or more, no digit, that
+-- start no word of the current tenant's active cards (they look misspelt; a word the tenant has is taken as
+-- written). Decided on a search's first page and pinned in its cursor (search.py), so that a card with the right
+-- spelling arriving between two pages changes no card's score: the score stays a function of the query, the card
+-- and the cursor. Before, every such word was looked up, and in a 100,000-card tenant the postings of the words
+-- merely like a correctly spelt one were two thirds of what the slowest searches read.
+-- SECURITY DEFINER, like search_cards, and for the same reason: under the application role's policy the bounds of
+-- a prefix's range were filters after the tenant's qual, not index conditions (2 million entries read per word).
+CREATE FUNCTION card_mcp.search_typos(p_query text) RETURNS integer[]
+    LANGUAGE sql STABLE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+RETURN (
+    SELECT coalesce(array_agg(x.k ORDER BY x.k), '{}')
+      FROM (SELECT s.k, min(s.w) AS w, array_agg(s.l) AS stems FROM card_mcp.search_words(p_query) AS s GROUP BY s.k)
+           AS x
+     WHERE length(x.w) >= 4 AND x.w !~ '[[:digit:]]'
+       AND NOT EXISTS (  -- one probe of the postings' index per stem
+           SELECT FROM unnest(x.stems) AS stem
+            WHERE EXISTS (
+                SELECT FROM card_mcp.search_postings AS p
+                 WHERE p.tenant_id = (SELECT NULLIF(current_setting('app.current_tenant_id', true), '')::uuid)
+                   AND p.word >= stem COLLATE "C"
+                   AND p.word < (stem || CASE WHEN length(stem) >= 4 THEN chr(1114111) ELSE chr(1) END) COLLATE "C")));
+REVOKE ALL ON FUNCTION card_mcp.search_words(text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION card_mcp.search_words(text) TO card_mcp_app;
+REVOKE ALL ON FUNCTION card_mcp.search_typos(text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION card_mcp.search_typos(text) TO card_mcp_app;
+
 -- The active cards of the current tenant (app.current_tenant_id) that match p_query, best first, as (id, score):
 -- at most p_limit of them (NULL: all), after the position (p_after_score, p_after_id) of a previous page, filtered
 -- by type and by tags (all must match). The query's words are its first 16 distinct ones, lower case, letters and
@@ -167,13 +214,21 @@ $$;
 -- rewarded the words close together): with prefixes of common words that AND cost 150-190 ms on a 100,000-card
 -- tenant even when no card had every word, and 20 ms on a 1,000-card one. The score is a function of the query
 -- and the card alone, so keyset paging on (score, id) never serves a card twice.
-CREATE OR REPLACE FUNCTION card_mcp.search_cards(
+DROP FUNCTION card_mcp.search_cards_call(uuid, text, text, text[], double precision, timestamptz, uuid, integer,
+    integer, text, text, double precision, double precision, integer, text, text, text, text, uuid, double precision,
+    uuid, text);
+DROP FUNCTION card_mcp.search_page(text, text, text[], double precision, timestamptz, uuid, integer, integer, text,
+    text, double precision, double precision, integer);
+DROP FUNCTION card_mcp.search_cards(text, text, text[], double precision, uuid, integer);
+
+CREATE FUNCTION card_mcp.search_cards(
     p_query text,
     p_card_type text,
     p_tags text[],
     p_after_score double precision,
     p_after_id uuid,
-    p_limit integer
+    p_limit integer,
+    p_typos integer[] DEFAULT NULL  -- the words looked up as typos (card_mcp.search_typos); NULL: decide now
 ) RETURNS TABLE (id uuid, score double precision)
     LANGUAGE plpgsql STABLE SECURITY DEFINER
     ROWS 20
@@ -186,7 +241,7 @@ AS $$
 DECLARE
     v_tenant uuid := NULLIF(current_setting('app.current_tenant_id', true), '')::uuid;
     v_word_ts tsquery[];   -- per searched word (no stop word): its stemmed lexemes as prefixes
-    v_fuzzy text[];        -- per searched word: its stem where it is looked up by trigrams too (4+ letters, no digit)
+    v_fuzzy text[];        -- per searched word: its stem where it is looked up as a typo (p_typos), else NULL
     v_stem_n integer[];    -- (searched word's position, one of its stemmed lexemes): the postings' ranges
     v_stem text[];
     v_n integer;           -- how many words are searched
@@ -199,16 +254,8 @@ BEGIN
     END IF;
     -- The query read once: its first 16 distinct words in the order written; per searched word (stop words have no
     -- lexeme and are not searched) its tsquery of prefixes and its stem for the typo lookup; every (word, lexeme).
-    WITH first_words AS (
-        SELECT w, min(n) AS first
-          FROM regexp_split_to_table(lower(left(p_query, 500)), '[^[:alnum:]]+') WITH ORDINALITY AS t(w, n)
-         WHERE w <> ''
-         GROUP BY w
-         ORDER BY min(n)
-         LIMIT 16
-    ), lexemes AS (
-        SELECT dense_rank() OVER (ORDER BY x.first)::integer AS k, x.w, l
-          FROM first_words AS x, unnest(tsvector_to_array(to_tsvector('english', x.w))) AS l
+    WITH lexemes AS (
+        SELECT * FROM card_mcp.search_words(p_query)
     ), per_word AS (
         SELECT k, min(w) AS w,
                to_tsquery('simple', string_agg(quote_literal(l) || CASE WHEN length(l) >= 4 THEN ':*' ELSE '' END,
@@ -218,7 +265,9 @@ BEGIN
          GROUP BY k
     )
     SELECT (SELECT array_agg(q ORDER BY k) FROM per_word),
-           (SELECT array_agg(CASE WHEN length(w) >= 4 AND w !~ '[[:digit:]]' THEN stem END ORDER BY k) FROM per_word),
+           (SELECT array_agg(CASE WHEN k = ANY (coalesce(p_typos, card_mcp.search_typos(p_query))) THEN stem END
+                             ORDER BY k)
+              FROM per_word),
            (SELECT array_agg(k ORDER BY k, l) FROM lexemes),
            (SELECT array_agg(l ORDER BY k, l) FROM lexemes)
       INTO v_word_ts, v_fuzzy, v_stem_n, v_stem;
@@ -300,11 +349,11 @@ $$;
 --     or two); a bigger one takes its p_depth nearest through the HNSW index, whose iterative scan reads on, with
 --     no tuple budget, until that many of its own are found (other tenants' vectors never starve it); the caller
 --     grows p_depth with the pages already served, so page N never runs out of the candidates page 1 had.
-CREATE OR REPLACE FUNCTION card_mcp.search_page(
+CREATE FUNCTION card_mcp.search_page(
     p_words text, p_card_type text, p_tags text[], p_after_score double precision, p_after_updated timestamptz,
     p_after_id uuid, p_limit integer, p_max_bytes integer, p_vector text, p_model text, p_floor double precision,
-    p_ceiling double precision, p_depth integer
-) RETURNS TABLE (id uuid, score double precision, kept boolean)
+    p_ceiling double precision, p_depth integer, p_typos integer[]
+) RETURNS TABLE (id uuid, score double precision, kept boolean, typos integer[])
     LANGUAGE plpgsql
     SECURITY INVOKER
     ROWS 11
@@ -312,11 +361,15 @@ CREATE OR REPLACE FUNCTION card_mcp.search_page(
 AS $$
 DECLARE
     v_tenant uuid := NULLIF(current_setting('app.current_tenant_id', true), '')::uuid;
+    v_typos integer[];  -- the words looked up as typos: pinned by the cursor, else decided now (and returned)
 BEGIN
+    IF coalesce(p_words, '') <> '' THEN
+        v_typos := coalesce(p_typos, card_mcp.search_typos(p_words));
+    END IF;
     IF coalesce(p_words, '') = '' THEN
         RETURN QUERY
         SELECT h.id, 0::double precision,
-               h.n = 1 OR (h.n <= p_limit AND h.bytes <= p_max_bytes)
+               h.n = 1 OR (h.n <= p_limit AND h.bytes <= p_max_bytes), v_typos
           FROM (SELECT c.id, row_number() OVER w AS n,
                        sum(octet_length(c.content::text) + octet_length(c.title) + 300) OVER w AS bytes
                   FROM card_mcp.cards AS c
@@ -331,10 +384,11 @@ BEGIN
     ELSIF p_vector IS NULL THEN
         RETURN QUERY
         SELECT h.id, h.score,
-               h.n = 1 OR (h.n <= p_limit AND h.bytes <= p_max_bytes)
+               h.n = 1 OR (h.n <= p_limit AND h.bytes <= p_max_bytes), v_typos
           FROM (SELECT s.id, s.score, row_number() OVER w AS n,
                        sum(octet_length(c.content::text) + octet_length(c.title) + 300) OVER w AS bytes
-                  FROM card_mcp.search_cards(p_words, p_card_type, p_tags, p_after_score, p_after_id, p_limit + 1)
+                  FROM card_mcp.search_cards(p_words, p_card_type, p_tags, p_after_score, p_after_id, p_limit + 1,
+                                             v_typos)
                        AS s
                   JOIN card_mcp.cards AS c ON c.tenant_id = v_tenant AND c.id = s.id
                  WHERE c.is_active
@@ -345,7 +399,8 @@ BEGIN
                 set_config('hnsw.max_scan_tuples', '2147483647', true);
         RETURN QUERY
         WITH lexical AS (
-            SELECT s.id, s.score FROM card_mcp.search_cards(p_words, p_card_type, p_tags, NULL, NULL, NULL) AS s
+            SELECT s.id, s.score
+              FROM card_mcp.search_cards(p_words, p_card_type, p_tags, NULL, NULL, NULL, v_typos) AS s
         ), few AS (
             SELECT count(*) <= 5000 AS yes FROM (SELECT FROM card_mcp.card_vectors LIMIT 5001) AS v
         ), exact AS (
@@ -377,7 +432,7 @@ BEGIN
               LEFT JOIN card_mcp.card_vectors AS v ON v.card_id = k.id AND v.model = p_model
         )
         SELECT h.id, h.score,
-               h.n = 1 OR (h.n <= p_limit AND h.bytes <= p_max_bytes)
+               h.n = 1 OR (h.n <= p_limit AND h.bytes <= p_max_bytes), v_typos
           FROM (SELECT f.id, f.score, row_number() OVER w AS n,
                        sum(octet_length(c.content::text) + octet_length(c.title) + 300) OVER w AS bytes
                   FROM fused AS f
@@ -397,15 +452,15 @@ $$;
 -- ranked (card_mcp.search_page), its usage row written (`ok`, naming the cards of the page), committed with the
 -- statement; the cards (kept: the page; one more unkept row when more exist). Only reads: its commit does not wait
 -- for the WAL flush.
-CREATE OR REPLACE FUNCTION card_mcp.search_cards_call(
+CREATE FUNCTION card_mcp.search_cards_call(
     p_tenant_id uuid, p_words text, p_card_type text, p_tags text[], p_after_score double precision,
     p_after_updated timestamptz, p_after_id uuid, p_limit integer, p_max_bytes integer, p_vector text, p_model text,
-    p_floor double precision, p_ceiling double precision, p_depth integer,
+    p_floor double precision, p_ceiling double precision, p_depth integer, p_typos integer[],
     p_tool text, p_client_name text, p_client_version text, p_transport text, p_api_key_id uuid,
     p_elapsed_ms double precision, p_connection_id uuid, p_oauth_client_id text
 ) RETURNS TABLE (
     id uuid, card_type text, title text, content jsonb, tags text[], version integer, content_hash text,
-    created_at timestamptz, updated_at timestamptz, score double precision, kept boolean
+    created_at timestamptz, updated_at timestamptz, score double precision, kept boolean, typos integer[]
 )
     LANGUAGE plpgsql
     SECURITY INVOKER
@@ -415,14 +470,15 @@ DECLARE
     v_ids uuid[];
     v_scores double precision[];
     v_kept boolean[];
+    v_typos integer[];
 BEGIN
     PERFORM set_config('app.current_tenant_id', p_tenant_id::text, true),
             set_config('synchronous_commit', 'off', true);
-    SELECT array_agg(p.id ORDER BY n), array_agg(p.score ORDER BY n), array_agg(p.kept ORDER BY n)
-      INTO v_ids, v_scores, v_kept
+    SELECT array_agg(p.id ORDER BY n), array_agg(p.score ORDER BY n), array_agg(p.kept ORDER BY n), min(p.typos)
+      INTO v_ids, v_scores, v_kept, v_typos
       FROM card_mcp.search_page(p_words, p_card_type, p_tags, p_after_score, p_after_updated, p_after_id, p_limit,
-                                p_max_bytes, p_vector, p_model, p_floor, p_ceiling, p_depth)
-           WITH ORDINALITY AS p(id, score, kept, n);
+                                p_max_bytes, p_vector, p_model, p_floor, p_ceiling, p_depth, p_typos)
+           WITH ORDINALITY AS p(id, score, kept, typos, n);
     PERFORM card_mcp.record_call(
         p_tenant_id, p_tool, 'ok', NULL,
         coalesce((SELECT array_agg(h.id ORDER BY h.n) FROM unnest(v_ids, v_kept) WITH ORDINALITY AS h(id, kept, n)
@@ -432,10 +488,24 @@ BEGIN
     );
     RETURN QUERY
     SELECT c.id, c.card_type, c.title, c.content, c.tags, c.version, c.content_hash, c.created_at, c.updated_at,
-           h.score, h.kept
+           h.score, h.kept, v_typos
       FROM unnest(v_ids, v_scores, v_kept) WITH ORDINALITY AS h(id, score, kept, n)
       JOIN card_mcp.cards AS c ON c.tenant_id = p_tenant_id AND c.id = h.id
      ORDER BY h.n;
 END
 $$;
 
+REVOKE ALL ON FUNCTION card_mcp.search_cards(text, text, text[], double precision, uuid, integer, integer[])
+    FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION card_mcp.search_cards(text, text, text[], double precision, uuid, integer, integer[])
+    TO card_mcp_app, card_mcp_admin;
+REVOKE ALL ON FUNCTION card_mcp.search_page(text, text, text[], double precision, timestamptz, uuid, integer, integer,
+    text, text, double precision, double precision, integer, integer[]) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION card_mcp.search_page(text, text, text[], double precision, timestamptz, uuid, integer,
+    integer, text, text, double precision, double precision, integer, integer[]) TO card_mcp_app;
+REVOKE ALL ON FUNCTION card_mcp.search_cards_call(uuid, text, text, text[], double precision, timestamptz, uuid,
+    integer, integer, text, text, double precision, double precision, integer, integer[], text, text, text, text, uuid,
+    double precision, uuid, text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION card_mcp.search_cards_call(uuid, text, text, text[], double precision, timestamptz, uuid,
+    integer, integer, text, text, double precision, double precision, integer, integer[], text, text, text, text, uuid,
+    double precision, uuid, text) TO card_mcp_app;
