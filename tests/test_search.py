@@ -117,9 +117,10 @@ async def test_paging_through_1000_matches_while_cards_are_inserted_returns_each
 async def test_paging_a_typo_query_one_card_at_a_time_never_repeats_a_card_while_the_right_spelling_arrives(
     app_pool: asyncpg.Pool, tenant_a: uuid.UUID
 ) -> None:
-    """A typo card's score must not depend on whether another card spells the word right (before, a query word got
-    a trigram lookup only while no card matched it exactly, so the first correctly spelled card changed the typo
-    cards' scores between two pages and served one of them twice)."""
+    """A typo card's score must not change between pages when another card spells the word right. A query word is
+    looked up as a typo only while no card of the tenant has it (0014), so the cursor pins that decision: without
+    the pin, the first correctly spelled card changed the typo cards' scores between two pages and served one of
+    them twice (as on the main of 2026-12-03 morning, and as this test shows with the pin left out)."""
     typos = [
         NewCard(card_type="insight", title=f"Onbording checklist {who}", content={"steps": [f"welcome {who}"]})
         for who in ("for new hires", "for managers", "for contractors")
