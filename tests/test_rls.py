@@ -327,6 +327,7 @@ DEFINERS = {
     "delete_expired_idempotency_keys": {db.ADMIN_ROLE},
     "api_key_lookup": {db.ADMIN_ROLE},
     "search_cards": {db.APP_ROLE, db.ADMIN_ROLE},
+    "search_typos": {db.APP_ROLE},  # which words look misspelt: reads the postings by index, as search_cards (0014)
     "create_tenant": {db.ADMIN_ROLE},
     "create_api_key": {db.ADMIN_ROLE},
     "revoke_api_key": {db.ADMIN_ROLE},
