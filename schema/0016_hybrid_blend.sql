@@ -16,6 +16,14 @@
 --
 -- e is read back from L: card_mcp.search_cards scores a card in [e/(n+1), (e+1)/(n+1)), and n is counted here the
 -- way it counts the words it searches (the first 16 distinct ones, stop words left out).
+--
+-- And a hybrid search's database part, on a 1,000-card tenant (docs/benchmarks.md, "Hybrid latency"):
+-- - the query vector is read from its text once (it was cast from text for every vector compared, and again for
+--   every candidate: about 50 ms for 1,000 vectors), and each similarity is computed once;
+-- - the page's sizes are read for its hits only, not for every candidate;
+-- - search_page, and search_cards inside it, plan each statement for the call's own values
+--   (plan_cache_mode = force_custom_plan): after five calls on a connection PostgreSQL may keep a generic plan,
+--   which took the hybrid statement from 15 to 111-141 ms at p50 and the lexical page from 10 to 23 ms.
 
 -- One page of a search, as (id, score, kept), best first (as in 0011, whose description holds but for the hybrid
 -- score): words and a query vector: (S + 0.5 x c^4 + 0.1 x L) / 1.6, in [0, 1], as above.
@@ -27,6 +35,7 @@ CREATE OR REPLACE FUNCTION card_mcp.search_page(
     LANGUAGE plpgsql
     SECURITY INVOKER
     SET search_path = pg_catalog, card_mcp, pg_temp
+    SET plan_cache_mode = force_custom_plan
 AS $$
 DECLARE
     v_n integer;  -- how many words card_mcp.search_cards searches (hybrid only)
@@ -71,53 +80,63 @@ BEGIN
         PERFORM set_config('hnsw.iterative_scan', 'relaxed_order', true), set_config('hnsw.ef_search', '100', true),
                 set_config('hnsw.max_scan_tuples', '2147483647', true);
         RETURN QUERY
-        WITH lexical AS (
+        WITH query AS MATERIALIZED (  -- the vector read from its text once, not once per row compared
+            SELECT p_vector::card_mcp.halfvec AS vector
+        ), lexical AS MATERIALIZED (
             SELECT s.id, s.score FROM card_mcp.search_cards(p_words, p_card_type, p_tags, NULL, NULL, NULL) AS s
-        ), few AS (
+        ), few AS MATERIALIZED (
             SELECT count(*) <= 5000 AS yes FROM (SELECT FROM card_mcp.card_vectors LIMIT 5001) AS v
-        ), exact AS (
-            SELECT v.card_id AS id
-              FROM card_mcp.card_vectors AS v
+        ), vectors AS MATERIALIZED (  -- cards above the floor, and their similarity, each computed once
+            SELECT v.card_id AS id, 1 - (v.embedding OPERATOR(card_mcp.<=>) q.vector) AS similarity
+              FROM card_mcp.card_vectors AS v, query AS q
              WHERE (SELECT f.yes FROM few AS f) AND v.model = p_model
-               AND 1 - (v.embedding OPERATOR(card_mcp.<=>) p_vector::card_mcp.halfvec) > p_floor
-        ), nearest AS (
-            SELECT n.id
-              FROM (SELECT c.id, 1 - (v.embedding OPERATOR(card_mcp.<=>) p_vector::card_mcp.halfvec) AS similarity
-                      FROM card_mcp.card_vectors AS v
+               AND 1 - (v.embedding OPERATOR(card_mcp.<=>) q.vector) > p_floor
+            UNION ALL
+            SELECT n.id, n.similarity
+              FROM (SELECT c.id, 1 - (v.embedding OPERATOR(card_mcp.<=>) q.vector) AS similarity
+                      FROM query AS q, card_mcp.card_vectors AS v
                       JOIN card_mcp.cards AS c ON c.tenant_id = v.tenant_id AND c.id = v.card_id
                      WHERE NOT (SELECT f.yes FROM few AS f) AND c.is_active AND v.model = p_model
                        AND (p_card_type IS NULL OR c.card_type = p_card_type)
                        AND (p_tags IS NULL OR c.tags @> p_tags)
-                     ORDER BY v.embedding OPERATOR(card_mcp.<=>) p_vector::card_mcp.halfvec
+                     ORDER BY v.embedding OPERATOR(card_mcp.<=>) q.vector
                      LIMIT p_depth) AS n
              WHERE n.similarity > p_floor
-        ), candidates AS (
-            SELECT l.id FROM lexical AS l UNION SELECT e.id FROM exact AS e UNION SELECT n.id FROM nearest AS n
-        ), signals AS (  -- per card: its vector similarity scaled to 0..1, its lexical score, the share of words it has
+        ), candidates AS (  -- every lexical match and every vector above the floor, with both signals
+            SELECT coalesce(l.id, x.id) AS id, coalesce(l.score, 0) AS lexical,
+                   coalesce(x.similarity,
+                            -- a lexical match not among a big tenant's nearest may still be above the floor; in a
+                            -- small tenant every vector above it is in x already
+                            CASE WHEN NOT (SELECT f.yes FROM few AS f)
+                                 THEN (SELECT 1 - (v.embedding OPERATOR(card_mcp.<=>) q.vector)
+                                         FROM card_mcp.card_vectors AS v, query AS q
+                                        WHERE v.card_id = l.id AND v.model = p_model) END,
+                            p_floor) AS similarity
+              FROM lexical AS l
+              FULL JOIN vectors AS x ON x.id = l.id
+        ), fused AS (  -- S the similarity scaled to 0..1, c the share of the words the card has, L its lexical score
             SELECT k.id,
-                   least(greatest((coalesce(1 - (v.embedding OPERATOR(card_mcp.<=>) p_vector::card_mcp.halfvec), 0)
-                                   - p_floor) / (p_ceiling - p_floor), 0), 1) AS similarity,
-                   coalesce(l.score, 0) AS lexical,
-                   least(floor(coalesce(l.score, 0) * (v_n + 1) + 1e-6), v_n) / greatest(v_n, 1) AS words
+                   ((least(greatest((k.similarity - p_floor) / (p_ceiling - p_floor), 0), 1)
+                     + 0.5 * power(least(floor(k.lexical * (v_n + 1) + 1e-6), v_n) / greatest(v_n, 1), 4)
+                     + 0.1 * k.lexical) / 1.6)::double precision AS score
               FROM candidates AS k
-              LEFT JOIN lexical AS l ON l.id = k.id
-              LEFT JOIN card_mcp.card_vectors AS v ON v.card_id = k.id AND v.model = p_model
-        ), fused AS (
-            SELECT s.id, ((s.similarity + 0.5 * power(s.words, 4) + 0.1 * s.lexical) / 1.6)::double precision AS score
-              FROM signals AS s
+        ), best AS (  -- the page's hits and one more, before their sizes are read
+            SELECT f.id, f.score
+              FROM fused AS f
+              JOIN card_mcp.cards AS c ON c.id = f.id
+             WHERE c.is_active AND (p_after_score IS NULL OR (f.score, f.id) < (p_after_score, p_after_id))
+               AND (p_card_type IS NULL OR c.card_type = p_card_type)
+               AND (p_tags IS NULL OR c.tags @> p_tags)
+             ORDER BY f.score DESC, f.id DESC
+             LIMIT p_limit + 1
         )
         SELECT h.id, h.score,
                h.n = 1 OR (h.n <= p_limit AND h.bytes <= p_max_bytes)
-          FROM (SELECT f.id, f.score, row_number() OVER w AS n,
+          FROM (SELECT b.id, b.score, row_number() OVER w AS n,
                        sum(octet_length(c.content::text) + octet_length(c.title) + 300) OVER w AS bytes
-                  FROM fused AS f
-                  JOIN card_mcp.cards AS c ON c.id = f.id
-                 WHERE c.is_active AND (p_after_score IS NULL OR (f.score, f.id) < (p_after_score, p_after_id))
-                   AND (p_card_type IS NULL OR c.card_type = p_card_type)
-                   AND (p_tags IS NULL OR c.tags @> p_tags)
-                WINDOW w AS (ORDER BY f.score DESC, f.id DESC)
-                 ORDER BY f.score DESC, f.id DESC
-                 LIMIT p_limit + 1) AS h
+                  FROM best AS b
+                  JOIN card_mcp.cards AS c ON c.id = b.id
+                WINDOW w AS (ORDER BY b.score DESC, b.id DESC)) AS h
          ORDER BY h.n;
     END IF;
 END

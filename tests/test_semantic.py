@@ -475,7 +475,7 @@ async def test_hybrid_ranking_on_the_held_out_half_is_what_docs_benchmarks_md_pu
 ) -> None:
     """tests/data/relevance.json, lexical and hybrid side by side, per half and kind. On each held-out part (written
     before it was ever run, never tuned on) the figures must be what the docs publish, within MARGIN, and
-    paraphrases must gain over lexical search; the tuned half is printed."""
+    paraphrases must gain over lexical search. On the tuned half no kind may rank below lexical search."""
     data, ids, tenants = await load_relevance_set(database, app_pool)
     model = semantic.load_model(1)
     assert model is not None
@@ -500,6 +500,10 @@ async def test_hybrid_ranking_on_the_held_out_half_is_what_docs_benchmarks_md_pu
             lines.append(f"| {half} | {kind} | {len(scores)} | {lm:.3f} | {lr:.3f} | {hm:.3f} | {hr:.3f} |")
     print("\n" + "\n".join(lines))
     table = "\n".join(lines)
+    # What the blend was tuned for (schema/0016_hybrid_blend.sql): no kind below lexical search on the tuned half
+    # (0011's blend put deep_content at 0.933 against 1.000: a card with every word lost to a closer vector).
+    below = [kind for kind, (lm, _, hm, _) in measured["tuned"].items() if kind not in BY_MEANING and hm < lm]
+    assert not below, (below, table)
     for half, published_as in HELD_OUT.items():
         held_out = measured[half]
         assert held_out["paraphrase"][2] >= held_out["paraphrase"][0] + GAIN, (half, table)
