@@ -239,13 +239,18 @@ async def postgres(external: str | None) -> AsyncIterator[str]:
 
 
 @asynccontextmanager
-async def fresh_database(superuser_url: str, migrations: list[migrate.Migration] | None = None) -> AsyncIterator[str]:
-    """A migrated database of its own (every migration, or those given); yields its name and drops it afterwards."""
-    name = f"card_mcp_bench_{uuid.uuid4().hex[:12]}"
+async def fresh_database(
+    superuser_url: str, migrations: list[migrate.Migration] | None = None, keep: str | None = None
+) -> AsyncIterator[str]:
+    """A migrated database of its own (every migration, or those given); yields its name and drops it afterwards.
+    With ``keep``, the database of that name, created if missing, brought up to date, and kept afterwards."""
+    name = keep or f"card_mcp_bench_{uuid.uuid4().hex[:12]}"
     conn = await asyncpg.connect(superuser_url)
     try:
         await conn.execute(BOOTSTRAP_ROLES_SQL)
-        await conn.execute(f'CREATE DATABASE "{name}" OWNER card_mcp_owner')
+        exists = keep is not None and await conn.fetchval("SELECT true FROM pg_database WHERE datname = $1", keep)
+        if not exists:
+            await conn.execute(f'CREATE DATABASE "{name}" OWNER card_mcp_owner')
     finally:
         await conn.close()
     try:
@@ -264,7 +269,8 @@ async def fresh_database(superuser_url: str, migrations: list[migrate.Migration]
         with anyio.CancelScope(shield=True):
             conn = await asyncpg.connect(superuser_url)
             try:
-                await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+                if keep is None:
+                    await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
             finally:
                 await conn.close()
 

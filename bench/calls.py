@@ -23,8 +23,9 @@ What each row measures:
   call edge for get_card (server.run_card_call: the tenant, the read, the usage row, the commit) against one
   `SELECT ... WHERE id = $1` on the same pool.
 * throughput: 32 HTTP clients (each its own MCP session, all in this process) calling for --seconds: card-mcp with
-  a mix of 70% get_card, 20% search_cards and 10% create_card; the floor server's no-op; calls per second. The
-  database's CPU per call is the CPU time of every PostgreSQL process (from /proc) over the run, per call.
+  a mix of 70% get_card, 20% search_cards and 10% create_card; the floor server's no-op; calls per second, in six
+  alternating blocks (both servers up) so that the machine's drifting load weighs on both alike. The database's
+  CPU per call is the CPU time of every PostgreSQL process (from /proc) over the run, per call.
 * memory: a `card-mcp serve` over stdio: resident set size after start-up and 1,000 warm-up calls, then after
   --memory-calls calls of get_card and search_cards (16 in flight at once).
 """
@@ -63,7 +64,7 @@ from startup import FLOOR_SERVER as FLOOR_STDIO
 from startup import FLOOR_TOOL
 
 from card_mcp import cards as card_store
-from card_mcp import db, keys, usage
+from card_mcp import db, keys, search, usage
 from card_mcp.config import Settings
 from card_mcp.models import NewCard
 
@@ -299,6 +300,39 @@ async def search_stdio_latency(t: Target, out: Results, calls: int) -> None:
     out.add(
         "search_cards vs get_card over stdio, p95", 1000 * percentile(mine, 0.95), 1000 * percentile(base, 0.95), "ms"
     )
+    await one_statements(t, out, calls)
+
+
+async def one_statements(t: Target, out: Results, calls: int) -> None:
+    """The SQL of the two calls above: each one's single statement (card_mcp.search_cards_call with the arguments
+    the server sends for the same queries, card_mcp.get_card_call), timed alone from a pool of the application
+    role in this process, in alternating blocks. What the call takes beyond it is the server's and the client's."""
+    rng = random.Random(3)
+    settings = Settings(database_url=t.app_url, log_level="WARNING")
+    row = ("bench", None, "stdio", None, 0.0, None, None)  # the usage row's fields after the tool's name
+
+    def search_call() -> tuple[Any, ...]:
+        return (t.tenant_id, *search.plan(query=rng.choice(t.words)).args, "search_cards", *row)
+
+    pool = await db.create_pool(t.app_url, settings)
+    try:
+        async with pool.acquire() as conn:
+
+            async def search_statement() -> None:
+                await conn.fetch(search.SEARCH_CARDS_CALL, *search_call())
+
+            async def get_statement() -> None:
+                await conn.fetch(card_store.GET_CARD_CALL, t.tenant_id, rng.choice(t.card_ids), "get_card", *row)
+
+            mine, base = await side_by_side(search_statement, get_statement, calls)
+    finally:
+        await pool.close()
+    out.add(
+        "its one statement alone (SQL): search_cards_call vs get_card_call, p50",
+        1000 * statistics.median(mine),
+        1000 * statistics.median(base),
+        "ms",
+    )
 
 
 async def http_latency(t: Target, out: Results, calls: int) -> None:
@@ -452,6 +486,16 @@ def postgres_cpu() -> float:
 class Throughput:
     calls_per_s: float
     cpu_ms: dict[str, float]  # per call: the clients (this process), the server, PostgreSQL
+    calls: int = 0
+    seconds: float = 0.0
+
+    @staticmethod
+    def of(runs: list[Throughput]) -> Throughput:
+        """Runs taken together: all their calls over all their seconds, CPU per call weighted by calls."""
+        calls = sum(run.calls for run in runs)
+        seconds = sum(run.seconds for run in runs)
+        cpu = {party: sum(run.cpu_ms[party] * run.calls for run in runs) / calls for party in runs[0].cpu_ms}
+        return Throughput(calls / seconds, cpu, calls, seconds)
 
 
 async def throughput(
@@ -491,10 +535,12 @@ async def throughput(
     if errors[0]:
         raise RuntimeError(f"{errors[0]} calls failed during the throughput run")
     used = [1000 * (b - a) / calls for a, b in zip(before, after, strict=True)]
-    return Throughput(calls / elapsed, dict(zip(("clients", "server", "PostgreSQL"), used, strict=True)))
+    return Throughput(
+        calls / elapsed, dict(zip(("clients", "server", "PostgreSQL"), used, strict=True)), calls, elapsed
+    )
 
 
-async def http_throughput(t: Target, out: Results, seconds: float, clients: int = 32) -> None:
+async def http_throughput(t: Target, out: Results, seconds: float, clients: int = 32, blocks: int = 6) -> None:
     rng = random.Random(5)
     kinds = tool_calls(t, rng)
     mix = ["get_card"] * 7 + ["search_cards"] * 2 + ["create_card"]
@@ -506,10 +552,22 @@ async def http_throughput(t: Target, out: Results, seconds: float, clients: int 
     port = free_port()
     ours_args = [CARD_MCP, "serve", "--transport", "http", "--stateless", "--port", "0"]
     floor_args = [sys.executable, floor_file(FLOOR_HTTP), str(port)]
-    async with http_process(floor_args, None, f"http://127.0.0.1:{port}/mcp") as (floor_url, pid):
-        base = await throughput(floor_url, None, lambda c: c.call_tool("noop", {}), clients, seconds, pid)
-    async with http_process(ours_args, t.env()) as (url, pid):
-        mine = await throughput(url, t.key, mixed, clients, seconds, pid)
+    async with (
+        http_process(floor_args, None, f"http://127.0.0.1:{port}/mcp") as (floor_url, floor_pid),
+        http_process(ours_args, t.env()) as (url, pid),
+    ):
+        # In alternating blocks, both servers up (the one waiting idles), so that the machine's load, which on a
+        # shared machine moves within seconds, weighs on card-mcp and its floor alike; one block each, one after
+        # the other, gave ratios from 0.47 to 0.74 for the same code within minutes.
+        mine_runs, base_runs = [], []
+        for block in range(blocks):
+            for ours in (True, False) if block % 2 == 0 else (False, True):
+                if ours:
+                    mine_runs.append(await throughput(url, t.key, mixed, clients, seconds / blocks, pid))
+                else:
+                    noop = lambda c: c.call_tool("noop", {})  # noqa: E731
+                    base_runs.append(await throughput(floor_url, None, noop, clients, seconds / blocks, floor_pid))
+        mine, base = Throughput.of(mine_runs), Throughput.of(base_runs)
         alone = {name: await throughput(url, t.key, kinds[name], clients, seconds / 2, pid) for name in kinds}
     out.add(
         f"throughput, {clients} HTTP clients, mixed calls",

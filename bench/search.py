@@ -5,10 +5,11 @@ statement is the one the tool runs (card_mcp.search_page, 10 hits and whether mo
 the plan of the ranking inside card_mcp.search_cards for the slowest query.
 
     python bench/search.py [--cards 1000000] [--big 100000] [--per-tenant 1000] [--database-url SUPERUSER_URL]
+                            [--keep NAME]
 
-The cards are the relevance set's 212 cards, repeated with a number in each title and content, loaded by the
-superuser with INSERT ... SELECT (the search indexes dropped during the load and built after, as one would for
-a bulk load), then VACUUM ANALYZE. Database creation as in bench/batch.py.
+The cards are the relevance set's 312 cards, repeated with a number in each title and content, loaded by the
+superuser with INSERT ... SELECT (the search indexes, the postings' included, dropped during the load and built
+after, as one would for a bulk load), then VACUUM ANALYZE. Database creation as in bench/batch.py.
 """
 
 from __future__ import annotations
@@ -42,13 +43,22 @@ SELECT CASE WHEN g <= $5 THEN $6::uuid ELSE ($7::uuid[])[1 + (g - $5 - 1) / $8] 
        generate_series(1, $9) AS g
 """
 
-_INDEXES = ("CREATE INDEX cards_search_doc_idx ON card_mcp.cards USING gin (tenant_id, search_doc) WHERE is_active",)
+_DROP = (
+    "DROP INDEX card_mcp.cards_search_doc_idx",
+    "ALTER TABLE card_mcp.search_postings DROP CONSTRAINT search_postings_pkey",
+)
+_INDEXES = (
+    "CREATE INDEX cards_search_doc_idx ON card_mcp.cards USING gin (tenant_id, search_doc) WHERE is_active",
+    "ALTER TABLE card_mcp.search_postings"
+    " ADD CONSTRAINT search_postings_pkey PRIMARY KEY (tenant_id, word, card_id) INCLUDE (weight)",
+)
 
 
 async def load(superuser: asyncpg.Connection, args: argparse.Namespace, big: uuid.UUID, small: list[uuid.UUID]) -> None:
     data = json.loads(RELEVANCE.read_text())
     templates = [c for brand in data["brands"] for c in brand["cards"]]
-    await superuser.execute("DROP INDEX card_mcp.cards_search_doc_idx")
+    for statement in _DROP:
+        await superuser.execute(statement)
     await superuser.execute(
         _LOAD,
         [c["card_type"] for c in templates],
@@ -65,6 +75,7 @@ async def load(superuser: asyncpg.Connection, args: argparse.Namespace, big: uui
         await superuser.execute(statement)
     await superuser.execute("VACUUM ANALYZE card_mcp.cards")
     await superuser.execute("VACUUM ANALYZE card_mcp.search_vocabulary")
+    await superuser.execute("VACUUM ANALYZE card_mcp.search_postings")
 
 
 async def timings(conn: asyncpg.Connection, tenant: uuid.UUID, queries: list[str], statement: str) -> list[float]:
@@ -85,7 +96,7 @@ def p95(values: list[float]) -> float:
 async def main(args: argparse.Namespace) -> None:
     # Every query of the relevance set (the paraphrases too: lexical search must answer them fast, if not well).
     queries = [q["query"] for q in json.loads(RELEVANCE.read_text())["queries"]]
-    async with postgres(args.database_url) as superuser_url, fresh_database(superuser_url) as name:
+    async with postgres(args.database_url) as superuser_url, fresh_database(superuser_url, keep=args.keep) as name:
         admin_url = with_user(superuser_url, db.ADMIN_ROLE, name)
         app_url = with_user(superuser_url, db.APP_ROLE, name)
         big = await db.tenant_id_for(admin_url, "big")
@@ -95,7 +106,8 @@ async def main(args: argparse.Namespace) -> None:
         app = await db.connect(app_url)
         try:
             started = time.perf_counter()
-            await load(superuser, args, big, small)
+            if not await superuser.fetchval("SELECT EXISTS (SELECT FROM card_mcp.cards)"):
+                await load(superuser, args, big, small)
             load_s = time.perf_counter() - started
             total = await superuser.fetchval("SELECT count(*) FROM card_mcp.cards")
             version = await superuser.fetchval("SHOW server_version")
@@ -156,7 +168,7 @@ async def explain(superuser: asyncpg.Connection, tenant: uuid.UUID, query: str) 
         await superuser.execute("SET auto_explain.log_min_duration = -1; SET client_min_messages = warning")
     finally:
         superuser.remove_log_listener(listen)
-    inner = [m for m in messages if "card_mcp.cards" in m and "search_doc" in m]
+    inner = [m for m in messages if "search_doc @@" in m or "search_postings" in m]
     return "\n\n".join(inner if inner else messages).splitlines()
 
 
@@ -166,6 +178,9 @@ if __name__ == "__main__":
     parser.add_argument("--big", type=int, default=100_000, help="cards of the one big tenant")
     parser.add_argument("--per-tenant", type=int, default=1000, help="cards of each small tenant")
     parser.add_argument("--database-url", help="a superuser URL of an external server (default: embedded)")
+    parser.add_argument(
+        "--keep", metavar="NAME", help="load into database NAME and keep it; a later run with it skips the load"
+    )
     arguments = parser.parse_args()
     if not 0 < arguments.big < arguments.cards or arguments.per_tenant < 1:
         parser.error("--big must be between 0 and --cards, and --per-tenant at least 1")

@@ -11,7 +11,8 @@
       the caller cancels             ROLLBACK; the usage row (error "cancelled"); the cancellation goes on
       nothing was read or written    the usage row alone, one statement (record_call_alone)
       one recorded statement         Call.fetch_recorded: the tenant, the work and the usage row in one statement
-                                     (one round trip, get_card): the edge writes nothing more
+                                     (one round trip, get_card, search_cards): the edge writes nothing more;
+                                     over the statement timeout it is cancelled, and recorded as a failure
 
 Durability is declared by the caller (a tool's registry entry), never read off an annotation: a call that is not
 durable commits without waiting for the WAL flush, which only a crash of PostgreSQL itself could lose.
@@ -199,6 +200,11 @@ class Call:
         self.recorded = True  # before the await: once sent, the statement may have committed
         entry = self.entry
         elapsed_ms = (time.perf_counter() - self._started) * 1000
+        # No transaction-local statement_timeout reaches a statement that is its own transaction (a SET inside the
+        # function would start counting too late), and a session-level one does not survive a transaction-mode
+        # pooler: asyncpg bounds it instead, and on expiry sends PostgreSQL a cancel request and answers
+        # TimeoutError. None (no limit set): the pool's command_timeout.
+        timeout = self.settings.statement_timeout_ms / 1000 or None
         with anyio.CancelScope(shield=True):  # it commits: its outcome must be known
             try:
                 rows = await self._conn.fetch(
@@ -213,10 +219,14 @@ class Call:
                     elapsed_ms,
                     entry.connection_id,
                     entry.oauth_client_id,
+                    timeout=timeout,
                 )
             except asyncpg.PostgresError:  # PostgreSQL refused it (a bad value, a timeout): nothing committed, so
                 self.recorded = False  # the edge records the failure
                 raise
+            except TimeoutError as exc:  # cancelled at the timeout: as a transaction's statement over it answers
+                self.recorded = False
+                raise db.too_slow() from exc
         return rows
 
     async def report_progress(self, done: float, total: float, message: str) -> None:

@@ -8,7 +8,9 @@ and the usage rows are exactly the calls that were answered.
 - PostgreSQL's answer to a COMMIT is lost with its connection: the server asks PostgreSQL what became of the
   transaction and answers accordingly;
 - an answer is lost on its way to the client after the batch committed, and the client retries with its
-  idempotency key.
+  idempotency key;
+- a call that is one statement (get_card, search_cards) waits past the statement timeout: it is cancelled, answers
+  as a transaction's statement over the timeout does, and leaves one usage row (directly and through pgbouncer).
 
 A backend killed mid-batch is in tests/test_batch.py.
 """
@@ -36,8 +38,9 @@ from card_mcp.config import Settings
 from card_mcp.embedded import SUPERUSER, EmbeddedPostgres
 from card_mcp.models import NewCard
 from tests.conftest import TestDatabase, create_migrated_database, make_tempdir, with_user
-from tests.helpers import connect, error_code, ok, until, usage_rows
+from tests.helpers import connect, create, error_code, ok, superuser, until, usage_rows
 from tests.test_batch import Blocker, batch_waiting_on_a_lock, counts, make_cards
+from tests.test_hosted import PGBOUNCER_URL, via_pooler
 from tests.test_http import http_server, mcp_client, new_key
 from tests.wire import TurnCounter
 
@@ -243,6 +246,69 @@ async def test_when_the_answer_to_commit_is_lost_the_server_learns_the_call_comm
     assert await counts(database, tenant) == (51, 1)
     rows = await usage_rows(database.admin_url, tenant)
     assert outcomes(rows) == {("batch_create_cards", None): 2, ("create_card", None): 2}  # one row per call
+
+
+# -- a one-statement call over the statement timeout -----------------------------------------------------------
+
+
+def error_payload(result: CallToolResult) -> dict[str, str]:
+    error_code(result)  # the fixed shape
+    payload: dict[str, str] = json.loads(result.content[0].text)["error"]  # type: ignore[union-attr]
+    return payload
+
+
+@pytest.mark.parametrize(
+    "through",
+    [
+        "direct",
+        pytest.param(
+            "pgbouncer",
+            marks=pytest.mark.skipif(not PGBOUNCER_URL, reason="CARD_MCP_TEST_PGBOUNCER_URL is set by .ci/run"),
+        ),
+    ],
+)
+async def test_a_one_statement_call_over_the_statement_timeout_is_cancelled_answered_and_recorded_once(
+    database: TestDatabase, settings: Settings, through: str
+) -> None:
+    tenant = f"t-{uuid.uuid4().hex[:12]}"
+    app_url = via_pooler(database.app_url) if through == "pgbouncer" else database.app_url
+    # command_timeout, asyncpg's own bound on every statement, well above the statement timeout: the answer
+    # comes from the statement timeout, and a call it does not reach fails this test on its usage rows.
+    slow = settings.model_copy(
+        update={
+            "database_url": app_url,
+            "statement_timeout_ms": 300,
+            "command_timeout": 15.0,
+            "statement_cache_size": 0 if through == "pgbouncer" else settings.statement_cache_size,
+        }
+    )
+    async with connect(slow, tenant) as client:
+        card = await create(client)
+        one_statement = {
+            "get_card": {"card_id": card["id"]},
+            "search_cards": {"query": card["title"]},
+        }
+        # A lock that every read of the cards waits on, held by another connection for as long as the calls take.
+        async with superuser(database) as conn, conn.transaction():
+            await conn.execute("LOCK TABLE card_mcp.cards IN ACCESS EXCLUSIVE MODE")
+            # A call that is a transaction of several statements: cancelled by its transaction-local timeout.
+            in_transaction = error_payload(await client.call_tool("update_card", {"card_id": card["id"], "title": "X"}))
+            answers = {tool: error_payload(await client.call_tool(tool, args)) for tool, args in one_statement.items()}
+        assert in_transaction["code"] == "unavailable"
+        assert answers == {tool: in_transaction for tool in one_statement}  # code, message and hint alike
+        # The same server serves again, on the connections whose statements were cancelled.
+        assert ok(await client.call_tool("get_card", one_statement["get_card"]))["card"]["id"] == card["id"]
+        found = ok(await client.call_tool("search_cards", one_statement["search_cards"]))["cards"]
+        assert [hit["id"] for hit in found] == [card["id"]]
+    rows = await usage_rows(database.admin_url, tenant)
+    assert [(r["tool"], r["error_code"]) for r in rows] == [
+        ("create_card", None),
+        ("update_card", "unavailable"),
+        ("get_card", "unavailable"),
+        ("search_cards", "unavailable"),
+        ("get_card", None),
+        ("search_cards", None),
+    ]
 
 
 # -- the answer is lost on its way to the client -------------------------------------------------------------

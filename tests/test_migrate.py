@@ -141,3 +141,37 @@ async def test_pgvector_in_another_schema_leaves_the_optional_migration_out_with
         assert await migrate.pending(conn) == []
     finally:
         await conn.close()
+
+
+async def test_upgrading_a_database_that_holds_cards_indexes_them_for_search(fresh_owner_url: str) -> None:
+    """Migrations that derive rows from existing cards (0011's vocabulary, 0014's postings) run on a database with
+    cards in it, as a user's upgrade does, and search finds those cards afterwards."""
+    owner = await db.connect(fresh_owner_url)
+    try:
+        before = [m for m in migrate.load_migrations() if m.requires is None and m.version < "0011"]
+        await migrate.migrate(owner, before)
+        admin_url = with_user(fresh_owner_url, db.ADMIN_ROLE, urlsplit(fresh_owner_url).path.lstrip("/"))
+        app_url = with_user(fresh_owner_url, db.APP_ROLE, urlsplit(fresh_owner_url).path.lstrip("/"))
+        tenant = await db.tenant_id_for(admin_url, "upgraded")
+        app = await db.connect(app_url)
+        try:
+            async with app.transaction():
+                await app.execute("SELECT set_config('app.current_tenant_id', $1, true)", str(tenant))
+                await app.execute(
+                    "INSERT INTO card_mcp.cards (tenant_id, card_type, title, content, tags, content_hash)"
+                    " SELECT $1, 'voice', 'Onboarding voice ' || g, jsonb_build_object('tone', 'dry'), '{}',"
+                    " md5(g::text) || md5('x' || g) FROM generate_series(1, 3) AS g",
+                    tenant,
+                )
+            assert await migrate.migrate(owner) == [m for m in required() if m >= "0011"]
+            async with app.transaction():
+                await app.execute("SELECT set_config('app.current_tenant_id', $1, true)", str(tenant))
+                search = "SELECT id FROM card_mcp.search_cards($1, NULL, NULL, NULL, NULL, 10)"
+                found = await app.fetch(search, "onboarding tone")
+                typo = await app.fetch(search, "onbording")
+                postings = await app.fetchval("SELECT count(*) FROM card_mcp.search_postings")
+        finally:
+            await app.close()
+    finally:
+        await owner.close()
+    assert len(found) == 3 and len(typo) == 3 and postings > 0

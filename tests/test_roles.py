@@ -350,6 +350,7 @@ PRIVILEGES = {
         "card_vectors": {S},
         "embedding_queue": {S, INS},
         "search_vocabulary": {S, INS},  # the words of the cards it writes (schema/0011_search_exact.sql)
+        "search_postings": {S, INS, D},  # its cards' postings, kept as they are written (0014_search_postings.sql)
     },
     db.ADMIN_ROLE: {
         "schema_migrations": {S},
@@ -368,6 +369,7 @@ PRIVILEGES = {
         "card_vectors": {S, INS, U, D},
         "embedding_queue": {S, INS, U, D},
         "search_vocabulary": {S},
+        "search_postings": {S},
     },
     db.ANALYST_ROLE: {**PEOPLE_READ, "tenant_erasures": {S}},  # who erased which tenant, when (0010)
     db.READER_GROUP: {**PEOPLE_READ, "readers": {S}},

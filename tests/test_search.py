@@ -191,6 +191,68 @@ async def test_a_cards_content_keys_and_numbers_are_searchable_and_keys_weigh_le
         assert [h["id"] for h in hits[:2]] == [valued["id"], voice["id"]]  # a value outweighs a key
 
 
+# The postings search_cards ranks from, as they must be: one per (lexeme, active card), weighing its occurrences.
+_EXPECTED_POSTINGS = """
+SELECT c.tenant_id, l.lexeme AS word, c.id AS card_id,
+       (SELECT sum(CASE w WHEN 'A' THEN 1.0 WHEN 'B' THEN 0.4 WHEN 'C' THEN 0.2 ELSE 0.1 END)
+          FROM unnest(l.weights) AS w)::real AS weight
+  FROM card_mcp.cards AS c, unnest(c.search_doc) AS l
+ WHERE c.is_active AND c.tenant_id = ANY ($1::uuid[])
+"""
+
+
+async def test_the_posting_lists_follow_every_kind_of_write_exactly(database: TestDatabase, settings: Settings) -> None:
+    """Creates, batches, edits of each field, deletes, repeated deletes and restores: after each, the tenant's
+    postings are exactly those of its active cards, and another tenant's are untouched."""
+    names = [f"post-{uuid.uuid4().hex[:8]}" for _ in range(2)]
+
+    async def postings_are_exact() -> int:
+        ids = [await db.tenant_id_for(database.admin_url, name) for name in names]
+        async with superuser(database) as conn:
+            query = "SELECT tenant_id, word, card_id, weight FROM card_mcp.search_postings WHERE tenant_id = ANY ($1)"
+            stored = sorted(tuple(r) for r in await conn.fetch(query, ids))
+            expected = sorted(tuple(r) for r in await conn.fetch(_EXPECTED_POSTINGS, ids))
+        assert stored == expected
+        return len(stored)
+
+    async with connect(settings, names[0]) as a, connect(settings, names[1]) as b:
+        other = ok(await b.call_tool("create_card", {"card_type": "voice", "title": "Heron voice", "content": {}}))
+        card = ok(
+            await a.call_tool(
+                "create_card",
+                {"card_type": "voice", "title": "Heron voice", "content": {"tone": ["dry"]}, "tags": ["birds"]},
+            )
+        )["card"]
+        ok(
+            await a.call_tool(
+                "batch_create_cards",
+                {"cards": [{"card_type": "insight", "title": f"Egret {n}", "content": {"n": n}} for n in range(5)]},
+            )
+        )
+        first = await postings_are_exact()
+        edits: list[dict[str, Any]] = [
+            {"title": "Kingfisher voice"},
+            {"content": {"tone": ["dry"], "pace": "brisk"}},
+            {"tags": ["birds", "rivers"]},
+        ]
+        for edit in edits:
+            ok(await a.call_tool("update_card", {"card_id": card["id"], **edit}))
+            await postings_are_exact()
+        async with superuser(database) as conn:  # a heron is no word of the edited card any more
+            assert not await conn.fetchval(
+                "SELECT count(*) FROM card_mcp.search_postings WHERE card_id = $1 AND word = 'heron'", card["id"]
+            )
+        for _ in range(2):
+            ok(await a.call_tool("delete_card", {"card_id": card["id"]}))
+            assert await postings_are_exact() < first
+        ok(await a.call_tool("restore_card", {"card_id": card["id"]}))
+        await postings_are_exact()
+        hits = ok(await a.call_tool("search_cards", {"query": "kingfisher brisk rivers"}))["cards"]
+        assert [h["id"] for h in hits] == [card["id"]]
+        hits = ok(await b.call_tool("search_cards", {"query": "heron kingfisher"}))["cards"]
+        assert [h["id"] for h in hits] == [other["card"]["id"]]
+
+
 @pytest.fixture
 async def own_database(superuser_url: str) -> AsyncIterator[TestDatabase]:
     """A freshly migrated database for this test alone: a plan depends on the table's statistics, which the rest of
@@ -213,6 +275,7 @@ async def test_searching_a_tenant_of_10000_cards_uses_the_indexes_not_a_scan_as_
         # the planner (rightly) prices as a sequential read.
         await conn.execute("VACUUM ANALYZE card_mcp.cards")
         await conn.execute("VACUUM ANALYZE card_mcp.search_vocabulary")
+        await conn.execute("VACUUM ANALYZE card_mcp.search_postings")
     # The plan of the search as the application role runs it, nested function included: auto_explain reports
     # every statement's plan to this session. SET ROLE makes the application role the current user, so its
     # policies apply exactly as for the server's own connections.
@@ -229,11 +292,20 @@ async def test_searching_a_tenant_of_10000_cards_uses_the_indexes_not_a_scan_as_
         async with conn.transaction():
             await conn.execute("SELECT set_config('app.current_tenant_id', $1, true)", str(big))
             rows = await conn.fetch(search._RANKED, "Topic123 topic456", None, None, None, None, 11)
-    # The ten cards with topic123 (g * 7919 % 1000 == 123) and the ten with topic456, none with both.
+            numbered = "\n".join(plans)
+            plans.clear()
+            typo = await conn.fetch(search._RANKED, "herron", None, None, None, None, 3)  # heron, misspelt
+    # The ten cards with topic123 (g * 7919 % 1000 == 123) and the ten with topic456, none with both, and no other
+    # topic: numbers are not typos of each other.
     topics = [json.loads(r["content"])["topic"] for r in rows]
     assert sorted(set(topics)) == ["topic123", "topic456"] and len(topics) == 11, topics
-    text = "\n".join(plans)
-    assert "cards_search_doc_idx" in text and "search_vocabulary_trgm_idx" in text, text
+    assert len(typo) == 3
+    text = numbered + "\n".join(plans)
+    assert "cards_search_doc_idx" in text, text
+    # The misspelt word is looked up in the vocabulary, numbers are not: a number is no typo of another.
+    assert "on search_vocabulary" in "\n".join(plans) and "on search_vocabulary" not in numbered, text
+    # The cards with one of the two words are ranked from the posting lists, read through their index.
+    assert "using search_postings_pkey" in text and "Seq Scan on search_postings" not in text, text
     scans = [line for line in text.splitlines() if "Seq Scan on cards" in line]
     assert all("never executed" in line for line in scans), text  # the words-like-them branch, not needed here
 
