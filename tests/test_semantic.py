@@ -48,6 +48,8 @@ READING_LEVEL = {
 }
 PARAPHRASE = "how to write exhibit text a 12-year-old can understand"
 GAIN = 0.2  # MRR on the held-out paraphrases, hybrid over lexical: see docs/benchmarks.md
+# The held-out parts of tests/data/relevance.json, and the table of docs/benchmarks.md that publishes each.
+HELD_OUT = {"held_out": "hybrid held-out", "held_out_2": "hybrid held-out 2"}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -471,9 +473,9 @@ def test_card_mcp_embed_backfills_every_card_with_a_progress_bar(database: TestD
 async def test_hybrid_ranking_on_the_held_out_half_is_what_docs_benchmarks_md_publishes(
     database: TestDatabase, app_pool: asyncpg.Pool
 ) -> None:
-    """tests/data/relevance.json, lexical and hybrid side by side, per half and kind. On the held-out half (written
-    before it was ever run) the hybrid figures must be what the docs publish, within MARGIN; paraphrases must gain
-    over lexical search; the tuned half is printed."""
+    """tests/data/relevance.json, lexical and hybrid side by side, per half and kind. On each held-out part (written
+    before it was ever run, never tuned on) the figures must be what the docs publish, within MARGIN, and
+    paraphrases must gain over lexical search. On the tuned half no kind may rank below lexical search."""
     data, ids, tenants = await load_relevance_set(database, app_pool)
     model = semantic.load_model(1)
     assert model is not None
@@ -489,7 +491,7 @@ async def test_hybrid_ranking_on_the_held_out_half_is_what_docs_benchmarks_md_pu
         "|---|---|---:|---:|---:|---:|---:|",
     ]
     measured: dict[str, dict[str, tuple[float, float, float, float]]] = {}
-    for half in ("held_out", "tuned"):
+    for half in (*HELD_OUT, "tuned"):
         lexical = rows(await relevance(data, ids, tenants, app_pool, half=half))
         hybrid = rows(await relevance(data, ids, tenants, app_pool, nearest, half=half))
         measured[half] = {kind: (*mean(scores), *mean(hybrid[kind])) for kind, scores in lexical.items()}
@@ -498,10 +500,18 @@ async def test_hybrid_ranking_on_the_held_out_half_is_what_docs_benchmarks_md_pu
             lines.append(f"| {half} | {kind} | {len(scores)} | {lm:.3f} | {lr:.3f} | {hm:.3f} | {hr:.3f} |")
     print("\n" + "\n".join(lines))
     table = "\n".join(lines)
-    held_out = measured["held_out"]
-    assert held_out["paraphrase"][2] >= held_out["paraphrase"][0] + GAIN, table
-    assert held_out["all"][2] > held_out["all"][0], table
-    for kind, figures in published("hybrid held-out").items():
-        compared = slice(2, 4) if kind in (*BY_MEANING, "all") else slice(0, 4)  # see tests/test_search.MARGIN
-        pairs = zip(held_out[kind][compared], figures[compared], strict=True)
-        assert all(abs(a - b) <= MARGIN for a, b in pairs), (kind, table)
+    # What the blend was tuned for (schema/0016_hybrid_blend.sql): no kind below lexical search on the tuned half
+    # (0011's blend put deep_content at 0.933 against 1.000: a card with every word lost to a closer vector).
+    below = [kind for kind, (lm, _, hm, _) in measured["tuned"].items() if kind not in BY_MEANING and hm < lm]
+    assert not below, (below, table)
+    for half, published_as in HELD_OUT.items():
+        held_out = measured[half]
+        assert held_out["paraphrase"][2] >= held_out["paraphrase"][0] + GAIN, (half, table)
+        assert held_out["all"][2] > held_out["all"][0], (half, table)
+        for kind, figures in published(published_as).items():
+            # Lexical figures: see tests/test_search.MARGIN; the second part's are printed, not compared (a typo
+            # query there ties lexically, ranked first or second by the random ids).
+            lexical_too = half == "held_out" and kind not in (*BY_MEANING, "all")
+            compared = slice(0, 4) if lexical_too else slice(2, 4)
+            pairs = zip(held_out[kind][compared], figures[compared], strict=True)
+            assert all(abs(a - b) <= MARGIN for a, b in pairs), (half, kind, table)
