@@ -14,8 +14,8 @@
 -- tried, and its figures, in docs/benchmarks.md); both held-out parts are reported, never tuned on. Still a
 -- function of the query and the card alone: keyset paging on (score, id) never serves a card twice.
 --
--- e is read back from L: card_mcp.search_cards scores a card in [e/(n+1), (e+1)/(n+1)), and n is counted here the
--- way it counts the words it searches (the first 16 distinct ones, stop words left out).
+-- e is read back from L: card_mcp.search_cards scores a card in [e/(n+1), (e+1)/(n+1)), and n is counted here as it
+-- counts the words it searches (card_mcp.search_words, 0014).
 --
 -- And a hybrid search's database part, on a 1,000-card tenant (docs/benchmarks.md, "Hybrid latency"):
 -- - the query vector is read from its text once (it was cast from text for every vector compared, and again for
@@ -25,25 +25,31 @@
 --   (plan_cache_mode = force_custom_plan): after five calls on a connection PostgreSQL may keep a generic plan,
 --   which took the hybrid statement from 15 to 111-141 ms at p50 and the lexical page from 10 to 23 ms.
 
--- One page of a search, as (id, score, kept), best first (as in 0011, whose description holds but for the hybrid
--- score): words and a query vector: (S + 0.5 x c^4 + 0.1 x L) / 1.6, in [0, 1], as above.
+-- One page of a search, as (id, score, kept, typos), best first, as in 0014 (whose description holds but for the
+-- hybrid score): words and a query vector: (S + 0.5 x c^4 + 0.1 x L) / 1.6, in [0, 1], as above.
 CREATE OR REPLACE FUNCTION card_mcp.search_page(
     p_words text, p_card_type text, p_tags text[], p_after_score double precision, p_after_updated timestamptz,
     p_after_id uuid, p_limit integer, p_max_bytes integer, p_vector text, p_model text, p_floor double precision,
-    p_ceiling double precision, p_depth integer
-) RETURNS TABLE (id uuid, score double precision, kept boolean)
+    p_ceiling double precision, p_depth integer, p_typos integer[]
+) RETURNS TABLE (id uuid, score double precision, kept boolean, typos integer[])
     LANGUAGE plpgsql
     SECURITY INVOKER
+    ROWS 11
     SET search_path = pg_catalog, card_mcp, pg_temp
     SET plan_cache_mode = force_custom_plan
 AS $$
 DECLARE
-    v_n integer;  -- how many words card_mcp.search_cards searches (hybrid only)
+    v_tenant uuid := NULLIF(current_setting('app.current_tenant_id', true), '')::uuid;
+    v_typos integer[];  -- the words looked up as typos: pinned by the cursor, else decided now (and returned)
+    v_n integer;        -- how many words card_mcp.search_cards searches (hybrid only)
 BEGIN
+    IF coalesce(p_words, '') <> '' THEN
+        v_typos := coalesce(p_typos, card_mcp.search_typos(p_words));
+    END IF;
     IF coalesce(p_words, '') = '' THEN
         RETURN QUERY
         SELECT h.id, 0::double precision,
-               h.n = 1 OR (h.n <= p_limit AND h.bytes <= p_max_bytes)
+               h.n = 1 OR (h.n <= p_limit AND h.bytes <= p_max_bytes), v_typos
           FROM (SELECT c.id, row_number() OVER w AS n,
                        sum(octet_length(c.content::text) + octet_length(c.title) + 300) OVER w AS bytes
                   FROM card_mcp.cards AS c
@@ -58,32 +64,27 @@ BEGIN
     ELSIF p_vector IS NULL THEN
         RETURN QUERY
         SELECT h.id, h.score,
-               h.n = 1 OR (h.n <= p_limit AND h.bytes <= p_max_bytes)
+               h.n = 1 OR (h.n <= p_limit AND h.bytes <= p_max_bytes), v_typos
           FROM (SELECT s.id, s.score, row_number() OVER w AS n,
                        sum(octet_length(c.content::text) + octet_length(c.title) + 300) OVER w AS bytes
-                  FROM card_mcp.search_cards(p_words, p_card_type, p_tags, p_after_score, p_after_id, p_limit + 1)
+                  FROM card_mcp.search_cards(p_words, p_card_type, p_tags, p_after_score, p_after_id, p_limit + 1,
+                                             v_typos)
                        AS s
-                  JOIN card_mcp.cards AS c ON c.id = s.id
+                  JOIN card_mcp.cards AS c ON c.tenant_id = v_tenant AND c.id = s.id
                  WHERE c.is_active
                 WINDOW w AS (ORDER BY s.score DESC, s.id DESC)) AS h
          ORDER BY h.n;
     ELSE
         -- As card_mcp.search_cards counts them: the query's first 16 distinct words, less the stop words.
-        SELECT count(*) INTO v_n
-          FROM (SELECT w
-                  FROM regexp_split_to_table(lower(left(p_words, 500)), '[^[:alnum:]]+') WITH ORDINALITY AS t(w, n)
-                 WHERE w <> ''
-                 GROUP BY w
-                 ORDER BY min(n)
-                 LIMIT 16) AS first_words
-         WHERE to_tsvector('english', w) <> ''::tsvector;
+        SELECT count(DISTINCT w.k) INTO v_n FROM card_mcp.search_words(p_words) AS w;
         PERFORM set_config('hnsw.iterative_scan', 'relaxed_order', true), set_config('hnsw.ef_search', '100', true),
                 set_config('hnsw.max_scan_tuples', '2147483647', true);
         RETURN QUERY
         WITH query AS MATERIALIZED (  -- the vector read from its text once, not once per row compared
             SELECT p_vector::card_mcp.halfvec AS vector
         ), lexical AS MATERIALIZED (
-            SELECT s.id, s.score FROM card_mcp.search_cards(p_words, p_card_type, p_tags, NULL, NULL, NULL) AS s
+            SELECT s.id, s.score
+              FROM card_mcp.search_cards(p_words, p_card_type, p_tags, NULL, NULL, NULL, v_typos) AS s
         ), few AS MATERIALIZED (
             SELECT count(*) <= 5000 AS yes FROM (SELECT FROM card_mcp.card_vectors LIMIT 5001) AS v
         ), vectors AS MATERIALIZED (  -- cards above the floor, and their similarity, each computed once
@@ -123,7 +124,7 @@ BEGIN
         ), best AS (  -- the page's hits and one more, before their sizes are read
             SELECT f.id, f.score
               FROM fused AS f
-              JOIN card_mcp.cards AS c ON c.id = f.id
+              JOIN card_mcp.cards AS c ON c.tenant_id = v_tenant AND c.id = f.id
              WHERE c.is_active AND (p_after_score IS NULL OR (f.score, f.id) < (p_after_score, p_after_id))
                AND (p_card_type IS NULL OR c.card_type = p_card_type)
                AND (p_tags IS NULL OR c.tags @> p_tags)
@@ -131,11 +132,11 @@ BEGIN
              LIMIT p_limit + 1
         )
         SELECT h.id, h.score,
-               h.n = 1 OR (h.n <= p_limit AND h.bytes <= p_max_bytes)
+               h.n = 1 OR (h.n <= p_limit AND h.bytes <= p_max_bytes), v_typos
           FROM (SELECT b.id, b.score, row_number() OVER w AS n,
                        sum(octet_length(c.content::text) + octet_length(c.title) + 300) OVER w AS bytes
                   FROM best AS b
-                  JOIN card_mcp.cards AS c ON c.id = b.id
+                  JOIN card_mcp.cards AS c ON c.tenant_id = v_tenant AND c.id = b.id
                 WINDOW w AS (ORDER BY b.score DESC, b.id DESC)) AS h
          ORDER BY h.n;
     END IF;
