@@ -21,9 +21,11 @@
 -- - the query vector is read from its text once (it was cast from text for every vector compared, and again for
 --   every candidate: about 50 ms for 1,000 vectors), and each similarity is computed once;
 -- - the page's sizes are read for its hits only, not for every candidate;
--- - search_page, and search_cards inside it, plan each statement for the call's own values
---   (plan_cache_mode = force_custom_plan): after five calls on a connection PostgreSQL may keep a generic plan,
---   which took the hybrid statement from 15 to 111-141 ms at p50 and the lexical page from 10 to 23 ms.
+-- - a hybrid search plans each statement for the call's own values (plan_cache_mode = force_custom_plan, set for
+--   the hybrid branch only): after five calls on a connection PostgreSQL may keep a generic plan, which took the
+--   hybrid statement from 15 to 111-141 ms at p50. Not for the lexical page: on 0014's postings the generic plan is
+--   the faster one (1,000,000 cards, a 1,000-card tenant: p50 2.9 against 5.4 ms, p95 5.2 against 19.7 ms; the
+--   100,000-card tenant: p50 23.7 against 34.9 ms), planning each call costing more than it saves.
 
 -- One page of a search, as (id, score, kept, typos), best first, as in 0014 (whose description holds but for the
 -- hybrid score): words and a query vector: (S + 0.5 x c^4 + 0.1 x L) / 1.6, in [0, 1], as above.
@@ -36,7 +38,6 @@ CREATE OR REPLACE FUNCTION card_mcp.search_page(
     SECURITY INVOKER
     ROWS 11
     SET search_path = pg_catalog, card_mcp, pg_temp
-    SET plan_cache_mode = force_custom_plan
 AS $$
 DECLARE
     v_tenant uuid := NULLIF(current_setting('app.current_tenant_id', true), '')::uuid;
@@ -78,7 +79,8 @@ BEGIN
         -- As card_mcp.search_cards counts them: the query's first 16 distinct words, less the stop words.
         SELECT count(DISTINCT w.k) INTO v_n FROM card_mcp.search_words(p_words) AS w;
         PERFORM set_config('hnsw.iterative_scan', 'relaxed_order', true), set_config('hnsw.ef_search', '100', true),
-                set_config('hnsw.max_scan_tuples', '2147483647', true);
+                set_config('hnsw.max_scan_tuples', '2147483647', true),
+                set_config('plan_cache_mode', 'force_custom_plan', true);
         RETURN QUERY
         WITH query AS MATERIALIZED (  -- the vector read from its text once, not once per row compared
             SELECT p_vector::card_mcp.halfvec AS vector
