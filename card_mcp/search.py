@@ -134,9 +134,11 @@ def _decode_cursor(cursor: str, pinned: dict[str, Any]) -> tuple[float, datetime
         data = _read_cursor(cursor)
         score, stamp, card_id = data.pop("after")
         served = int(data.pop("n", 0))
-        typos = data.pop("z", None)  # the words the first page looked up as typos
-        if typos is not None:
-            typos = [int(k) for k in typos][:16]
+        typos = data.pop("z", None)  # the words the first page looked up as typos: positions 1-16, as it made them
+        if typos is not None and not (
+            isinstance(typos, list) and len(typos) <= 16 and all(type(k) is int and 1 <= k <= 16 for k in typos)
+        ):
+            raise ValueError("not a list of word positions")
         position = float(score), datetime.fromisoformat(stamp), UUID(card_id), max(served, 0), typos
     except (ValueError, TypeError, KeyError, AttributeError, OverflowError, RecursionError) as exc:
         raise InvalidArgument(

@@ -277,7 +277,9 @@ BEGIN
          GROUP BY k
     )
     SELECT (SELECT array_agg(q ORDER BY k) FROM per_word),
-           (SELECT array_agg(CASE WHEN k = ANY (coalesce(p_typos, card_mcp.search_typos(p_query))) THEN stem END
+           (SELECT array_agg(CASE WHEN k = ANY (coalesce(p_typos, card_mcp.search_typos(p_query)))
+                                       AND length(w) >= 4 AND w !~ '[[:digit:]]'  -- a cursor's pin cannot widen it
+                                  THEN stem END
                              ORDER BY k)
               FROM per_word),
            (SELECT array_agg(k ORDER BY k, l) FROM lexemes),
@@ -307,21 +309,22 @@ BEGIN
     RETURN QUERY
     WITH hits AS (  -- per card and searched word: the weight of its lexemes that start with the word (has), or
                     -- the best similarity of its lexemes to the word (resembles); one pass, one aggregate
-        SELECT p.card_id, s.n, sum(p.weight) AS weight, NULL::real AS similarity
+        SELECT p.card_id, s.n, sum(p.weight::double precision) AS weight, NULL::double precision AS similarity
           FROM unnest(v_stem_n, v_stem) AS s(n, stem)
           JOIN card_mcp.search_postings AS p
             ON p.tenant_id = v_tenant AND p.word >= s.stem COLLATE "C"
            AND p.word < (s.stem || CASE WHEN length(s.stem) >= 4 THEN chr(1114111) ELSE chr(1) END) COLLATE "C"
          GROUP BY p.card_id, s.n
         UNION ALL
-        SELECT p.card_id, s.n, NULL, s.similarity
+        SELECT p.card_id, s.n, NULL, s.similarity::double precision
           FROM unnest(v_similar_n, v_similar_w, v_similar) AS s(n, word, similarity)
           JOIN card_mcp.search_postings AS p ON p.tenant_id = v_tenant AND p.word = s.word COLLATE "C"
     ), per_word AS (  -- a word the card has is not one it resembles
         SELECT h.card_id, max(h.weight) AS weight, CASE WHEN max(h.weight) IS NULL THEN max(h.similarity) END AS f
           FROM hits AS h
          GROUP BY h.card_id, h.n
-    ), per_card AS (
+    ), per_card AS (  -- sums in double precision, exact for these few float4 values: the same in any row order,
+                      -- so a card's score cannot move by a rounding step between two pages planned differently
         SELECT k.card_id, count(k.weight) AS e, coalesce(sum(k.weight), 0) AS w, coalesce(sum(k.f), 0) AS f
           FROM per_word AS k
          GROUP BY k.card_id

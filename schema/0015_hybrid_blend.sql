@@ -113,7 +113,7 @@ BEGIN
                             CASE WHEN NOT (SELECT f.yes FROM few AS f)
                                  THEN (SELECT 1 - (v.embedding OPERATOR(card_mcp.<=>) q.vector)
                                          FROM card_mcp.card_vectors AS v, query AS q
-                                        WHERE v.card_id = l.id AND v.model = p_model) END,
+                                        WHERE v.tenant_id = v_tenant AND v.card_id = l.id AND v.model = p_model) END,
                             p_floor) AS similarity
               FROM lexical AS l
               FULL JOIN vectors AS x ON x.id = l.id

@@ -4,6 +4,7 @@ and no tenant ever sees another's card."""
 
 from __future__ import annotations
 
+import base64
 import json
 import uuid
 from collections import defaultdict
@@ -18,6 +19,7 @@ from mcp.types import EmbeddedResource, ResourceTemplateReference, TextContent, 
 
 from card_mcp import cards, db, search
 from card_mcp.config import Settings
+from card_mcp.errors import InvalidArgument
 from card_mcp.models import NewCard
 from tests.conftest import TestDatabase, new_database
 from tests.helpers import connect, ok, superuser, tenant_transaction, usage_rows
@@ -516,3 +518,27 @@ async def test_lexical_ranking_on_the_held_out_half_is_what_docs_benchmarks_md_p
             continue
         assert abs(measured["held_out"][kind][0] - figures[0]) <= MARGIN, (kind, report)
         assert abs(measured["held_out"][kind][1] - figures[1]) <= MARGIN, (kind, report)
+
+
+async def test_a_forged_typo_pin_in_a_cursor_is_refused_or_cannot_widen_the_typo_lookup(
+    app_pool: asyncpg.Pool, tenant_a: uuid.UUID
+) -> None:
+    """The cursor is the client's to send back: its pin of the words looked up as typos ("z") must be word
+    positions as the server made them, and even then cannot make a short word or a number a typo."""
+    new = [NewCard(card_type="insight", title=f"Bread {w} note", content={"w": w}) for w in ("bake", "bike", "bo")]
+    new.append(NewCard(card_type="insight", title="Boat trips", content={"w": "boat"}))  # "bo" begins it: a typo?
+    async with tenant_transaction(app_pool, tenant_a) as conn:
+        await cards.insert_cards(conn, tenant_a, new)
+        hits, pinned = await search.search_cards(conn, query="bo bread", limit=1)
+        cursor = search.paginate(hits, pinned, 1).next_cursor
+        assert cursor is not None
+        data = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        for forged in ("12", [1.5], [0], [17], [99999999999], list(range(1, 18)), {"1": 1}):
+            bad = base64.urlsafe_b64encode(json.dumps({**data, "z": forged}).encode()).decode()
+            with pytest.raises(InvalidArgument, match="not one this server made"):
+                await search.search_cards(conn, query="bo bread", limit=1, cursor=bad)
+        widened = base64.urlsafe_b64encode(json.dumps({**data, "z": [1, 2]}).encode()).decode()
+        rest, _ = await search.search_cards(conn, query="bo bread", limit=10, cursor=widened)
+        honest, _ = await search.search_cards(conn, query="bo bread", limit=10, cursor=cursor)
+    # "bo" has 2 letters: never a typo, whatever z says (looked up as one, it would bring in the boat card)
+    assert [h.id for h in rest] == [h.id for h in honest]
