@@ -253,7 +253,8 @@ AS $$
 DECLARE
     v_tenant uuid := NULLIF(current_setting('app.current_tenant_id', true), '')::uuid;
     v_word_ts tsquery[];   -- per searched word (no stop word): its stemmed lexemes as prefixes
-    v_fuzzy text[];        -- per searched word: its stem where it is looked up as a typo (p_typos), else NULL
+    v_typos integer[];     -- the words looked up as typos: p_typos, or decided now
+    v_fuzzy text[];        -- per searched word: its stem where it is looked up as a typo (v_typos), else NULL
     v_stem_n integer[];    -- (searched word's position, one of its stemmed lexemes): the postings' ranges
     v_stem text[];
     v_n integer;           -- how many words are searched
@@ -264,6 +265,7 @@ BEGIN
     IF v_tenant IS NULL THEN
         RETURN;  -- fail closed, like the policies
     END IF;
+    v_typos := coalesce(p_typos, card_mcp.search_typos(p_query));  -- once, not per word
     -- The query read once: its first 16 distinct words in the order written; per searched word (stop words have no
     -- lexeme and are not searched) its tsquery of prefixes and its stem for the typo lookup; every (word, lexeme).
     WITH lexemes AS (
@@ -277,7 +279,7 @@ BEGIN
          GROUP BY k
     )
     SELECT (SELECT array_agg(q ORDER BY k) FROM per_word),
-           (SELECT array_agg(CASE WHEN k = ANY (coalesce(p_typos, card_mcp.search_typos(p_query)))
+           (SELECT array_agg(CASE WHEN k = ANY (v_typos)
                                        AND length(w) >= 4 AND w !~ '[[:digit:]]'  -- a cursor's pin cannot widen it
                                   THEN stem END
                              ORDER BY k)
