@@ -20,7 +20,7 @@ from mcp.types import EmbeddedResource, ResourceTemplateReference, TextContent, 
 from card_mcp import cards, db, search
 from card_mcp.config import Settings
 from card_mcp.errors import InvalidArgument
-from card_mcp.models import NewCard
+from card_mcp.models import NewCard, ScoredCard
 from tests.conftest import TestDatabase, new_database
 from tests.helpers import connect, ok, superuser, tenant_transaction, usage_rows
 
@@ -452,13 +452,24 @@ async def relevance(
             hits, _ = await search.search_cards(
                 conn, query=query["query"], card_type=query["card_type"], limit=10, nearest=vector
             )
-        ranked = [hit.id for hit in hits[:10]]
         expected = [ids[key] for key in query["expected"]]
-        first = min((ranked.index(e) + 1 for e in expected if e in ranked), default=None)
-        reciprocal = 1 / first if first else 0.0
-        recall = sum(e in ranked[:5] for e in expected) / len(expected)
-        by_kind[query["kind"]].append((reciprocal, recall))
+        by_kind[query["kind"]].append(ranks(hits, expected))
     return by_kind
+
+
+def ranks(hits: list[ScoredCard], expected: list[uuid.UUID]) -> tuple[float, float]:
+    """(reciprocal rank, recall@5) of ``expected`` in the top 10 of ``hits``, the same whatever the cards' ids: cards
+    of equal score are ordered by id, which is random, so a card tied with others takes the mean of their positions
+    (its expected position), and a tie across the fifth place counts for the share of it above."""
+    places: dict[uuid.UUID, tuple[int, int]] = {}  # card -> the first and last position of its score's tie
+    for hit in hits[:10]:
+        tied = [p for p, other in enumerate(hits, start=1) if other.score == hit.score]
+        places[hit.id] = (tied[0], tied[-1])
+    found = [places[e] for e in expected if e in places]
+    first = min(((a + b) / 2 for a, b in found), default=None)
+    reciprocal = 1 / first if first else 0.0
+    recall = sum(max(0, min(b, 5) - a + 1) / (b - a + 1) for a, b in found) / len(expected)
+    return reciprocal, recall
 
 
 def mean(scores: list[tuple[float, float]]) -> tuple[float, float]:
@@ -486,10 +497,10 @@ def published(table: str) -> dict[str, tuple[float, ...]]:
     return figures
 
 
-# How far a held-out figure may move from the published one (the ranking is deterministic; the margin absorbs a
-# tie broken otherwise by card ids, which are random). Lexical figures of the kinds found by meaning (and "all",
-# which holds them) are printed, not compared: their queries share a common word or two with many cards, and which
-# of those tied cards comes first is up to the random ids.
+# How far a held-out figure may move from the published one. The ranking is deterministic and ties count at their
+# mean place (ranks), so the margin only absorbs a tie across the page's end and the model's arithmetic. Lexical
+# figures of the kinds found by meaning (and "all", which holds them) are printed, not compared: their queries share
+# a common word or two with many cards, whose ties reach past the tenth place.
 MARGIN = 0.03
 
 
@@ -499,7 +510,7 @@ async def test_lexical_ranking_on_the_held_out_half_is_what_docs_benchmarks_md_p
     """tests/data/relevance.json: the held-out half (written before it was ever run) must score what the docs say,
     within MARGIN, per kind, and reach MRR 0.90 on the kinds lexical search can find; the tuned half is printed.
     MRR: 1 / the rank of the first expected card found in the top 10; recall@5: the share of expected cards in
-    the top 5."""
+    the top 5 (a card tied with others ranks at the mean of their places: ranks)."""
     data, ids, tenants = await load_relevance_set(database, app_pool)
     lines = ["| half | kind | queries | MRR | recall@5 |", "|---|---|---:|---:|---:|"]
     measured: dict[str, dict[str, tuple[float, float]]] = {}
@@ -514,7 +525,7 @@ async def test_lexical_ranking_on_the_held_out_half_is_what_docs_benchmarks_md_p
     report = "\n".join(lines)
     assert measured["held_out"]["all but paraphrase"][0] >= 0.90, report
     for kind, figures in published("lexical held-out").items():
-        if kind in (*BY_MEANING, "all"):  # few words in common: ties among weak matches, broken by random ids
+        if kind in (*BY_MEANING, "all"):  # few words in common: ties among weak matches reach past the page
             continue
         assert abs(measured["held_out"][kind][0] - figures[0]) <= MARGIN, (kind, report)
         assert abs(measured["held_out"][kind][1] - figures[1]) <= MARGIN, (kind, report)
