@@ -24,25 +24,16 @@ from .db import Connection
 from .errors import InvalidArgument, Unavailable
 from .models import CardType, ScoredCard
 
-# Words: ranked by card_mcp.search_cards (see schema/0004_search.sql), which pages on (score, id) and returns ids
-# of the tenant set in this transaction; the cards themselves are read here, under this role's own policy.
-_RANKED = f"""
-SELECT {CARD}, score
-  FROM card_mcp.search_cards($1, $2, $3, $4, $5, $6) AS s
-  JOIN card_mcp.cards AS c USING (id)
- WHERE c.is_active
- ORDER BY score DESC, id DESC
-"""  # noqa: S608 - only CARD is interpolated
-
-
 # One page of any search (schema/0014_search_postings.sql, card_mcp.search_page: a listing without words, a
 # ranking with them, hybrid with a query vector too), best first, each hit marked kept when it belongs to this
 # page; one more row, unkept, when more exist; each row with the words looked up as typos, for the cursor to pin.
+# Each hit's card by one probe of the primary key (a lateral subquery: a join the planner could hash reads every card
+# of a small tenant).
 _PAGE = f"""
 SELECT {CARD}, p.score, p.kept, p.typos
   FROM card_mcp.search_page($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
-       WITH ORDINALITY AS p(id, score, kept, typos, n)
-  JOIN card_mcp.cards AS c USING (id)
+       WITH ORDINALITY AS p(hit, score, kept, typos, n)
+ CROSS JOIN LATERAL (SELECT {CARD} FROM card_mcp.cards WHERE id = p.hit OFFSET 0) AS c
  ORDER BY p.n
 """  # noqa: S608 - only CARD is interpolated
 # search_cards as a whole call in one statement, for calls.Call.fetch_recorded: the tenant set, the page ranked,

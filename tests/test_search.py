@@ -147,6 +147,60 @@ async def test_paging_a_typo_query_one_card_at_a_time_never_repeats_a_card_while
     assert len(seen) >= len(typos)
 
 
+async def test_every_page_past_a_cursor_is_what_ranking_every_card_gives_though_lower_tiers_go_unread(
+    app_pool: asyncpg.Pool, tenant_a: uuid.UUID
+) -> None:
+    """search_cards stops reading cards with fewer of the words once a page's worth that the cursor lets through have
+    more (0016): a card with e of the n words scores in [e/(n+1), (e+1)/(n+1)). Paged in pages of 1, 2 and 3 (so
+    cursors fall in every tier), the hits are exactly those of the unpruned ranking (no limit), scores included,
+    and a typo word's similar cards are weighed in the tiers that are read."""
+    words = ["harbour", "lantern", "mackerel", "sunrise"]  # and "lanterns" in some cards, "lanturn" typed
+    new = []
+    for i in range(40):
+        have = [w for j, w in enumerate(words) if (i >> j) & 1 or i % 7 == j]
+        title = " ".join(have) or "quiet evening"
+        content = {"notes": ["lanterns glow" if i % 5 == 0 else "calm water", f"card {i}"]}
+        new.append(NewCard(card_type="insight", title=title, content=content))
+    async with tenant_transaction(app_pool, tenant_a) as conn:
+        await cards.insert_cards(conn, tenant_a, new)
+        for query in ("harbour lantern mackerel sunrise", "harbour lanturn mackerel sunrise", "mackerel"):
+            everything = await conn.fetch(
+                "SELECT id, score FROM card_mcp.search_cards($1, NULL, NULL, NULL, NULL, NULL)", query
+            )
+            assert len(everything) > 12, query
+            for limit in (1, 2, 3):
+                paged: list[tuple[uuid.UUID, float]] = []
+                after: tuple[float | None, uuid.UUID | None] = (None, None)
+                while True:
+                    rows = await conn.fetch(
+                        "SELECT id, score FROM card_mcp.search_cards($1, NULL, NULL, $2, $3, $4)", query, *after, limit
+                    )
+                    paged += [(row["id"], row["score"]) for row in rows]
+                    if len(rows) < limit:
+                        break
+                    after = (rows[-1]["score"], rows[-1]["id"])
+                assert paged == [(row["id"], row["score"]) for row in everything], (query, limit)
+
+
+async def test_a_card_that_has_a_word_pinned_as_a_typo_is_not_also_credited_for_resembling_it(
+    app_pool: asyncpg.Pool, tenant_a: uuid.UUID
+) -> None:
+    """A cursor may pin a word as a typo that a card written since has (0014): that card has the word and gets no
+    typo credit for it on top, even when it also holds a word like it; cards that only resemble the word get it."""
+    new = [
+        NewCard(card_type="insight", title="Checklsts and checklist", content={"n": "both"}),
+        NewCard(card_type="insight", title="A checklist", content={"n": "like"}),
+    ]
+    async with tenant_transaction(app_pool, tenant_a) as conn:
+        both, like = [item.card_id for item in await cards.insert_cards(conn, tenant_a, new)]
+        ranked = "SELECT id, score FROM card_mcp.search_cards('checklsts', NULL, NULL, NULL, NULL, 10, $1)"
+        decided = {row["id"]: row["score"] for row in await conn.fetch(ranked, None)}
+        pinned = {row["id"]: row["score"] for row in await conn.fetch(ranked, [1])}
+    assert set(decided) == {both}  # the tenant has the word: no typo lookup
+    assert pinned[both] == decided[both]  # pinned as a typo: the card with it is credited for having it only
+    assert set(pinned) == {both, like} and pinned[like] < 0.5  # the card like it is found, in the lower tier
+
+
 async def test_a_long_query_searches_its_first_16_distinct_words_in_the_order_written(
     app_pool: asyncpg.Pool, tenant_a: uuid.UUID
 ) -> None:
@@ -294,10 +348,10 @@ async def test_searching_a_tenant_of_10000_cards_uses_the_indexes_not_a_scan_as_
         await conn.execute(f"SET ROLE {db.APP_ROLE}")
         async with conn.transaction():
             await conn.execute("SELECT set_config('app.current_tenant_id', $1, true)", str(big))
-            rows = await conn.fetch(search._RANKED, "Topic123 topic456", None, None, None, None, 11)
+            rows = await conn.fetch(search._PAGE, *search.plan(query="Topic123 topic456", limit=10).args)
             numbered = "\n".join(plans)
             plans.clear()
-            typo = await conn.fetch(search._RANKED, "herron", None, None, None, None, 3)  # heron, misspelt
+            typo = await conn.fetch(search._PAGE, *search.plan(query="herron", limit=2).args)  # heron, misspelt
     # The ten cards with topic123 (g * 7919 % 1000 == 123) and the ten with topic456, none with both, and no other
     # topic: numbers are not typos of each other.
     topics = [json.loads(r["content"])["topic"] for r in rows]
