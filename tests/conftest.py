@@ -129,10 +129,9 @@ async def database(superuser_url: str) -> AsyncIterator[TestDatabase]:
         yield created
 
 
-@pytest.fixture(scope="session")
-def settings(database: TestDatabase) -> Settings:
-    # Semantic search off: the suite's answers must not depend on whether the semantic extra is installed
-    # (tests/test_semantic.py turns it on).
+def settings_for(database: TestDatabase) -> Settings:
+    """The servers' settings on ``database``. Semantic search off: the suite's answers must not depend on whether
+    the semantic extra is installed (tests/test_semantic.py turns it on)."""
     return Settings(
         database_url=database.app_url,
         admin_database_url=database.admin_url,
@@ -140,6 +139,11 @@ def settings(database: TestDatabase) -> Settings:
         pool_max_size=8,
         semantic="off",
     )
+
+
+@pytest.fixture(scope="session")
+def settings(database: TestDatabase) -> Settings:
+    return settings_for(database)
 
 
 @pytest.fixture(scope="session")

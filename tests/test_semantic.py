@@ -27,7 +27,7 @@ from mcp import Client
 from card_mcp import db, search, semantic, tools
 from card_mcp.config import Settings
 from card_mcp.server import build_server
-from tests.conftest import TestDatabase, new_database
+from tests.conftest import TestDatabase, new_database, settings_for
 from tests.helpers import connect, ok, tenant_transaction, until
 from tests.helpers import superuser as superuser_of
 from tests.test_search import BY_MEANING, MARGIN, load_relevance_set, mean, published, relevance, rows
@@ -50,6 +50,29 @@ PARAPHRASE = "how to write exhibit text a 12-year-old can understand"
 GAIN = 0.2  # MRR on the held-out paraphrases, hybrid over lexical: see docs/benchmarks.md
 # The held-out parts of tests/data/relevance.json, and the table of docs/benchmarks.md that publishes each.
 HELD_OUT = {"held_out": "hybrid held-out", "held_out_2": "hybrid held-out 2"}
+
+
+# A database of this module's own. The embedding worker takes the oldest queued cards first, and every card written
+# is queued: run after the rest of the suite in one process (the extra installed), the shared database held
+# thousands of other tests' cards queued before these, and a card written here waited past its minute for a vector.
+@pytest.fixture(scope="module")
+async def database(superuser_url: str) -> AsyncIterator[TestDatabase]:
+    async with new_database(superuser_url, "card_mcp_semantic") as created:
+        yield created
+
+
+@pytest.fixture(scope="module")
+def settings(database: TestDatabase) -> Settings:
+    return settings_for(database)
+
+
+@pytest.fixture(scope="module")
+async def app_pool(database: TestDatabase, settings: Settings) -> AsyncIterator[asyncpg.Pool]:
+    pool = await db.create_pool(database.app_url, settings)
+    try:
+        yield pool
+    finally:
+        await pool.close()
 
 
 @pytest.fixture(scope="module", autouse=True)
