@@ -24,7 +24,7 @@ import asyncpg
 import pytest
 from mcp import Client
 
-from card_mcp import db, search, semantic, tools
+from card_mcp import cards, db, search, semantic, tools
 from card_mcp.config import Settings
 from card_mcp.server import build_server
 from tests.conftest import TestDatabase, new_database, settings_for
@@ -537,3 +537,77 @@ async def test_hybrid_ranking_on_the_held_out_half_is_what_docs_benchmarks_md_pu
             compared = slice(0, 4) if lexical_too else slice(2, 4)
             pairs = zip(held_out[kind][compared], figures[compared], strict=True)
             assert all(abs(a - b) <= MARGIN for a, b in pairs), (half, kind, table)
+
+
+_SCHEMA = Path(__file__).resolve().parent.parent / "schema"
+
+
+def _search_page_of_0016() -> str:
+    """schema/0016's card_mcp.search_page, as reference_0016.search_page: the hybrid ranking before 0018."""
+    text = (_SCHEMA / "0016_search_one_pass.sql").read_text()
+    start = text.index("CREATE OR REPLACE FUNCTION card_mcp.search_page(")
+    body = text[start : text.index("$$;", start) + 3]
+    return body.replace("FUNCTION card_mcp.search_page(", "FUNCTION reference_0016.search_page(", 1)
+
+
+async def test_every_hybrid_page_of_a_small_tenant_is_the_page_0016_served(
+    database: TestDatabase, app_pool: asyncpg.Pool
+) -> None:
+    """0018 ranks a tenant of at most 5,000 vectors by a statement of its own (a generic plan, the cards read after
+    the ranking, the query vector sent as 9 digits a number): every page, cursors followed, must be the page 0016's
+    search_page gives (the vector sent as json.dumps's text), card for card, score for score, for every query of
+    tests/data/relevance.json at limits 1, 3 and 10, with and without the query's type filter and tags, and with a
+    deleted card whose vector is still stored (the worker's sweep removes it later)."""
+    data, ids, tenants = await load_relevance_set(database, app_pool)
+    model = semantic.load_model(1)
+    assert model is not None
+    await semantic.backfill(database.admin_url, model, everything=False, progress=lambda done, total: None)
+    brands = {brand["brand"]: brand for brand in data["brands"]}
+    for brand, tenant_id in tenants.items():  # a deleted card per tenant, its vector left behind
+        async with tenant_transaction(app_pool, tenant_id) as conn:
+            await cards.delete_card(conn, ids[brands[brand]["cards"][0]["key"]])
+    reference = search._PAGE.replace("card_mcp.search_page(", "reference_0016.search_page(")
+    async with superuser_of(database) as conn:
+        await conn.execute("DROP SCHEMA IF EXISTS reference_0016 CASCADE; CREATE SCHEMA reference_0016")
+        await conn.execute(_search_page_of_0016())
+        await conn.execute(f"GRANT USAGE ON SCHEMA reference_0016 TO {db.APP_ROLE}")
+    compared = 0
+    try:
+        for query in data["queries"]:
+            vector = await model.embed_query(query["query"])
+            assert vector is not None
+            nearest = search.Nearest(model.id, vector, model.floor, model.ceiling)
+            tags = brands[query["brand"]]["cards"][1]["tags"][:1] or None
+            # (type, tags, limit): unfiltered at three page sizes, then the query's type filter, then a tag
+            searches = [
+                (None, None, 1),
+                (None, None, 3),
+                (None, None, 10),
+                (query["card_type"], None, 3),
+                (None, tags, 3),
+            ]
+            for card_type, wanted, limit in searches:
+                cursor = None
+                for _ in range(3):
+                    planned = search.plan(
+                        query=query["query"],
+                        card_type=card_type,
+                        tags=wanted,
+                        limit=limit,
+                        cursor=cursor,
+                        nearest=nearest,
+                    )
+                    before = list(planned.args)
+                    before[8] = json.dumps(vector)  # 0016's text of the vector
+                    async with tenant_transaction(app_pool, tenants[query["brand"]]) as conn:
+                        old = await conn.fetch(reference, *before)
+                        new = await conn.fetch(search._PAGE, *planned.args)
+                    assert [tuple(r) for r in new] == [tuple(r) for r in old], (query["query"], limit, cursor)
+                    compared += 1
+                    cursor = search.page_of(new, planned.pinned).next_cursor
+                    if cursor is None:
+                        break
+    finally:
+        async with superuser_of(database) as conn:
+            await conn.execute("DROP SCHEMA reference_0016 CASCADE")
+    assert compared > len(data["queries"]) * 5
