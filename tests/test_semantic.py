@@ -543,7 +543,7 @@ _SCHEMA = Path(__file__).resolve().parent.parent / "schema"
 
 
 def _search_page_of_0016() -> str:
-    """schema/0016's card_mcp.search_page, as reference_0016.search_page: the hybrid ranking before 0018."""
+    """schema/0016's card_mcp.search_page, as reference_0016.search_page: the hybrid ranking before 0019."""
     text = (_SCHEMA / "0016_search_one_pass.sql").read_text()
     start = text.index("CREATE OR REPLACE FUNCTION card_mcp.search_page(")
     body = text[start : text.index("$$;", start) + 3]
@@ -553,7 +553,7 @@ def _search_page_of_0016() -> str:
 async def test_every_hybrid_page_of_a_small_tenant_is_the_page_0016_served(
     database: TestDatabase, app_pool: asyncpg.Pool
 ) -> None:
-    """0018 ranks a tenant of at most 5,000 vectors by a statement of its own (a generic plan, the cards read after
+    """0019 ranks a tenant of at most 5,000 vectors by a statement of its own (a generic plan, the cards read after
     the ranking, the query vector sent as 9 digits a number): every page, cursors followed, must be the page 0016's
     search_page gives (the vector sent as json.dumps's text), card for card, score for score, for every query of
     tests/data/relevance.json at limits 1, 3 and 10, with and without the query's type filter and tags, and with a
