@@ -144,7 +144,9 @@ BEGIN
             RETURN QUERY
             SELECT h.id, h.score, h.kept, v_typos
               FROM card_mcp.search_hybrid_exact(p_words, p_card_type, p_tags, p_after_score, p_after_id, p_limit,
-                                                p_max_bytes, p_vector, p_model, p_floor, p_ceiling, v_typos) AS h;
+                                                p_max_bytes, p_vector, p_model, p_floor, p_ceiling, v_typos)
+                   WITH ORDINALITY AS h(id, score, kept, n)
+             ORDER BY h.n;  -- its rows in the order it returned them, in so many words, as every branch
             RETURN;
         END IF;
         -- A bigger tenant: its nearest vectors through the HNSW index, as in 0015 (this statement's "few" is false).
