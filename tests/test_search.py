@@ -182,6 +182,42 @@ async def test_every_page_past_a_cursor_is_what_ranking_every_card_gives_though_
                 assert paged == [(row["id"], row["score"]) for row in everything], (query, limit)
 
 
+async def test_a_word_like_a_typo_arriving_between_pages_changes_no_earlier_cards_score(
+    app_pool: asyncpg.Pool, tenant_a: uuid.UUID
+) -> None:
+    """A typo word the tenant has nothing like is ranked by 0018's shorter statement; once a card with a word like
+    it arrives, the next page (the typo pinned by the cursor) is ranked by the general one. Only the new card gains
+    a typo credit: every card served before keeps its score, and none is served twice."""
+    new = [
+        NewCard(card_type="insight", title=f"Harbour notes {i}", content={"n": "harbour " * (i % 4 + 1), "i": i})
+        for i in range(8)
+    ]
+    async with tenant_transaction(app_pool, tenant_a) as conn:
+        await cards.insert_cards(conn, tenant_a, new)
+        first, pinned = await search.search_cards(conn, query="harbour lanturn", limit=3)
+        page = search.paginate(first, pinned, 3)
+        assert page.next_cursor is not None and json.loads(
+            base64.urlsafe_b64decode(page.next_cursor + "=" * (-len(page.next_cursor) % 4))
+        )["z"] == [2]  # "lanturn" is looked up as a typo, and nothing in the tenant is like it
+        like = NewCard(card_type="insight", title="Harbour lantern", content={"n": "harbour"})
+        await cards.insert_cards(conn, tenant_a, [like])
+        seen = {hit.id: hit.score for hit in page.cards}
+        cursor = page.next_cursor
+        while cursor is not None:
+            hits, pinned = await search.search_cards(conn, query="harbour lanturn", limit=3, cursor=cursor)
+            page = search.paginate(hits, pinned, 3)
+            for hit in page.cards:
+                assert hit.id not in seen, hit
+                seen[hit.id] = hit.score
+            cursor = page.next_cursor
+        everything, _ = await search.search_cards(conn, query="harbour lanturn", limit=50)
+    # The page served after the arrival was ranked with the typo credit (the general statement): the new card is
+    # above the cursor, so not served, and every card served scored then what it scores now.
+    now = {hit.id: hit.score for hit in everything}
+    assert len(seen) == len(new) and all(now[card] == score for card, score in seen.items())
+    assert max(now.values()) > max(seen.values())  # the card like the typo word ranks first now
+
+
 async def test_a_card_that_has_a_word_pinned_as_a_typo_is_not_also_credited_for_resembling_it(
     app_pool: asyncpg.Pool, tenant_a: uuid.UUID
 ) -> None:
