@@ -124,8 +124,10 @@ BEGIN
     -- Then the cards with some of the words, or words like them, from the postings alone (the index, no card read);
     -- a card is read only for a type or tags filter.
     RETURN QUERY
-    WITH has AS MATERIALIZED (  -- per card: the searched words it has (word k as bit k), and their postings' weight
-        SELECT p.card_id, bit_or(1 << s.n) AS has, sum(p.weight::double precision) AS w
+    WITH has AS MATERIALIZED (  -- per card: the searched words it has (word k as bit k, e of them), and their
+                                -- postings' weight
+        SELECT p.card_id, bit_or(1 << s.n) AS has, bit_count(bit_or(1 << s.n)::bit(32)) AS e,
+               sum(p.weight::double precision) AS w
           FROM unnest(v_stem_n, v_stem) AS s(n, stem)
          CROSS JOIN LATERAL (  -- a range of the index per stem, whatever the plan (never the tenant's every posting)
                SELECT p.card_id, p.weight
@@ -141,14 +143,14 @@ BEGIN
         -- only the cards themselves can tell, or when fewer cards than that have any word.
         SELECT coalesce(max(t.e), 0) AS e
           FROM (SELECT x.e, sum(x.cards) OVER (ORDER BY x.e DESC) AS cards
-                  FROM (SELECT bit_count(h.has::bit(32)) AS e, count(*) AS cards FROM has AS h GROUP BY 1) AS x
+                  FROM (SELECT h.e, count(*) AS cards FROM has AS h GROUP BY 1) AS x
                  -- past a cursor, a card in its tier may or may not come after it; every card in a lower tier does
                  WHERE p_after_score IS NULL OR x.e < floor(p_after_score * (v_n + 1))) AS t
          WHERE t.cards >= p_limit AND p_card_type IS NULL AND p_tags IS NULL
     ), hits AS (
         SELECT h.card_id, h.has, h.w, 0 AS resembles, 0::double precision AS similarity
           FROM has AS h
-         WHERE bit_count(h.has::bit(32)) >= (SELECT f.e FROM fewest AS f)
+         WHERE h.e >= (SELECT f.e FROM fewest AS f)
         UNION ALL
         -- per card and word looked up as a typo: the best similarity of the card's lexemes like it
         SELECT r.card_id, 0, 0, 1 << r.n, r.similarity
@@ -161,7 +163,7 @@ BEGIN
                        OFFSET 0) AS p
                  WHERE (SELECT f.e FROM fewest AS f) = 0
                     OR p.card_id IN (SELECT h.card_id FROM has AS h
-                                      WHERE bit_count(h.has::bit(32)) >= (SELECT f.e FROM fewest AS f))
+                                      WHERE h.e >= (SELECT f.e FROM fewest AS f))
                  GROUP BY p.card_id, s.n) AS r
     ), per_card AS (  -- one aggregate; sums in double precision, exact for these float4 values: the same in any
                       -- row order, so a card's score cannot move by a rounding step between two pages
