@@ -146,13 +146,20 @@ def settings(database: TestDatabase) -> Settings:
     return settings_for(database)
 
 
-@pytest.fixture(scope="session")
-async def app_pool(database: TestDatabase, settings: Settings) -> AsyncIterator[asyncpg.Pool]:
+@asynccontextmanager
+async def app_pool_for(database: TestDatabase, settings: Settings) -> AsyncIterator[asyncpg.Pool]:
+    """A pool of the application role on ``database``, closed afterwards."""
     pool = await db.create_pool(database.app_url, settings)
     try:
         yield pool
     finally:
         await pool.close()
+
+
+@pytest.fixture(scope="session")
+async def app_pool(database: TestDatabase, settings: Settings) -> AsyncIterator[asyncpg.Pool]:
+    async with app_pool_for(database, settings) as pool:
+        yield pool
 
 
 @pytest.fixture

@@ -27,7 +27,7 @@ from mcp import Client
 from card_mcp import cards, db, search, semantic, tools
 from card_mcp.config import Settings
 from card_mcp.server import build_server
-from tests.conftest import TestDatabase, new_database, settings_for
+from tests.conftest import TestDatabase, app_pool_for, new_database, settings_for
 from tests.helpers import connect, ok, tenant_transaction, until
 from tests.helpers import superuser as superuser_of
 from tests.test_search import BY_MEANING, MARGIN, load_relevance_set, mean, published, relevance, rows
@@ -68,11 +68,8 @@ def settings(database: TestDatabase) -> Settings:
 
 @pytest.fixture(scope="module")
 async def app_pool(database: TestDatabase, settings: Settings) -> AsyncIterator[asyncpg.Pool]:
-    pool = await db.create_pool(database.app_url, settings)
-    try:
+    async with app_pool_for(database, settings) as pool:
         yield pool
-    finally:
-        await pool.close()
 
 
 @pytest.fixture(scope="module", autouse=True)
