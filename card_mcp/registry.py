@@ -202,9 +202,9 @@ def compact_schema(schema: dict[str, Any], *, result: bool = False) -> dict[str,
     Dropped: pydantic's generated titles ("Card Type" for card_type), ``default: null`` and
     ``additionalProperties: true`` (what omission means anyway) and the docstrings of nested models (the tool's
     description says what goes in); for results (``result=True``) also descriptions, ``format``, ``enum``,
-    ``required`` and a nested object's ``type``: the tool's description says what comes back, every field of a
-    result is always there, and a model reads the values themselves. An argument keeps every bound, enum, format
-    and default.
+    ``required`` and, below the root, every type (``_names_only``): the tool's description says what comes back,
+    every field of a result is always there, and a model reads the values themselves. An argument keeps every
+    bound, enum, format and default.
     A nullable ``anyOf`` of one typed schema and ``{"type": "null"}`` becomes that schema with ``null`` added to its
     ``type`` (and ``enum``). Every bound, enum, format and default stays."""
 
@@ -229,7 +229,24 @@ def compact_schema(schema: dict[str, Any], *, result: bool = False) -> dict[str,
         return _nullable(out)
 
     compacted: dict[str, Any] = compact(schema, root=True)
+    if result:
+        compacted["properties"] = {name: _names_only(value) for name, value in compacted.get("properties", {}).items()}
     return compacted
+
+
+def _names_only(node: Any) -> Any:
+    """A result's schema below its root as the names of its fields: objects keep their properties, arrays their
+    items where those name fields, and every other schema is ``true``. The SDK's client validates
+    structuredContent against outputSchema with jsonschema on every call, about 8 us for each typed value: 0.8 ms
+    of a ten-card search page, 4 ms of a fifty-card one, 25 ms of a 1000-card batch's results; names alone cost
+    what the objects do (0.09 ms a page), and the values still say their types."""
+    if not isinstance(node, dict):
+        return node
+    properties = node.get("properties")
+    if isinstance(properties, dict) and properties:
+        return {"properties": {name: _names_only(value) for name, value in properties.items()}}
+    items = _names_only(node.get("items", True))
+    return True if items is True else {"items": items}
 
 
 def _nullable(node: dict[str, Any]) -> dict[str, Any]:

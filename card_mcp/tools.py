@@ -5,8 +5,8 @@ validated arguments, and returns its result model. Adding a tool: its body and e
 
 How a tool's description is written. Every conversation that loads the server pays for every byte of tools/list,
 and tests/test_server.py holds the tools' names, descriptions and schemas to 8 KiB together (it prints each
-tool's share). The seven tools take about 6.5 KB: the next two (#21's) have about 800 bytes each, all told. A
-tool returning {card} pays 360 of them for the card's output schema; get_card costs 580, delete_card 320.
+tool's share). The nine tools take about 7 KB. A tool returning {card} pays 190 of them for the card's output
+schema; get_card costs 420, delete_card 340.
 - The docstring is the description: two or three sentences, about 100-250 characters. Say when to use the tool
   (and when another one instead), what it returns as {field,...} with what a field means if its name does not
   say, and the one error a model must act on differently from its hint (every error carries a hint already:
@@ -14,8 +14,9 @@ tool returning {card} pays 360 of them for the card's output schema; get_card co
 - Say each thing once. A bound the schema carries (lengths, counts, ranges, enums, defaults) goes in the type,
   not in words; a Field description only for what no keyword can say (64 KiB as JSON, "[] clears them", a
   grammar). Names that say what they are (card_id, limit) need no description at all.
-- Results are described by the description, not by their models' docstrings: registry.compact_schema drops
-  descriptions, formats, enums and required lists from output schemas. Reuse models.Card for a card.
+- Results are described by the description, not by their models' docstrings: registry.compact_schema publishes
+  an output schema as its fields' names (a client validates every typed value of every answer), and the result
+  model keeps the types (tests/test_server.py holds every answer to them). Reuse models.Card for a card.
 """
 
 from __future__ import annotations

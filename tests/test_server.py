@@ -67,6 +67,38 @@ async def test_tools_list_names_annotations_and_portable_schemas(client: Client)
     assert (batch_cards["minItems"], batch_cards["maxItems"]) == (1, 1000)
 
 
+async def test_every_result_has_each_field_its_model_types_though_the_published_schema_names_fields_alone(
+    client: Client,
+) -> None:
+    """tools/list publishes result schemas as field names (registry._names_only: the SDK's client validates every
+    typed value on every call); the typing lives in the result models, and each tool's answer must still meet
+    their full schema, every field present with its type."""
+    from card_mcp.registry import inline_refs
+    from card_mcp.tools import TOOLS as REGISTRY
+
+    published = {tool.name: tool.output_schema or {} for tool in (await client.list_tools()).tools}
+    card = await create(client, title="Typed results", content={"summary": "every field typed"}, tags=["typed"])
+    calls: list[tuple[str, dict[str, Any]]] = [
+        ("create_card", {**CARD, "title": "Typed results"}),
+        ("get_card", {"card_id": card["id"]}),
+        ("search_cards", {"query": "typed results"}),
+        ("update_card", {"card_id": card["id"], "expected_version": 1, "title": "Typed results, again"}),
+        ("get_card_history", {"card_id": card["id"]}),
+        ("restore_card", {"card_id": card["id"], "version": 1}),
+        ("batch_create_cards", {"cards": [{**CARD, "title": "Typed batch"}]}),
+        ("usage_stats", {"since": "1h"}),
+        ("delete_card", {"card_id": card["id"]}),
+    ]
+    assert {name for name, _ in calls} == TOOLS
+    for name, arguments in calls:
+        tool = next(t for t in REGISTRY if t.name == name)
+        typed = inline_refs(tool.result.model_json_schema(mode="serialization"))
+        structured = ok(await client.call_tool(name, arguments))
+        jsonschema.Draft202012Validator(typed).validate(structured)
+        jsonschema.Draft202012Validator(published[name]).validate(structured)
+        assert set(published[name]["properties"]) == set(typed["properties"]) == set(structured)
+
+
 # What every conversation that loads the server pays for, in bytes of compact JSON: the tools' names, descriptions
 # and schemas. tools.py says how a description is written so that a new tool fits.
 TOOLS_LIST_BUDGET = 8 * 1024
