@@ -3,7 +3,8 @@
 A file whose first line is ``-- requires extension: NAME VERSION`` is optional: it is applied only where that
 extension (at least that version) is installed in the database or can be created there, recorded as applied only
 when it ran, and tried again on every later run; a database without it is up to date (``pending`` leaves it out),
-and its failure is logged, never raised. It must stand alone: no later file may depend on it."""
+and its failure is logged, never raised. It must stand alone: no later required file may depend on it (a later
+optional file of the same extension may: it is applied after it, and left out with it)."""
 
 from __future__ import annotations
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import anyio
+import asyncpg
 
 from . import db
 
@@ -264,14 +265,43 @@ async def forget_deleted(conn: db.Connection) -> int:
 
 # Take a batch off the queue, in one statement that commits at once: nothing stays locked while the cards are
 # embedded. A worker that dies before storing the vectors leaves those cards to the next sweep (requeue_stale);
-# an update committed after this statement queues its card again.
+# an update committed after this statement queues its card again. Shared among tenants (schema/0020): the $1
+# tenants whose oldest queued card is oldest, found by one probe of each queued tenant's index range (a skip scan:
+# tenants with a queued card, not queued cards), then round robin among them, each one's queue oldest first, so a
+# card written now waits behind at most $1 - 1 other tenants' backlogs, never behind one tenant's whole import.
+# Locks (SKIP LOCKED: another worker takes other cards) are taken per tenant, its $1 oldest unlocked, of which the
+# batch deletes its share; a worker taking in the same moment skips the rest too, until this statement commits.
 _TAKE = """
+WITH RECURSIVE tenants AS (
+    (SELECT q.tenant_id FROM card_mcp.embedding_queue AS q ORDER BY q.tenant_id LIMIT 1)
+    UNION ALL
+    SELECT (SELECT q.tenant_id FROM card_mcp.embedding_queue AS q
+             WHERE q.tenant_id > t.tenant_id ORDER BY q.tenant_id LIMIT 1)
+      FROM tenants AS t
+     WHERE t.tenant_id IS NOT NULL
+), oldest AS (
+    SELECT t.tenant_id
+      FROM tenants AS t
+     CROSS JOIN LATERAL (SELECT q.queued_at, q.card_id FROM card_mcp.embedding_queue AS q
+                          WHERE q.tenant_id = t.tenant_id ORDER BY q.queued_at, q.card_id LIMIT 1) AS head
+     WHERE t.tenant_id IS NOT NULL
+     ORDER BY head.queued_at, head.card_id
+     LIMIT $1
+), taken AS (
+    SELECT e.tenant_id, e.card_id,
+           row_number() OVER (PARTITION BY e.tenant_id ORDER BY e.queued_at, e.card_id) AS turn, e.queued_at
+      FROM oldest AS o
+     CROSS JOIN LATERAL (SELECT q.tenant_id, q.card_id, q.queued_at FROM card_mcp.embedding_queue AS q
+                          WHERE q.tenant_id = o.tenant_id
+                          ORDER BY q.queued_at, q.card_id
+                          LIMIT $1
+                            FOR UPDATE SKIP LOCKED) AS e
+     ORDER BY turn, e.queued_at, e.card_id
+     LIMIT $1
+)
 DELETE FROM card_mcp.embedding_queue AS q
- WHERE (q.tenant_id, q.card_id) IN (SELECT t.tenant_id, t.card_id
-                                      FROM card_mcp.embedding_queue AS t
-                                     ORDER BY t.queued_at, t.card_id
-                                     LIMIT $1
-                                       FOR UPDATE SKIP LOCKED)
+ USING taken AS t
+ WHERE q.tenant_id = t.tenant_id AND q.card_id = t.card_id
 RETURNING q.tenant_id, q.card_id
 """
 _CARDS = """
@@ -293,10 +323,15 @@ ON CONFLICT (tenant_id, card_id) DO UPDATE
 """
 
 
+async def take_batch(conn: db.Connection, size: int) -> list[asyncpg.Record]:
+    """Take up to ``size`` cards off the queue, shared among tenants (see _TAKE): their (tenant_id, card_id)."""
+    return await conn.fetch(_TAKE, size)
+
+
 async def embed_batch(conn: db.Connection, model: Model, size: int = 16) -> int:
     """Take up to ``size`` queued cards, embed them and store their vectors; returns how many it took (0: the
     queue is empty, or every entry is being taken by another worker)."""
-    taken = await conn.fetch(_TAKE, size)
+    taken = await take_batch(conn, size)
     if not taken:
         return 0
     rows = await conn.fetch(_CARDS, [r["tenant_id"] for r in taken], [r["card_id"] for r in taken])
