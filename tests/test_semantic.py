@@ -52,9 +52,10 @@ GAIN = 0.2  # MRR on the held-out paraphrases, hybrid over lexical: see docs/ben
 HELD_OUT = {"held_out": "hybrid held-out", "held_out_2": "hybrid held-out 2"}
 
 
-# A database of this module's own. The embedding worker takes the oldest queued cards first, and every card written
-# is queued: run after the rest of the suite in one process (the extra installed), the shared database held
-# thousands of other tests' cards queued before these, and a card written here waited past its minute for a vector.
+# A database of this module's own. Every card written is queued for a vector, and run after the rest of the suite in
+# one process (the extra installed) the shared database held thousands of other tests' cards: when the worker took
+# the oldest first across tenants, a card written here waited past its minute for a vector. Since 0020 the worker
+# shares its batches among tenants (tests/test_embedding_queue.py), but the suite's cards would still take its time.
 @pytest.fixture(scope="module")
 async def database(superuser_url: str) -> AsyncIterator[TestDatabase]:
     async with new_database(superuser_url, "card_mcp_semantic") as created:
