@@ -236,17 +236,19 @@ def compact_schema(schema: dict[str, Any], *, result: bool = False) -> dict[str,
 
 def _names_only(node: Any) -> Any:
     """A result's schema below its root as the names of its fields: objects keep their properties, arrays their
-    items where those name fields, and every other schema is ``true``. The SDK's client validates
-    structuredContent against outputSchema with jsonschema on every call, about 8 us for each typed value: 0.8 ms
-    of a ten-card search page, 4 ms of a fifty-card one, 25 ms of a 1000-card batch's results; names alone cost
-    what the objects do (0.09 ms a page), and the values still say their types."""
+    items where those name fields, and every other schema is ``{}``, any value (``true`` says the same in JSON
+    Schema, but MCP's schema wants each property an object, and the MCP Inspector refuses a list that has one).
+    The SDK's client validates structuredContent against outputSchema with jsonschema on every call, about 8 us
+    for each typed value: 0.8 ms of a ten-card search page, 4 ms of a fifty-card one, 25 ms of a 1000-card
+    batch's results; names alone cost what the objects do (0.09 ms a page), and the values still say their
+    types."""
     if not isinstance(node, dict):
         return node
     properties = node.get("properties")
     if isinstance(properties, dict) and properties:
         return {"properties": {name: _names_only(value) for name, value in properties.items()}}
-    items = _names_only(node.get("items", True))
-    return True if items is True else {"items": items}
+    items = _names_only(node["items"]) if isinstance(node.get("items"), dict) else {}
+    return {"items": items} if items else {}
 
 
 def _nullable(node: dict[str, Any]) -> dict[str, Any]:

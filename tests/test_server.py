@@ -67,6 +67,34 @@ async def test_tools_list_names_annotations_and_portable_schemas(client: Client)
     assert (batch_cards["minItems"], batch_cards["maxItems"]) == (1, 1000)
 
 
+async def test_every_schema_in_the_tool_list_is_an_object_as_mcp_asks_so_strict_clients_accept_it(
+    client: Client,
+) -> None:
+    """MCP's schema types each property of inputSchema and outputSchema as an object; a JSON Schema ``true`` is
+    valid JSON Schema but the MCP Inspector (and any client that checks tools/list against MCP's schema) refuses
+    the whole list for it."""
+
+    def booleans(node: Any, path: str) -> list[str]:
+        if isinstance(node, bool):
+            return [path]
+        if not isinstance(node, dict):
+            return []
+        found: list[str] = []
+        for key in ("properties", "$defs"):
+            for name, value in (node.get(key) or {}).items():
+                found += booleans(value, f"{path}.{key}.{name}")
+        for key in ("items", "additionalProperties"):
+            if key in node and not (key == "additionalProperties" and node[key] is False):
+                found += booleans(node[key], f"{path}.{key}")
+        for option in node.get("anyOf", []):
+            found += booleans(option, f"{path}.anyOf")
+        return found
+
+    for tool in (await client.list_tools()).tools:
+        assert booleans(tool.input_schema, f"{tool.name}.inputSchema") == []
+        assert booleans(tool.output_schema or {}, f"{tool.name}.outputSchema") == []
+
+
 async def test_every_result_has_each_field_its_model_types_though_the_published_schema_names_fields_alone(
     client: Client,
 ) -> None:
