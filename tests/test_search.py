@@ -543,17 +543,25 @@ async def relevance(
                 conn, query=query["query"], card_type=query["card_type"], limit=10, nearest=vector
             )
         expected = [ids[key] for key in query["expected"]]
-        by_kind[query["kind"]].append(ranks(hits, expected))
+        by_kind[query["kind"]].append(ranks(hits, expected, tie=HYBRID_TIE if nearest else 0.0))
     return by_kind
 
 
-def ranks(hits: list[ScoredCard], expected: list[uuid.UUID]) -> tuple[float, float]:
+# Hybrid scores closer than this are a tie. A card's similarity comes from half-precision vectors (three decimal
+# digits) and is scaled by 1 / (ceiling - floor) / 1.6, about 6x, in the score; and the model's 4-bit kernels give
+# vectors that differ in their last digits from one CPU to another (AVX-512 against AVX2). On the relevance set one
+# query's two best cards are 0.0004 apart, and they swapped places from one machine of this kind to another.
+HYBRID_TIE = 0.001
+
+
+def ranks(hits: list[ScoredCard], expected: list[uuid.UUID], tie: float = 0.0) -> tuple[float, float]:
     """(reciprocal rank, recall@5) of ``expected`` in the top 10 of ``hits``, the same whatever the cards' ids: cards
-    of equal score are ordered by id, which is random, so a card tied with others takes the mean of their positions
-    (its expected position), and a tie across the fifth place counts for the share of it above."""
+    of equal score (within ``tie``) are ordered by id, which is random, or by digits below what the score can tell,
+    so a card tied with others takes the mean of their positions (its expected position), and a tie across the
+    fifth place counts for the share of it above."""
     places: dict[uuid.UUID, tuple[int, int]] = {}  # card -> the first and last position of its score's tie
     for hit in hits[:10]:
-        tied = [p for p, other in enumerate(hits, start=1) if other.score == hit.score]
+        tied = [p for p, other in enumerate(hits, start=1) if abs(other.score - hit.score) <= tie]
         places[hit.id] = (tied[0], tied[-1])
     found = [places[e] for e in expected if e in places]
     first = min(((a + b) / 2 for a, b in found), default=None)
