@@ -344,7 +344,7 @@ async def backend_cpu(
     """CPU time of the connection's backend per call of each, in microseconds, from /proc (user and system time,
     in clock ticks), over ``calls`` calls of each in alternating blocks of 100: a steadier measure than the wall
     clock on a shared machine, and what the statement costs the server whoever waits. None when the server's
-    processes are not this machine's."""
+    processes are not this machine's (the backend's pid names no local postgres process)."""
     stat = f"/proc/{conn.get_server_pid()}/stat"
     tick = os.sysconf("SC_CLK_TCK")
 
@@ -353,14 +353,19 @@ async def backend_cpu(
             fields = f.read().rsplit(")", 1)[1].split()
         return int(fields[11]) + int(fields[12])  # utime, stime: fields 14 and 15 of proc(5)
 
-    try:
-        ticks()
-    except OSError:
+    def local_postgres() -> bool:
+        try:
+            with open(stat) as f:
+                return "(postgres)" in f.read() and ticks() >= 0
+        except OSError:
+            return False
+
+    if not local_postgres():
         return None
 
     spent = [0, 0]
-    for _ in range(max(calls // 100, 1)):
-        for i, call in enumerate((first, second)):
+    for block in range(max(calls // 100, 1)):
+        for i, call in enumerate((first, second)) if block % 2 == 0 else reversed(list(enumerate((first, second)))):
             before = ticks()
             for _ in range(100):
                 await call()

@@ -267,8 +267,10 @@ async def forget_deleted(conn: db.Connection) -> int:
 # embedded. A worker that dies before storing the vectors leaves those cards to the next sweep (requeue_stale);
 # an update committed after this statement queues its card again. Shared among tenants (schema/0020): the $1
 # tenants whose oldest queued card is oldest, found by one probe of each queued tenant's index range (a skip scan:
-# tenants with a queued card, not queued cards), then round robin among them, each one's queue oldest first, so a
-# card written now waits behind at most $1 - 1 other tenants' backlogs, never behind one tenant's whole import.
+# tenants with a queued card, not queued cards), then round robin among them, each one's queue oldest first. So
+# while fewer than $1 tenants have cards queued before it, a card written now is in the next batch, not behind one
+# tenant's whole import; behind $1 or more such backlogs (`card-mcp embed --all` queues every tenant's cards at
+# once) it waits until all but $1 - 1 of them are drained: sooner than oldest first across tenants, but not fair.
 # Locks (SKIP LOCKED: another worker takes other cards) are taken per tenant, its $1 oldest unlocked, of which the
 # batch deletes its share; a worker taking in the same moment skips the rest too, until this statement commits.
 _TAKE = """

@@ -1,5 +1,6 @@
-"""The embedding queue is shared among tenants: a card one tenant writes is embedded after at most a batch's worth of
-other tenants' backlogs, never after another tenant's whole import; no queued card is taken twice or lost.
+"""The embedding queue is shared among tenants: while fewer tenants than a batch has cards have a backlog, a card
+one tenant writes is in the next batch, not after another tenant's whole import; no queued card is taken twice or
+lost.
 
 Needs pgvector (the queue is 0006's, optional), not the semantic extra: these take batches with the worker's own
 statement (semantic.take_batch) through the admin role, as the worker does, on a database of their own (taking a

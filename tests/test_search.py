@@ -547,11 +547,13 @@ async def relevance(
     return by_kind
 
 
-# Hybrid scores closer than this are a tie. A card's similarity comes from half-precision vectors (three decimal
-# digits) and is scaled by 1 / (ceiling - floor) / 1.6, about 6x, in the score; and the model's 4-bit kernels give
-# vectors that differ in their last digits from one CPU to another (AVX-512 against AVX2). On the relevance set one
-# query's two best cards are 0.0004 apart, and they swapped places from one machine of this kind to another.
-HYBRID_TIE = 0.001
+# Hybrid scores closer than this are a tie. The model's 4-bit kernels give vectors that differ in their last digits
+# from one CPU to another (AVX-512 against AVX2), and a similarity is scaled by 1 / (ceiling - floor) / 1.6, about
+# 6x, in the score: on the relevance set one query's two best cards are 0.00036 apart, and they swapped places from
+# one machine of this kind to another. Below the smallest step the lexical part makes between two cards with as
+# many of the words (0.1 L / 1.6 with L's weight term: 0.00065 for a word's weight 2 against 3 of 3 words), so
+# lexical search's order within a share is still counted.
+HYBRID_TIE = 0.0005
 
 
 def ranks(hits: list[ScoredCard], expected: list[uuid.UUID], tie: float = 0.0) -> tuple[float, float]:
