@@ -265,12 +265,14 @@ async def forget_deleted(conn: db.Connection) -> int:
 
 # Take a batch off the queue, in one statement that commits at once: nothing stays locked while the cards are
 # embedded. A worker that dies before storing the vectors leaves those cards to the next sweep (requeue_stale);
-# an update committed after this statement queues its card again. Shared among tenants (schema/0020): the $1
-# tenants whose oldest queued card is oldest, found by one probe of each queued tenant's index range (a skip scan:
-# tenants with a queued card, not queued cards), then round robin among them, each one's queue oldest first. So
-# while fewer than $1 tenants have cards queued before it, a card written now is in the next batch, not behind one
-# tenant's whole import; behind $1 or more such backlogs (`card-mcp embed --all` queues every tenant's cards at
-# once) it waits until all but $1 - 1 of them are drained: sooner than oldest first across tenants, but not fair.
+# an update committed after this statement queues its card again. Shared among tenants (schema/0020): every
+# queued tenant found by one probe of its index range (a skip scan: tenants with a queued card, not queued cards);
+# of them, the $1 - w whose oldest queued card is oldest, and a window of w (half the batch) of all of them in id
+# order, the next window each batch (the sequence card_mcp.embedding_turns counts batches); then round robin among
+# those, each one's queue oldest first. So while fewer than $1 - w tenants have cards queued before it, a card
+# written now is in the next batch, and behind any number of backlogs (`card-mcp embed --all` queues every
+# tenant's cards at once) its tenant's turn comes within (tenants queued / w) batches, never after every other
+# tenant's import.
 # Locks (SKIP LOCKED: another worker takes other cards) are taken per tenant, its $1 oldest unlocked, of which the
 # batch deletes its share; a worker taking in the same moment skips the rest too, until this statement commits.
 _TAKE = """
@@ -281,14 +283,20 @@ WITH RECURSIVE tenants AS (
              WHERE q.tenant_id > t.tenant_id ORDER BY q.tenant_id LIMIT 1)
       FROM tenants AS t
      WHERE t.tenant_id IS NOT NULL
-), oldest AS (
-    SELECT t.tenant_id
+), turn AS MATERIALIZED (  -- this batch's number, and w: the tenants it takes in turn
+    SELECT nextval('card_mcp.embedding_turns') AS k, greatest($1 / 2, 1) AS w
+), heads AS (
+    SELECT t.tenant_id, row_number() OVER (ORDER BY head.queued_at, head.card_id) AS by_age,
+           row_number() OVER (ORDER BY t.tenant_id) - 1 AS place, count(*) OVER () AS queued
       FROM tenants AS t
      CROSS JOIN LATERAL (SELECT q.queued_at, q.card_id FROM card_mcp.embedding_queue AS q
                           WHERE q.tenant_id = t.tenant_id ORDER BY q.queued_at, q.card_id LIMIT 1) AS head
      WHERE t.tenant_id IS NOT NULL
-     ORDER BY head.queued_at, head.card_id
-     LIMIT $1
+), oldest AS (
+    SELECT h.tenant_id
+      FROM heads AS h, turn
+     WHERE h.by_age <= $1 - turn.w
+        OR ((h.place - (turn.k * turn.w) % h.queued) % h.queued + h.queued) % h.queued < turn.w
 ), taken AS (
     SELECT e.tenant_id, e.card_id,
            row_number() OVER (PARTITION BY e.tenant_id ORDER BY e.queued_at, e.card_id) AS turn, e.queued_at

@@ -1,6 +1,6 @@
-"""The embedding queue is shared among tenants: while fewer tenants than a batch has cards have a backlog, a card
-one tenant writes is in the next batch, not after another tenant's whole import; no queued card is taken twice or
-lost.
+"""The embedding queue is shared among tenants: a card one tenant writes is in the next batch while few tenants
+have a backlog, and has its turn within a few batches behind any number of them, never after every other tenant's
+import; no queued card is taken twice or lost.
 
 Needs pgvector (the queue is 0006's, optional), not the semantic extra: these take batches with the worker's own
 statement (semantic.take_batch) through the admin role, as the worker does, on a database of their own (taking a
@@ -93,19 +93,35 @@ async def test_a_card_written_behind_another_tenants_import_is_in_the_next_batch
     assert sorted(rest) == sorted(imported[15:])  # the import goes on, nothing taken twice, nothing left
 
 
-async def test_a_batch_goes_round_robin_among_the_tenants_that_have_waited_longest(
+async def test_a_batch_goes_round_robin_among_the_tenants_each_ones_oldest_first(
     database: TestDatabase, app_pool: asyncpg.Pool, admin: asyncpg.Connection
 ) -> None:
     first = await queue(database, app_pool, admin, 4, minutes=0)
     second = await queue(database, app_pool, admin, 4, minutes=10)
-    third = await queue(database, app_pool, admin, 4, minutes=20)
-    # Two tenants a batch at most: the two whose oldest card is oldest, each one's oldest first.
-    assert set(await take(admin, 2)) == {first[0], second[0]}
-    assert set(await take(admin, 2)) == {first[1], second[1]}
-    # Six: the third tenant's turn too, one card each in turn.
-    assert set(await take(admin, 6)) == {first[2], second[2], third[0], first[3], second[3], third[1]}
-    assert set(await take(admin, 6)) == set(third[2:])
+    third = await queue(database, app_pool, admin, 5, minutes=20)
+    # Six cards: each tenant's oldest, then each one's second.
+    assert set(await take(admin, 6)) == {first[0], second[0], third[0], first[1], second[1], third[1]}
+    assert set(await take(admin, 6)) == {first[2], second[2], third[2], first[3], second[3], third[3]}
+    assert await take(admin, 6) == [third[4]]
     assert await take(admin, 6) == []
+
+
+async def test_behind_more_backlogs_than_a_batch_has_cards_a_new_card_has_its_turn_within_a_round(
+    database: TestDatabase, app_pool: asyncpg.Pool, admin: asyncpg.Connection
+) -> None:
+    """30 tenants with 8 cards each queued before it: taken oldest first by tenant (as before 0020's turns), the
+    16 tenants with the oldest cards would drain before the new card's tenant came in, in the ninth batch; with half
+    of each batch's 16 tenants taken in turn, 8 a batch, all 31 have had a turn by the fourth."""
+    backlogs = [await queue(database, app_pool, admin, 8, minutes=minute) for minute in range(30)]
+    written = await queue(database, app_pool, admin, 1, minutes=60)
+    batches = [await take(admin, 16) for _ in range(4)]
+    assert any(written[0] in batch for batch in batches)
+    assert all(len(batch) == 16 for batch in batches)
+    taken = [card for batch in batches for card in batch]
+    assert len(set(taken)) == len(taken)
+    for backlog in backlogs:  # each tenant's cards oldest first
+        mine = [card for card in taken if card in backlog]
+        assert set(mine) == set(backlog[: len(mine)])
 
 
 async def test_two_workers_taking_at_once_take_different_cards_and_lose_none(
