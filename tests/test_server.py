@@ -74,25 +74,26 @@ async def test_every_schema_in_the_tool_list_is_an_object_as_mcp_asks_so_strict_
     valid JSON Schema but the MCP Inspector (and any client that checks tools/list against MCP's schema) refuses
     the whole list for it."""
 
-    def booleans(node: Any, path: str) -> list[str]:
-        if isinstance(node, bool):
-            return [path]
+    def not_objects(node: Any, path: str) -> list[str]:
+        """Where a schema below ``node`` is not a JSON object: a boolean, a list, a string."""
         if not isinstance(node, dict):
-            return []
+            return [path]
         found: list[str] = []
         for key in ("properties", "$defs"):
             for name, value in (node.get(key) or {}).items():
-                found += booleans(value, f"{path}.{key}.{name}")
+                found += not_objects(value, f"{path}.{key}.{name}")
         for key in ("items", "additionalProperties"):
             if key in node and not (key == "additionalProperties" and node[key] is False):
-                found += booleans(node[key], f"{path}.{key}")
-        for option in node.get("anyOf", []):
-            found += booleans(option, f"{path}.anyOf")
+                found += not_objects(node[key], f"{path}.{key}")
+        for key in ("anyOf", "oneOf", "allOf", "prefixItems"):
+            for option in node.get(key, []):
+                found += not_objects(option, f"{path}.{key}")
         return found
 
     for tool in (await client.list_tools()).tools:
-        assert booleans(tool.input_schema, f"{tool.name}.inputSchema") == []
-        assert booleans(tool.output_schema or {}, f"{tool.name}.outputSchema") == []
+        for side, schema in (("inputSchema", tool.input_schema), ("outputSchema", tool.output_schema)):
+            assert schema is not None and schema.get("type") == "object", (tool.name, side)
+            assert not_objects(schema, f"{tool.name}.{side}") == []
 
 
 async def test_every_result_has_each_field_its_model_types_though_the_published_schema_names_fields_alone(
