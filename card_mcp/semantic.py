@@ -283,7 +283,7 @@ WITH RECURSIVE tenants AS (
              WHERE q.tenant_id > t.tenant_id ORDER BY q.tenant_id LIMIT 1)
       FROM tenants AS t
      WHERE t.tenant_id IS NOT NULL
-), turn AS MATERIALIZED (  -- this batch's number, and w: the tenants it takes in turn
+), this_batch AS MATERIALIZED (  -- its number k, and w: how many tenants it takes in turn
     SELECT nextval('card_mcp.embedding_turns') AS k, greatest($1 / 2, 1) AS w
 ), heads AS (
     SELECT t.tenant_id, row_number() OVER (ORDER BY head.queued_at, head.card_id) AS by_age,
@@ -294,9 +294,9 @@ WITH RECURSIVE tenants AS (
      WHERE t.tenant_id IS NOT NULL
 ), oldest AS (
     SELECT h.tenant_id
-      FROM heads AS h, turn
-     WHERE h.by_age <= $1 - turn.w
-        OR ((h.place - (turn.k * turn.w) % h.queued) % h.queued + h.queued) % h.queued < turn.w
+      FROM heads AS h, this_batch AS b
+     WHERE h.by_age <= $1 - b.w
+        OR ((h.place - (b.k * b.w) % h.queued) % h.queued + h.queued) % h.queued < b.w
 ), taken AS (
     SELECT e.tenant_id, e.card_id,
            row_number() OVER (PARTITION BY e.tenant_id ORDER BY e.queued_at, e.card_id) AS turn, e.queued_at
