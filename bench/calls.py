@@ -348,29 +348,28 @@ async def backend_cpu(
     stat = f"/proc/{conn.get_server_pid()}/stat"
     tick = os.sysconf("SC_CLK_TCK")
 
-    def ticks() -> int:
+    def read() -> str:
         with open(stat) as f:
-            fields = f.read().rsplit(")", 1)[1].split()
+            return f.read()
+
+    def ticks() -> int:
+        fields = read().rsplit(")", 1)[1].split()
         return int(fields[11]) + int(fields[12])  # utime, stime: fields 14 and 15 of proc(5)
 
-    def local_postgres() -> bool:
-        try:
-            with open(stat) as f:
-                return "(postgres)" in f.read() and ticks() >= 0
-        except OSError:
-            return False
-
-    if not local_postgres():
+    try:
+        if "(postgres)" not in read():
+            return None
+    except OSError:
         return None
-
+    blocks = max(calls // 100, 1)
     spent = [0, 0]
-    for block in range(max(calls // 100, 1)):
-        for i, call in enumerate((first, second)) if block % 2 == 0 else reversed(list(enumerate((first, second)))):
+    for block in range(blocks):
+        for i in (0, 1) if block % 2 == 0 else (1, 0):
             before = ticks()
             for _ in range(100):
-                await call()
+                await (first, second)[i]()
             spent[i] += ticks() - before
-    per_call = 1e6 / tick / (max(calls // 100, 1) * 100)
+    per_call = 1e6 / tick / (blocks * 100)
     return spent[0] * per_call, spent[1] * per_call
 
 

@@ -265,7 +265,7 @@ async def forget_deleted(conn: db.Connection) -> int:
 
 # Take a batch off the queue, in one statement that commits at once: nothing stays locked while the cards are
 # embedded. A worker that dies before storing the vectors leaves those cards to the next sweep (requeue_stale);
-# an update committed after this statement queues its card again. Shared among tenants (schema/0020): every
+# an update committed after this statement queues its card again. Shared among tenants (schema/0020, 0021): every
 # queued tenant found by one probe of its index range (a skip scan: tenants with a queued card, not queued cards);
 # of them, the $1 - w whose oldest queued card is oldest, and a window of w (half the batch) of all of them in id
 # order, the next window each batch (the sequence card_mcp.embedding_turns counts batches); then round robin among

@@ -109,7 +109,7 @@ async def test_a_batch_goes_round_robin_among_the_tenants_each_ones_oldest_first
 async def test_behind_more_backlogs_than_a_batch_has_cards_a_new_card_has_its_turn_within_a_round(
     database: TestDatabase, app_pool: asyncpg.Pool, admin: asyncpg.Connection
 ) -> None:
-    """30 tenants with 8 cards each queued before it: taken oldest first by tenant (as before 0020's turns), the
+    """30 tenants with 8 cards each queued before it: taken oldest first by tenant (as before 0021's turns), the
     16 tenants with the oldest cards would drain before the new card's tenant came in, in the ninth batch; with half
     of each batch's 16 tenants taken in turn, 8 a batch, all 31 have had a turn by the fourth."""
     backlogs = [await queue(database, app_pool, admin, 8, minutes=minute) for minute in range(30)]

@@ -94,11 +94,11 @@ def test_migrations_are_numbered_without_gaps() -> None:
 async def test_an_optional_migration_waits_for_its_extension_and_is_applied_on_a_later_run(
     superuser_url: str, fresh_owner_url: str
 ) -> None:
-    """0006_semantic (and 0020, its queue's index) needs pgvector 0.8, which only a superuser may create: without it
-    the database is up to date and neither is recorded; once a superuser has created the extension, the next run
-    applies both, in order."""
+    """0006_semantic (and 0020 and 0021, its queue's index and turns) needs pgvector 0.8, which only a superuser may
+    create: without it the database is up to date and none is recorded; once a superuser has created the extension,
+    the next run applies them all, in order."""
     optional = [m.version for m in migrate.load_migrations() if m.requires == "vector"]
-    assert optional == ["0006_semantic", "0020_embedding_queue_fair"]
+    assert optional == ["0006_semantic", "0020_embedding_queue_fair", "0021_embedding_turns"]
     conn = await db.connect(fresh_owner_url)
     try:
         assert await migrate.migrate(conn) == required()
