@@ -99,6 +99,7 @@ MARKERS = ("kestrel", "osprey", "heron", "falcon", "condor", "plover", "magpie",
 POOL = 40  # contents shared by every tenant: dedup must answer `existing` within a tenant, never across
 UNHEALTHY_CODES = frozenset({"internal", "unavailable"})
 DRAIN_SECONDS = 60.0  # how long the running calls may take to finish after --seconds
+LOGGED_ERROR_LINES = 120  # of the server's ERROR records with their tracebacks, printed when the log has any
 OUTCOME_OK = "ok"
 OUTCOME_TRANSPORT = "transport"
 PROBLEMS = (
@@ -846,6 +847,21 @@ async def card_mcp_server(env: dict[str, str], stateless: bool) -> AsyncIterator
             server.stdout = "".join(out)
 
 
+def error_records(log: list[str]) -> list[str]:
+    """The server log's ERROR and CRITICAL records, each with the traceback lines under it (card_mcp.logs
+    writes them as following lines that start with `  | `)."""
+    lines: list[str] = []
+    inside = False
+    for line in log:
+        if re.search(r" (ERROR|CRITICAL) ", line):
+            inside = True
+        elif not line.startswith("  | "):
+            inside = False
+        if inside:
+            lines.append(line.rstrip())
+    return lines
+
+
 def rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -1131,7 +1147,7 @@ async def soak(args: argparse.Namespace) -> Outcome:
                 )
             after_stop = await wait_for_no_backends(superuser, name)
             errors = [line.rstrip() for line in server.log if re.search(r" (ERROR|CRITICAL) |Traceback", line)]
-            for line in errors[:10]:
+            for line in error_records(server.log)[:LOGGED_ERROR_LINES]:
                 print(f"soak: server log: {line}", file=sys.stderr)
             if errors:
                 ledger.problem("unhealthy", f"{len(errors)} ERROR lines in the server's log")

@@ -9,7 +9,8 @@
                         never the input (the SDK quotes it)
     SessionQuota        stateful sessions per API key (or OAuth connection), below the process-wide bound, so one
                         credential cannot lock every other tenant out; it sits inside the authentication
-                        middleware, which has named the caller
+                        middleware, which has named the caller. It also ends a session in order: a DELETE waits
+                        for the session's requests in flight, and a request after it is answered 404
 
 The ``/mcp/`` redirect is built from the configured public URL, never from the request's Host (``redirect``).
 """
@@ -23,6 +24,7 @@ from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
+import anyio
 import httptools
 from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser
 from starlette.datastructures import Headers
@@ -43,6 +45,8 @@ MAX_TARGET_BYTES = 8 * 1024
 _LINGER_SECONDS = 2.0
 
 _REASONS = {414: b"URI Too Long", 431: b"Request Header Fields Too Large"}
+# How long a DELETE waits for its session's requests in flight before it ends the session anyway.
+END_WAIT_SECONDS = 10.0
 
 
 class _HeadTooLarge(Exception):
@@ -241,6 +245,9 @@ def _fixed_error(body: bytes) -> bytes:
 class _Open:
     last: float
     in_flight: int = 0
+    requests: int = 0  # POST requests in flight
+    ending: bool = False  # a DELETE has come: the requests after it are answered 404
+    settled: anyio.Event | None = None  # set when the last request in flight ends, while a DELETE waits for it
 
 
 @dataclass
@@ -253,7 +260,15 @@ class SessionQuota:
     """At most ``per_key`` stateful sessions per API key (or OAuth connection, or external token's subject).
     A session counts from the answer that opened it until its client deletes it, the SDK answers 404 for it, or
     it has had no request in flight for ``idle_seconds`` (when the SDK closes it too). One request more that would
-    open a session is answered 429 at once; other keys are served as before."""
+    open a session is answered 429 at once; other keys are served as before.
+
+    A session ends in order. The SDK checks that a session is open when a request arrives, then reads its body
+    and hands it on: a DELETE that ends the session in between closed the streams under the request, which
+    answered 500 or a cut-off event stream and logged a traceback (python-sdk issue 2741; a client that sends
+    its last notification and ends its session at once meets it). Here a DELETE first waits, up to
+    END_WAIT_SECONDS, for the session's POST requests in flight to be answered (not for its GET stream, which
+    lasts as long as the session), and a request that comes after the DELETE is answered 404 as the SDK
+    answers for an ended session, without reaching it."""
 
     def __init__(self, app: ASGIApp, *, path: str, per_key: int, idle_seconds: float) -> None:
         self.app = app
@@ -327,18 +342,42 @@ class SessionQuota:
         if holder is None or seen is None:  # not one this key opened here: the SDK answers 404
             await self.app(scope, receive, send)
             return
+        deleting = scope["method"] == "DELETE"
+        if seen.ending and not deleting:
+            await _ended(session_id)(scope, receive, send)
+            return
         seen.in_flight += 1
+        ended = [False]
 
         async def note(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status = message["status"]
-                if status == 404 or (scope["method"] == "DELETE" and 200 <= status < 300):
+                if status == 404 or (deleting and 200 <= status < 300):
+                    ended[0] = True
                     holder.sessions.pop(session_id, None)  # the session has ended
             await send(message)
 
         try:
-            await self.app(scope, receive, note)
+            if deleting:
+                seen.ending = True
+                if seen.requests:
+                    seen.settled = seen.settled or anyio.Event()
+                    with anyio.move_on_after(END_WAIT_SECONDS):
+                        await seen.settled.wait()
+                await self.app(scope, receive, note)
+            elif scope["method"] == "POST":
+                seen.requests += 1
+                try:
+                    await self.app(scope, receive, note)
+                finally:
+                    seen.requests -= 1
+                    if not seen.requests and seen.settled is not None:
+                        seen.settled.set()
+            else:  # the GET stream lasts as long as the session: the DELETE does not wait for it
+                await self.app(scope, receive, note)
         finally:
+            if deleting and not ended[0]:
+                seen.ending = False  # the DELETE was refused (or failed): the session goes on
             seen.in_flight, seen.last = seen.in_flight - 1, time.monotonic()
             self._forget_if_empty(who)
 
@@ -356,6 +395,15 @@ class SessionQuota:
         holder = self._holders.get(who)
         if holder is not None and not holder.sessions and holder.opening == 0:
             del self._holders[who]
+
+
+def _ended(session_id: str) -> Response:
+    """The SDK's answer to a request for a session that has ended."""
+    return JSONResponse(
+        {"jsonrpc": "2.0", "id": None, "error": {"code": -32600, "message": "Not Found: Session has been terminated"}},
+        status_code=404,
+        headers={"mcp-session-id": session_id},
+    )
 
 
 def _too_many(per_key: int, idle_seconds: float) -> Response:

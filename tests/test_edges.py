@@ -11,6 +11,7 @@ import io
 import json
 import logging
 import os
+import re
 import select
 import shutil
 import socket
@@ -18,6 +19,7 @@ import subprocess
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -30,6 +32,7 @@ from mcp import MCPError
 from card_mcp import db, logs
 from tests.conftest import TestDatabase, make_tempdir
 from tests.helpers import error_code, ok, superuser, until, usage_rows
+from tests.test_batch import make_cards
 from tests.test_hostile import Serve
 from tests.test_http import INITIALIZE, HttpServer, http_server, mcp_client, name, new_key
 from tests.test_stdio import CARD_MCP
@@ -187,6 +190,86 @@ async def test_an_ended_or_idle_session_makes_room_for_the_next(database: TestDa
                 return (await initialize(http, server.url, key)).status_code == 200
 
             await until(reopened, "an idle session to expire", seconds=60)  # no request for 2 s: closed
+
+
+async def test_a_call_racing_its_sessions_delete_is_answered_whole_or_404_and_logs_no_error(
+    database: TestDatabase,
+) -> None:
+    """A client that ends its session while its last request is on the way (the SDK's client sends its last
+    notification and its DELETE at once) gets that request answered in full, or 404 if the DELETE came first:
+    never a 500, a cut-off stream or a traceback in the log. A call answered ran once; a call refused wrote
+    nothing."""
+    tenant = name()
+    _, key = await new_key(database, tenant)
+    cards = make_cards(300, label="race")
+    answers: list[tuple[str, int, str]] = []
+    with http_server(database) as server:
+        async with httpx2.AsyncClient(timeout=60) as http:
+            for n, card in enumerate(cards):
+                opened = await initialize(http, server.url, key)
+                assert opened.status_code == 200
+                headers = {
+                    **HEADERS,
+                    "Authorization": f"Bearer {key}",
+                    "mcp-session-id": opened.headers["mcp-session-id"],
+                    "mcp-protocol-version": "2025-11-25",
+                }
+                initialized = {"jsonrpc": "2.0", "method": "notifications/initialized"}
+                call = {"jsonrpc": "2.0", "id": 2, "method": "tools/call"}
+                message = initialized if n % 3 == 0 else {**call, "params": {"name": "create_card", "arguments": card}}
+                if n % 3:
+                    assert (await http.post(server.url, json=initialized, headers=headers)).status_code == 202
+                offset = (n % 10 - 5) / 2000  # the DELETE up to 2.5 ms before or after the request
+                async with anyio.create_task_group() as group:
+                    group.start_soon(post_after, max(0.0, -offset), http, server.url, message, headers, answers)
+                    group.start_soon(delete_after, max(0.0, offset), http, server.url, headers)
+            after = await initialize(http, server.url, key)
+        errors = [line for line in server.log if re.search(r" (ERROR|CRITICAL) |Traceback", line)]
+    outcomes = Counter((method, status) for method, status, _ in answers)
+    print(f"\n300 requests racing their session's DELETE: {dict(outcomes)}")
+    assert set(outcomes) <= {
+        ("notifications/initialized", 202),
+        ("notifications/initialized", 404),
+        ("tools/call", 200),
+        ("tools/call", 404),
+    }
+    answered = [text for method, status, text in answers if method == "tools/call" and status == 200]
+    results = [json.loads(text.split("data: ", 1)[1])["result"]["structuredContent"] for text in answered]
+    assert [result["status"] for result in results] == ["created"] * len(answered)
+    assert errors == [], "".join(errors)
+    assert after.status_code == 200
+    assert len(await usage_rows(database.admin_url, tenant)) == len(answered)
+    assert await cards_of(database, tenant) == len(answered)
+
+
+async def post_after(
+    delay: float,
+    http: httpx2.AsyncClient,
+    url: str,
+    message: dict[str, object],
+    headers: dict[str, str],
+    answers: list[tuple[str, int, str]],
+) -> None:
+    await anyio.sleep(delay)
+    answer = await http.post(url, json=message, headers=headers)
+    answers.append((str(message["method"]), answer.status_code, answer.text))
+
+
+async def delete_after(delay: float, http: httpx2.AsyncClient, url: str, headers: dict[str, str]) -> None:
+    await anyio.sleep(delay)
+    assert (await http.delete(url, headers=headers)).status_code in (200, 404)
+
+
+async def cards_of(database: TestDatabase, tenant: str) -> int:
+    conn = await db.connect(database.admin_url)
+    try:
+        count: int = await conn.fetchval(
+            "SELECT count(*) FROM card_mcp.cards c JOIN card_mcp.tenants t USING (tenant_id) WHERE t.name = $1",
+            tenant,
+        )
+        return count
+    finally:
+        await conn.close()
 
 
 # -- 3. unknown resources and prompt arguments -----------------------------------------------------------------
