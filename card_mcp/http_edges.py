@@ -10,7 +10,7 @@
     SessionQuota        stateful sessions per API key (or OAuth connection), below the process-wide bound, so one
                         credential cannot lock every other tenant out; it sits inside the authentication
                         middleware, which has named the caller. It also ends a session in order: a DELETE waits
-                        for the session's requests in flight, and a request after it is answered 404
+                        for the session's POSTs in flight, a request after it for the DELETE's answer
 
 The ``/mcp/`` redirect is built from the configured public URL, never from the request's Host (``redirect``).
 """
@@ -245,9 +245,9 @@ def _fixed_error(body: bytes) -> bytes:
 class _Open:
     last: float
     in_flight: int = 0
-    requests: int = 0  # POST requests in flight
-    ending: bool = False  # a DELETE has come: the requests after it are answered 404
-    settled: anyio.Event | None = None  # set when the last request in flight ends, while a DELETE waits for it
+    posts: int = 0  # POST requests in flight
+    posts_done: anyio.Event | None = None  # set when the last POST in flight ends, while a DELETE waits for it
+    deleting: anyio.Event | None = None  # a DELETE is on its way; set once it is answered
 
 
 @dataclass
@@ -267,8 +267,8 @@ class SessionQuota:
     answered 500 or a cut-off event stream and logged a traceback (python-sdk issue 2741; a client that sends
     its last notification and ends its session at once meets it). Here a DELETE first waits, up to
     END_WAIT_SECONDS, for the session's POST requests in flight to be answered (not for its GET stream, which
-    lasts as long as the session), and a request that comes after the DELETE is answered 404 as the SDK
-    answers for an ended session, without reaching it."""
+    lasts as long as the session), and a request that comes while a DELETE is on its way waits for its answer:
+    then the SDK answers it 404 if the session ended, or serves it if the DELETE was refused."""
 
     def __init__(self, app: ASGIApp, *, path: str, per_key: int, idle_seconds: float) -> None:
         self.app = app
@@ -342,42 +342,45 @@ class SessionQuota:
         if holder is None or seen is None:  # not one this key opened here: the SDK answers 404
             await self.app(scope, receive, send)
             return
-        deleting = scope["method"] == "DELETE"
-        if seen.ending and not deleting:
-            await _ended(session_id)(scope, receive, send)
+        while seen.deleting is not None:  # after a DELETE: once it is answered, served or told the session ended
+            await seen.deleting.wait()
+        if holder.sessions.get(session_id) is not seen:  # the DELETE ended it: the SDK answers 404
+            await self.app(scope, receive, send)
             return
+        deleting = scope["method"] == "DELETE"
         seen.in_flight += 1
-        ended = [False]
 
         async def note(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status = message["status"]
                 if status == 404 or (deleting and 200 <= status < 300):
-                    ended[0] = True
                     holder.sessions.pop(session_id, None)  # the session has ended
             await send(message)
 
         try:
             if deleting:
-                seen.ending = True
-                if seen.requests:
-                    seen.settled = seen.settled or anyio.Event()
-                    with anyio.move_on_after(END_WAIT_SECONDS):
-                        await seen.settled.wait()
-                await self.app(scope, receive, note)
+                seen.deleting = anyio.Event()
+                try:
+                    if seen.posts:
+                        seen.posts_done = anyio.Event()
+                        with anyio.move_on_after(END_WAIT_SECONDS):
+                            await seen.posts_done.wait()
+                        seen.posts_done = None
+                    await self.app(scope, receive, note)
+                finally:
+                    answered, seen.deleting = seen.deleting, None
+                    answered.set()
             elif scope["method"] == "POST":
-                seen.requests += 1
+                seen.posts += 1
                 try:
                     await self.app(scope, receive, note)
                 finally:
-                    seen.requests -= 1
-                    if not seen.requests and seen.settled is not None:
-                        seen.settled.set()
-            else:  # the GET stream lasts as long as the session: the DELETE does not wait for it
+                    seen.posts -= 1
+                    if not seen.posts and seen.posts_done is not None:
+                        seen.posts_done.set()
+            else:  # the GET stream lasts as long as the session: a DELETE does not wait for it
                 await self.app(scope, receive, note)
         finally:
-            if deleting and not ended[0]:
-                seen.ending = False  # the DELETE was refused (or failed): the session goes on
             seen.in_flight, seen.last = seen.in_flight - 1, time.monotonic()
             self._forget_if_empty(who)
 
@@ -395,15 +398,6 @@ class SessionQuota:
         holder = self._holders.get(who)
         if holder is not None and not holder.sessions and holder.opening == 0:
             del self._holders[who]
-
-
-def _ended(session_id: str) -> Response:
-    """The SDK's answer to a request for a session that has ended."""
-    return JSONResponse(
-        {"jsonrpc": "2.0", "id": None, "error": {"code": -32600, "message": "Not Found: Session has been terminated"}},
-        status_code=404,
-        headers={"mcp-session-id": session_id},
-    )
 
 
 def _too_many(per_key: int, idle_seconds: float) -> Response:

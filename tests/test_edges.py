@@ -242,6 +242,86 @@ async def test_a_call_racing_its_sessions_delete_is_answered_whole_or_404_and_lo
     assert await cards_of(database, tenant) == len(answered)
 
 
+async def test_a_delete_waits_for_the_sessions_call_in_flight_and_a_refused_one_ends_nothing(
+    database: TestDatabase,
+) -> None:
+    """A call held in flight (its table locked by another transaction) while its session gets a DELETE: a DELETE
+    the SDK refuses (a foreign Origin, 403) leaves the session serving, the requests sent meanwhile included; a
+    DELETE it accepts waits for the call, which is answered in full before the session ends."""
+    tenant = name()
+    _, key = await new_key(database, tenant)
+    cards = make_cards(2, label="held")
+    with http_server(database) as server:
+        async with httpx2.AsyncClient(timeout=60) as http, superuser(database) as lock:
+            opened = await initialize(http, server.url, key)
+            headers = {
+                **HEADERS,
+                "Authorization": f"Bearer {key}",
+                "mcp-session-id": opened.headers["mcp-session-id"],
+                "mcp-protocol-version": "2025-11-25",
+            }
+            initialized = {"jsonrpc": "2.0", "method": "notifications/initialized"}
+            assert (await http.post(server.url, json=initialized, headers=headers)).status_code == 202
+
+            async def waiting_on_the_lock() -> bool:
+                return bool(
+                    await lock.fetchval(
+                        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                        " AND wait_event_type = 'Lock'"
+                    )
+                )
+
+            answers: dict[str, httpx2.Response] = {}
+
+            async def send(label: str, method: str, message: dict[str, object] | None, extra: dict[str, str]) -> None:
+                sent = {**headers, **extra}
+                if method == "DELETE":
+                    answers[label] = await http.delete(server.url, headers=sent)
+                else:
+                    answers[label] = await http.post(server.url, json=message, headers=sent)
+
+            for n, (label, delete_headers) in enumerate(
+                (("refused", {"Origin": "http://evil.example"}), ("accepted", {}))
+            ):
+                call = {"jsonrpc": "2.0", "id": 10 + n, "method": "tools/call"}
+                async with anyio.create_task_group() as group:
+                    transaction = lock.transaction()
+                    await transaction.start()
+                    await lock.execute("LOCK TABLE card_mcp.cards IN ACCESS EXCLUSIVE MODE")
+                    group.start_soon(
+                        send,
+                        f"call {label}",
+                        "POST",
+                        {**call, "params": {"name": "create_card", "arguments": cards[n]}},
+                        {},
+                    )
+                    await until(waiting_on_the_lock, "the call to wait on the lock")
+                    group.start_soon(send, f"delete {label}", "DELETE", None, delete_headers)
+                    await anyio.sleep(0.2)  # the DELETE is waiting for the call (a sleep only lets it get there)
+                    group.start_soon(
+                        send, f"ping {label}", "POST", {"jsonrpc": "2.0", "id": 20 + n, "method": "ping"}, {}
+                    )
+                    await anyio.sleep(0.2)
+                    assert not [sent for sent in answers if sent.endswith(label)]  # all three wait on the call
+                    await transaction.rollback()
+        errors = [line for line in server.log if re.search(r" (ERROR|CRITICAL) |Traceback", line)]
+    statuses = {label: answer.status_code for label, answer in answers.items()}
+    assert statuses == {
+        "call refused": 200,
+        "delete refused": 403,
+        "ping refused": 200,  # served: the refused DELETE ended nothing
+        "call accepted": 200,
+        "delete accepted": 200,
+        "ping accepted": 404,  # sent after the DELETE: answered once the session has ended
+    }
+    for label in ("call refused", "call accepted"):
+        result = json.loads(answers[label].text.split("data: ", 1)[1])["result"]  # the whole answer, not cut off
+        assert result["structuredContent"]["status"] == "created"
+    assert json.loads(answers["ping refused"].text.split("data: ", 1)[1])["result"] == {}
+    assert errors == [], "".join(errors)
+    assert len(await usage_rows(database.admin_url, tenant)) == 2
+
+
 async def post_after(
     delay: float,
     http: httpx2.AsyncClient,
