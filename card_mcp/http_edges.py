@@ -362,6 +362,7 @@ class SessionQuota:
                 seen.deleting = anyio.Event()
                 try:
                     if seen.posts:
+                        logger.info("a session's DELETE waits for its %d requests in flight", seen.posts)
                         seen.posts_done = anyio.Event()
                         with anyio.move_on_after(END_WAIT_SECONDS):
                             await seen.posts_done.wait()

@@ -297,11 +297,11 @@ async def test_a_delete_waits_for_the_sessions_call_in_flight_and_a_refused_one_
                     )
                     await until(waiting_on_the_lock, "the call to wait on the lock")
                     group.start_soon(send, f"delete {label}", "DELETE", None, delete_headers)
-                    await anyio.sleep(0.2)  # the DELETE is waiting for the call (a sleep only lets it get there)
+                    await until(lambda n=n: deletes_waiting(server, n + 1), "the DELETE to wait for the call")
                     group.start_soon(
                         send, f"ping {label}", "POST", {"jsonrpc": "2.0", "id": 20 + n, "method": "ping"}, {}
                     )
-                    await anyio.sleep(0.2)
+                    await anyio.sleep(0.2)  # the ping on its way (it is answered alike if it comes later)
                     assert not [sent for sent in answers if sent.endswith(label)]  # all three wait on the call
                     await transaction.rollback()
         errors = [line for line in server.log if re.search(r" (ERROR|CRITICAL) |Traceback", line)]
@@ -320,6 +320,10 @@ async def test_a_delete_waits_for_the_sessions_call_in_flight_and_a_refused_one_
     assert json.loads(answers["ping refused"].text.split("data: ", 1)[1])["result"] == {}
     assert errors == [], "".join(errors)
     assert len(await usage_rows(database.admin_url, tenant)) == 2
+
+
+async def deletes_waiting(server: HttpServer, count: int) -> bool:
+    return sum("DELETE waits for its" in line for line in server.log) >= count
 
 
 async def post_after(
