@@ -347,18 +347,18 @@ class SessionQuota:
         if holder.sessions.get(session_id) is not seen:  # the DELETE ended it: the SDK answers 404
             await self.app(scope, receive, send)
             return
-        deleting = scope["method"] == "DELETE"
+        is_delete = scope["method"] == "DELETE"
         seen.in_flight += 1
 
         async def note(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status = message["status"]
-                if status == 404 or (deleting and 200 <= status < 300):
+                if status == 404 or (is_delete and 200 <= status < 300):
                     holder.sessions.pop(session_id, None)  # the session has ended
             await send(message)
 
         try:
-            if deleting:
+            if is_delete:
                 seen.deleting = anyio.Event()
                 try:
                     if seen.posts:
