@@ -25,10 +25,10 @@ from .errors import InvalidArgument, Unavailable
 from .models import CardType, ScoredCard
 
 # One page of any search (schema/0014_search_postings.sql, card_mcp.search_page: a listing without words, a
-# ranking with them, hybrid with a query vector too), best first, each hit marked kept when it belongs to this
-# page; one more row, unkept, when more exist; each row with the words looked up as typos, for the cursor to pin.
-# Each hit's card by one probe of the primary key (a lateral subquery: a join the planner could hash reads every card
-# of a small tenant).
+# ranking with them (card_mcp.search_lexical, 0022), hybrid with a query vector too), best first, each hit marked
+# kept when it belongs to this page; one more row, unkept, when more exist; each row with the words looked up as
+# typos, for the cursor to pin. Each hit's card by one probe of the primary key (a lateral subquery: a join the
+# planner could hash reads every card of a small tenant).
 _PAGE = f"""
 SELECT {CARD}, p.score, p.kept, p.typos
   FROM card_mcp.search_page($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
@@ -37,7 +37,8 @@ SELECT {CARD}, p.score, p.kept, p.typos
  ORDER BY p.n
 """  # noqa: S608 - only CARD is interpolated
 # search_cards as a whole call in one statement, for calls.Call.fetch_recorded: the tenant set, the page ranked,
-# the call's usage row written naming the cards of the page, all committed; the rows of _PAGE.
+# the call's usage row written naming the cards of the page, all committed; the rows of _PAGE, but the row after
+# the page (which only says that more exist) has no card.
 SEARCH_CARDS_CALL = (
     "SELECT * FROM card_mcp.search_cards_call("
     "$1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23)"

@@ -326,7 +326,7 @@ DEFINERS = {
     "tenant_id_for": {db.ADMIN_ROLE},
     "delete_expired_idempotency_keys": {db.ADMIN_ROLE},
     "api_key_lookup": {db.ADMIN_ROLE},
-    "search_cards": {db.APP_ROLE, db.ADMIN_ROLE},
+    "search_lexical": {db.APP_ROLE, db.ADMIN_ROLE},  # a lexical page, with the search indexes usable under RLS (0022)
     "search_typos": {db.APP_ROLE},  # which words look misspelt: reads the postings by index, as search_cards (0014)
     "create_tenant": {db.ADMIN_ROLE},
     "create_api_key": {db.ADMIN_ROLE},

@@ -653,3 +653,88 @@ async def test_a_forged_typo_pin_in_a_cursor_is_refused_or_cannot_widen_the_typo
         honest, _ = await search.search_cards(conn, query="bo bread", limit=10, cursor=cursor)
     # "bo" has 2 letters: never a typo, whatever z says (looked up as one, it would bring in the boat card)
     assert [h.id for h in rest] == [h.id for h in honest]
+
+
+_SCHEMA = Path(__file__).resolve().parent.parent / "schema"
+# The lexical search as schema/0021 left it: which migration last defined each function it ran.
+_LEXICAL_0021 = {
+    "search_words": "0014_search_postings.sql",
+    "search_typos": "0014_search_postings.sql",
+    "search_cards": "0018_search_lean.sql",
+    "search_page": "0019_hybrid_exact.sql",
+}
+
+
+def _lexical_search_of_0021() -> list[str]:
+    """The functions of _LEXICAL_0021 as their migrations wrote them, in schema reference_0021, calling each other
+    there."""
+    made = []
+    for name, migration in _LEXICAL_0021.items():
+        text = (_SCHEMA / migration).read_text()
+        start = text.rindex("CREATE", 0, text.index(f"FUNCTION card_mcp.{name}("))
+        sql = text[start : text.index("$$;", start) + 3].replace("CREATE OR REPLACE FUNCTION", "CREATE FUNCTION")
+        for other in _LEXICAL_0021:
+            sql = sql.replace(f"card_mcp.{other}(", f"reference_0021.{other}(")
+        made.append(sql)
+    return made
+
+
+async def test_every_lexical_page_and_search_call_is_the_page_0021_served(
+    database: TestDatabase, app_pool: asyncpg.Pool
+) -> None:
+    """0022 ranks a lexical page in one function (the query read once, the typo words decided with it, each hit's
+    size in the ranking's statement) and search_cards_call calls it directly: every page, cursors followed, through
+    search_page and through search_cards_call, must be 0021's page, card for card, score for score, kept for kept,
+    typo pin for typo pin, for every query of tests/data/relevance.json (typos and partial words among them) at
+    limits 1, 3 and 10, with the query's type filter, with a tag, and with pages cut by size."""
+    data, _, tenants = await load_relevance_set(database, app_pool)
+    brands = {brand["brand"]: brand for brand in data["brands"]}
+    reference = search._PAGE.replace("card_mcp.search_page(", "reference_0021.search_page(")
+    async with superuser(database) as conn:
+        await conn.execute("DROP SCHEMA IF EXISTS reference_0021 CASCADE; CREATE SCHEMA reference_0021")
+        await conn.execute("SELECT card_mcp.similarity('', '')")  # pg_trgm's setting in search_cards, as in 0016
+        for function in _lexical_search_of_0021():
+            await conn.execute(function)
+        await conn.execute(f"GRANT USAGE ON SCHEMA reference_0021 TO {db.APP_ROLE}")
+    row = ("test", None, "stdio", None, 0.0, None, None)  # the usage row's fields after the tool's name
+    compared = typos = 0
+    try:
+        for query in data["queries"]:
+            tags = brands[query["brand"]]["cards"][1]["tags"][:1] or None
+            # (type, tags, limit, max_bytes)
+            searches = [
+                (None, None, 1, search.MAX_PAGE_BYTES),
+                (None, None, 3, search.MAX_PAGE_BYTES),
+                (None, None, 10, search.MAX_PAGE_BYTES),
+                (query["card_type"], None, 3, search.MAX_PAGE_BYTES),
+                (None, tags, 3, search.MAX_PAGE_BYTES),
+                (None, None, 10, 1500),  # a page cut by size
+            ]
+            tenant_id = tenants[query["brand"]]
+            for card_type, wanted, limit, max_bytes in searches:
+                cursor = None
+                for _ in range(3):
+                    planned = search.plan(
+                        query=query["query"], card_type=card_type, tags=wanted, limit=limit, cursor=cursor,
+                        max_bytes=max_bytes,
+                    )  # fmt: skip
+                    async with tenant_transaction(app_pool, tenant_id) as conn:
+                        old = await conn.fetch(reference, *planned.args)
+                        new = await conn.fetch(search._PAGE, *planned.args)
+                        call = await conn.fetch(
+                            search.SEARCH_CARDS_CALL, tenant_id, *planned.args, "search_cards", *row
+                        )
+                    expected = [(r["id"], r["score"], r["kept"], r["typos"]) for r in old]
+                    assert [(r["id"], r["score"], r["kept"], r["typos"]) for r in new] == expected, query["query"]
+                    assert [(r["id"], r["score"], r["kept"], r["typos"]) for r in call] == expected, query["query"]
+                    assert [tuple(r) for r in new if r["kept"]] == [tuple(r) for r in old if r["kept"]]
+                    compared += 1
+                    typos += any(r["typos"] for r in old)
+                    cursor = search.page_of(new, planned.pinned).next_cursor
+                    if cursor is None:
+                        break
+    finally:
+        async with superuser(database) as conn:
+            await conn.execute("DROP SCHEMA reference_0021 CASCADE")
+    assert compared > len(data["queries"]) * 6
+    assert typos > 20  # the typo lookups' statement, not only the words' own
