@@ -3,7 +3,7 @@ relevance set's queries (tests/data/relevance.json) as the application role runs
 against the same statement run by a superuser (to whom row-level security does not apply), as a ratio. The
 statement is the one the tool runs (card_mcp.search_cards_call: the tenant, a page of 10 and whether more exist,
 the cards, the usage row). Prints the table and
-the plan of the ranking inside card_mcp.search_cards for the slowest query.
+the plan of the ranking inside card_mcp.search_lexical (schema/0022) for the slowest query.
 
     python bench/search.py [--cards 1000000] [--big 100000] [--per-tenant 1000] [--database-url SUPERUSER_URL]
                             [--keep NAME]
@@ -144,7 +144,7 @@ async def main(args: argparse.Namespace) -> None:
         print(f"| {label} | {who} | {median:.1f} | {p95(times):.1f} | {median / floor[label]:.2f}x |")
     for label, plan in plans.items():
         print()
-        print(f"Plan inside card_mcp.search_cards for the slowest query, {label} (auto_explain, nested statements):")
+        print(f"Plan inside card_mcp.search_lexical for the slowest query, {label} (auto_explain, nested statements):")
         print()
         for line in plan:
             print("    " + line)
