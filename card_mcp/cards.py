@@ -18,7 +18,7 @@ import asyncpg
 
 from .db import Connection, LossyContent
 from .errors import Conflict, DuplicateContent, InvalidArgument, NotFound
-from .models import DEFAULT_MAX_CONTENT_BYTES, Card, NewCard, content_hash, encode_content
+from .models import DEFAULT_MAX_CONTENT_BYTES, Card, NewCard, content_hash, encode_content, key_order
 
 CreateStatus = Literal["created", "existing"]
 
@@ -37,8 +37,8 @@ def not_found(card_id: UUID) -> NotFound:
 
 
 _INSERT = f"""
-INSERT INTO card_mcp.cards (tenant_id, card_type, title, content, tags, content_hash)
-VALUES ($1, $2, $3, $4, $5, $6)
+INSERT INTO card_mcp.cards (tenant_id, card_type, title, content, tags, content_hash, key_order)
+VALUES ($1, $2, $3, $4, $5, $6, $7)
 ON CONFLICT (tenant_id, card_type, content_hash) WHERE is_active DO NOTHING
 RETURNING {CARD}
 """  # noqa: S608 - only CARD is interpolated
@@ -58,7 +58,9 @@ async def create_card(
     nothing; its next statement (a fresh snapshot under READ COMMITTED) then sees the winner's row."""
     digest = content_hash(new.content, max_bytes=max_bytes)
     for _ in range(5):
-        row = await conn.fetchrow(_INSERT, tenant_id, new.card_type, new.title, new.content, new.tags, digest)
+        row = await conn.fetchrow(
+            _INSERT, tenant_id, new.card_type, new.title, new.content, new.tags, digest, key_order(new.content)
+        )
         if row is not None:
             return "created", to_card(row)
         row = await conn.fetchrow(_FIND_ACTIVE, new.card_type, digest)
@@ -99,7 +101,8 @@ SELECT id FROM card_mcp.cards WHERE card_type = $1 AND content_hash = $2 AND is_
 """
 _UPDATE = f"""
 UPDATE card_mcp.cards
-   SET title = $2, content = $3, tags = $4, content_hash = $5, version = version + 1
+   SET title = $2, content = $3, tags = $4, content_hash = $5, key_order = coalesce($6, key_order),
+       version = version + 1
  WHERE id = $1 AND is_active
 RETURNING {CARD}
 """  # noqa: S608 - only CARD is interpolated
@@ -145,7 +148,8 @@ async def update_card(
                 f"card {other} of type {card.card_type} already has this content", card_id=str(other)
             )
     try:
-        updated = await conn.fetchrow(_UPDATE, card_id, new_title, new_content, new_tags, digest)
+        order = None if content is None else key_order(content)  # the written order of content sent, else as stored
+        updated = await conn.fetchrow(_UPDATE, card_id, new_title, new_content, new_tags, digest, order)
     except asyncpg.UniqueViolationError as exc:  # another call saved the same content meanwhile
         raise DuplicateContent(
             f"another card of type {card.card_type} got this content meanwhile",
@@ -256,11 +260,11 @@ async def restore_card(
 
 
 _INSERT_MANY = """
-INSERT INTO card_mcp.cards (tenant_id, card_type, title, content, tags, content_hash)
+INSERT INTO card_mcp.cards (tenant_id, card_type, title, content, tags, content_hash, key_order)
 SELECT $1, b.card_type, b.title, b.content::jsonb, ARRAY(SELECT jsonb_array_elements_text(b.tags::jsonb)),
-       b.content_hash
-  FROM unnest($2::text[], $3::text[], $4::text[], $5::text[], $6::text[])
-       AS b(card_type, title, content, tags, content_hash)
+       b.content_hash, b.key_order::jsonb
+  FROM unnest($2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[])
+       AS b(card_type, title, content, tags, content_hash, key_order)
 ON CONFLICT (tenant_id, card_type, content_hash) WHERE is_active DO NOTHING
 RETURNING id, card_type, content_hash
 """
@@ -327,6 +331,7 @@ async def insert_cards(
             [encoded[i][0] for i in chunk],  # the canonical JSON text, serialized once
             [json.dumps(new_cards[i].tags) for i in chunk],  # JSON text: a list of lists would be a 2-D array
             [digests[i] for i in chunk],
+            [json.dumps(key_order(new_cards[i].content)) for i in chunk],
         )
         for row in rows:
             key = (row["card_type"], row["content_hash"])

@@ -98,6 +98,31 @@ Content = Annotated[
 ]
 
 
+MAX_KEY_ORDER = 256  # keys past these seldom reach the 2,000 characters the model reads of a card (semantic.card_text)
+
+KeyPath = list[str | int]
+
+
+def key_order(content: dict[str, Any]) -> list[KeyPath]:
+    """The paths of ``content``'s keys, depth first, in the order they were written (at most MAX_KEY_ORDER): what
+    jsonb forgets, and what the text a card is embedded from is ordered by (schema/0023_key_order.sql)."""
+    paths: list[KeyPath] = []
+
+    def walk(value: Any, path: KeyPath) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if len(paths) >= MAX_KEY_ORDER:
+                    return
+                paths.append([*path, key])
+                walk(item, [*path, key])
+        elif isinstance(value, list):
+            for index, item in enumerate(value):
+                walk(item, [*path, index])
+
+    walk(content, [])
+    return paths
+
+
 def canonical_json(content: dict[str, Any]) -> str:
     """The serialization the content hash is taken over (SPEC section 2)."""
     return json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)

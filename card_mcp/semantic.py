@@ -25,6 +25,7 @@ import anyio
 import asyncpg
 
 from . import db
+from .models import KeyPath
 
 logger = logging.getLogger(__name__)
 
@@ -156,23 +157,29 @@ class Model:
         return await anyio.to_thread.run_sync(self._passages, texts)
 
 
-def card_text(title: str, tags: Sequence[str], content: Any) -> str:
-    """What is embedded of a card: its title, its tags and the strings of its content, in order."""
+def card_text(title: str, tags: Sequence[str], content: Any, order: Sequence[KeyPath] | None = None) -> str:
+    """What is embedded of a card: its title, its tags and the strings of its content, each object's keys in the
+    order written (``order``, the card's key_order: jsonb keeps them shortest first), keys it does not list after
+    those it lists."""
     parts = [title, " ".join(tags)]
+    place = {json.dumps(path): n for n, path in enumerate(order or ())}
+    last = len(place)
 
-    def walk(value: Any) -> None:
+    def walk(value: Any, path: KeyPath) -> None:
         if isinstance(value, str):
             parts.append(value)
         elif isinstance(value, dict):
-            for key, item in value.items():
+            keys = sorted(value, key=lambda key: place.get(json.dumps([*path, key]), last)) if place else value
+            for key in keys:
+                item = value[key]
                 if isinstance(item, str | dict | list):
                     parts.append(str(key).replace("_", " ") + ":")
-                walk(item)
+                walk(item, [*path, key])
         elif isinstance(value, list):
-            for item in value:
-                walk(item)
+            for index, item in enumerate(value):
+                walk(item, [*path, index])
 
-    walk(content)
+    walk(content, [])
     return "\n".join(p for p in parts if p)[:_MAX_CHARS]
 
 
@@ -315,7 +322,7 @@ DELETE FROM card_mcp.embedding_queue AS q
 RETURNING q.tenant_id, q.card_id
 """
 _CARDS = """
-SELECT c.id, c.tenant_id, c.version, c.title, c.tags, c.content
+SELECT c.id, c.tenant_id, c.version, c.title, c.tags, c.content, c.key_order
   FROM unnest($1::uuid[], $2::uuid[]) AS q(tenant_id, id)
   JOIN card_mcp.cards AS c ON c.tenant_id = q.tenant_id AND c.id = q.id
  WHERE c.is_active
@@ -346,7 +353,7 @@ async def embed_batch(conn: db.Connection, model: Model, size: int = 16) -> int:
         return 0
     rows = await conn.fetch(_CARDS, [r["tenant_id"] for r in taken], [r["card_id"] for r in taken])
     if rows:
-        texts = [card_text(r["title"], r["tags"], r["content"]) for r in rows]
+        texts = [card_text(r["title"], r["tags"], r["content"], r["key_order"]) for r in rows]
         vectors = await model.embed_cards(texts)
         await conn.execute(
             _STORE,

@@ -310,3 +310,44 @@ def test_a_title_of_200_characters_and_20_tags_are_accepted() -> None:
         }
     )
     assert len(card.title) == 200 and len(card.tags) == 20
+
+
+async def test_a_card_is_embedded_from_its_content_in_the_order_its_keys_were_written(
+    app_pool: asyncpg.Pool, tenant_a: uuid.UUID
+) -> None:
+    """jsonb keeps an object's keys shortest first; the text the model reads of a card (semantic.card_text) keeps
+    the author's order, whichever way the card was written: created, created in a batch, updated."""
+    from card_mcp.semantic import card_text
+
+    def written(marker: str) -> dict[str, Any]:
+        return {
+            "summary": f"Who we write for {marker}",
+            "audience_notes": {"primary": "night-shift nurses", "secondary": ["parents", "students"]},
+            "do": ["short sentences"],
+            "examples": [{"before": "Utilize", "after": "Use"}, {"zeta": "z", "alpha": "a"}],
+            "dont": "jargon",
+        }
+
+    async def embedded_text(card_id: uuid.UUID) -> str:
+        async with tenant_transaction(app_pool, tenant_a) as conn:
+            row = await conn.fetchrow(
+                "SELECT title, tags, content, key_order FROM card_mcp.cards WHERE id = $1", card_id
+            )
+        assert row is not None
+        return card_text(row["title"], row["tags"], row["content"], row["key_order"])
+
+    async with tenant_transaction(app_pool, tenant_a) as conn:
+        _, one = await cards.create_card(conn, tenant_a, new_card(content=written("one")))
+        (two, three) = await cards.insert_cards(
+            conn, tenant_a, [new_card(content=written("two")), new_card(content=written("three"))]
+        )
+        updated = await cards.update_card(conn, one.id, content=written("four"))
+        retitled = await cards.update_card(conn, three.card_id, title="Renamed")  # the content's order stays
+    assert list(one.content) != list(written("one"))  # as jsonb returns it: shortest key first
+    assert card_text("x", [], one.content) != card_text("x", [], written("one"))
+    assert await embedded_text(updated.id) == card_text(updated.title, updated.tags, written("four"))
+    assert await embedded_text(two.card_id) == card_text("Brand voice", ["core"], written("two"))
+    assert await embedded_text(retitled.id) == card_text("Renamed", ["core"], written("three"))
+    assert (await embedded_text(updated.id)).index("Who we write for") < (await embedded_text(updated.id)).index(
+        "short sentences"
+    )
