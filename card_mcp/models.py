@@ -99,25 +99,33 @@ Content = Annotated[
 
 
 MAX_KEY_ORDER = 256  # keys past these seldom reach the 2,000 characters the model reads of a card (semantic.card_text)
+MAX_KEY_ORDER_BYTES = 16 * 1024  # and at most this much JSON: each path repeats its parents' keys, which may be long
 
 KeyPath = list[str | int]
 
 
 def key_order(content: dict[str, Any]) -> list[KeyPath]:
-    """The paths of ``content``'s keys, depth first, in the order they were written (at most MAX_KEY_ORDER): what
-    jsonb forgets, and what the text a card is embedded from is ordered by (schema/0023_key_order.sql)."""
+    """The paths of ``content``'s keys, depth first, in the order they were written (at most MAX_KEY_ORDER, and
+    MAX_KEY_ORDER_BYTES as JSON): what jsonb forgets, and what the text a card is embedded from is ordered by
+    (schema/0023_key_order.sql). Keys past either bound are read in jsonb's order."""
     paths: list[KeyPath] = []
+    budget = MAX_KEY_ORDER_BYTES
 
-    def walk(value: Any, path: KeyPath) -> None:
+    def walk(value: Any, path: KeyPath) -> bool:
+        nonlocal budget
         if isinstance(value, dict):
             for key, item in value.items():
-                if len(paths) >= MAX_KEY_ORDER:
-                    return
+                budget -= len(json.dumps([*path, key]))
+                if len(paths) >= MAX_KEY_ORDER or budget < 0:
+                    return False
                 paths.append([*path, key])
-                walk(item, [*path, key])
+                if not walk(item, [*path, key]):
+                    return False
         elif isinstance(value, list):
             for index, item in enumerate(value):
-                walk(item, [*path, index])
+                if not walk(item, [*path, index]):
+                    return False
+        return True
 
     walk(content, [])
     return paths

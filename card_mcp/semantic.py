@@ -162,24 +162,24 @@ def card_text(title: str, tags: Sequence[str], content: Any, order: Sequence[Key
     order written (``order``, the card's key_order: jsonb keeps them shortest first), keys it does not list after
     those it lists."""
     parts = [title, " ".join(tags)]
-    place = {json.dumps(path): n for n, path in enumerate(order or ())}
+    place = {tuple(path): n for n, path in enumerate(order or ())}
     last = len(place)
 
-    def walk(value: Any, path: KeyPath) -> None:
+    def walk(value: Any, path: tuple[str | int, ...]) -> None:
         if isinstance(value, str):
             parts.append(value)
         elif isinstance(value, dict):
-            keys = sorted(value, key=lambda key: place.get(json.dumps([*path, key]), last)) if place else value
+            keys = sorted(value, key=lambda key: place.get((*path, key), last)) if place else value
             for key in keys:
                 item = value[key]
                 if isinstance(item, str | dict | list):
                     parts.append(str(key).replace("_", " ") + ":")
-                walk(item, [*path, key])
+                walk(item, (*path, key))
         elif isinstance(value, list):
             for index, item in enumerate(value):
-                walk(item, [*path, index])
+                walk(item, (*path, index))
 
-    walk(content, [])
+    walk(content, ())
     return "\n".join(p for p in parts if p)[:_MAX_CHARS]
 
 

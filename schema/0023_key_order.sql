@@ -5,10 +5,11 @@
 -- tried, alphabetical, shortest or longest value first, strings before lists, 0.53 to 0.59: docs/benchmarks.md).
 --
 -- key_order holds the paths of the content's keys, depth first, in the order written (models.key_order: at most
--- 256 of them, which covers more text than the model reads), e.g. [["summary"], ["facts"], ["facts", "founded"]];
--- NULL where it is not known (cards written before this migration, imported or restored from an older version:
--- read in jsonb's order, as before). It only orders the text a card is embedded from: a key it does not list comes
--- after those it lists, so a stale order never hides anything. Not part of a card's identity: the content hash is
+-- 256 of them and 16 KiB, which covers more text than the model reads), e.g. [["summary"], ["facts"],
+-- ["facts", "founded"]]; NULL where it is not known (cards written before this migration, or imported: read in
+-- jsonb's order, as before). A card restored from an older version keeps its current order. It only orders the
+-- text a card is embedded from: a key it does not list comes after those it lists, so a stale order never hides
+-- anything. Not part of a card's identity: the content hash is
 -- taken over sorted keys, so content written again in another order is the same card, in its first order.
 
 ALTER TABLE card_mcp.cards ADD COLUMN key_order jsonb;

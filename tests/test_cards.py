@@ -351,3 +351,17 @@ async def test_a_card_is_embedded_from_its_content_in_the_order_its_keys_were_wr
     assert (await embedded_text(updated.id)).index("Who we write for") < (await embedded_text(updated.id)).index(
         "short sentences"
     )
+
+
+def test_a_cards_key_order_stays_small_whatever_its_content_nests_under_long_keys() -> None:
+    """Each path repeats its parents' keys: 255 keys under one 62,000-character key would be 16 MB of paths."""
+    import json
+
+    from card_mcp.models import MAX_KEY_ORDER, MAX_KEY_ORDER_BYTES, key_order
+
+    deep = {"K" * 62_000: {f"k{i}": i for i in range(255)}}
+    wide = {f"key{i}": {"a": 1, "b": [{"c": 2}]} for i in range(1000)}
+    assert key_order(deep) == []  # its one path alone is over the bound: jsonb's order, as before
+    assert len(json.dumps(key_order(wide))) <= MAX_KEY_ORDER_BYTES
+    assert len(key_order(wide)) == MAX_KEY_ORDER
+    assert key_order(wide)[:4] == [["key0"], ["key0", "a"], ["key0", "b"], ["key0", "b", 0, "c"]]
