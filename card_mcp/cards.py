@@ -147,8 +147,8 @@ async def update_card(
             raise DuplicateContent(
                 f"card {other} of type {card.card_type} already has this content", card_id=str(other)
             )
+    order = None if content is None else key_order(content)  # the written order of content sent, else as stored
     try:
-        order = None if content is None else key_order(content)  # the written order of content sent, else as stored
         updated = await conn.fetchrow(_UPDATE, card_id, new_title, new_content, new_tags, digest, order)
     except asyncpg.UniqueViolationError as exc:  # another call saved the same content meanwhile
         raise DuplicateContent(

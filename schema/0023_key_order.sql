@@ -9,7 +9,7 @@
 -- ["facts", "founded"]]; NULL where it is not known (cards written before this migration, or imported: read in
 -- jsonb's order, as before). A card restored from an older version keeps its current order. It only orders the
 -- text a card is embedded from: a key it does not list comes after those it lists, so a stale order never hides
--- anything. Not part of a card's identity: the content hash is
--- taken over sorted keys, so content written again in another order is the same card, in its first order.
+-- anything. Not part of a card's identity: the content hash is taken over sorted keys, so content written again
+-- in another order is the same card, in its first order.
 
 ALTER TABLE card_mcp.cards ADD COLUMN key_order jsonb;
