@@ -13,7 +13,20 @@ PACKAGE = Path(card_mcp.__file__).parent
 
 # docs/architecture.md's floors, top (0) to bottom; a module may import its own floor or lower ones.
 FLOORS = {
-    0: {"cli", "output", "lifecycle", "server", "http_app", "http_edges", "stdio", "auth", "oauth", "issuer", "signin"},
+    0: {
+        "cli",
+        "admin",
+        "output",
+        "lifecycle",
+        "server",
+        "http_app",
+        "http_edges",
+        "stdio",
+        "auth",
+        "oauth",
+        "issuer",
+        "signin",
+    },
     1: {"tools", "registry", "resources", "prompts"},
     2: {"calls"},
     3: {

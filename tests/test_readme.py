@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from card_mcp.cli import _parser
@@ -31,3 +32,10 @@ def test_every_tool_is_in_the_readme() -> None:
     assert TOOLS
     for tool in TOOLS:
         assert f"`{tool.name}`" in README, tool.name
+
+
+def test_the_readmes_layout_names_every_module_of_the_package() -> None:
+    package = Path(__file__).resolve().parent.parent / "card_mcp"
+    layout = README.split("\ncard_mcp/ ", 1)[1].split("\nschema/", 1)[0]
+    named = set(re.findall(r"\b(\w+)\.py\b", layout))
+    assert named == {path.stem for path in package.glob("*.py")} - {"__init__"}
