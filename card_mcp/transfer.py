@@ -2,8 +2,9 @@
 tenant's row-level security (the tenant's id is the admin role's to resolve, the caller's to pass).
 
 The format is JSON Lines: a first line naming the format and its version, then one card per line with every field
-of a stored card (SPEC section 2) and, for a deleted card, when it was deleted. Import also reads plain lines of
-``{card_type, title, content, tags}``. An export is one snapshot (REPEATABLE READ) read through a cursor, so its
+of a stored card (SPEC section 2), the order its content's keys were written in (where known: schema/0023) and,
+for a deleted card, when it was deleted. Import also reads plain lines of ``{card_type, title, content, tags}``,
+whose keys' order is the line's own. An export is one snapshot (REPEATABLE READ) read through a cursor, so its
 memory does not grow with the tenant. An import validates every line before it writes any, then writes in chunks,
 each its own transaction, deduplicating as create_card does (an active card of the same type and content hash is
 ``existing``), and a card with an id that the tenant has already is ``existing`` too: importing a file again, or
@@ -17,7 +18,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal, TextIO
+from typing import Annotated, Any, Literal, TextIO
 from uuid import UUID
 
 import pydantic
@@ -25,10 +26,21 @@ from pydantic import ConfigDict, Field
 
 from .db import Connection
 from .errors import CardMcpError, InvalidArgument
-from .models import DEFAULT_MAX_CONTENT_BYTES, CardType, Content, NewCard, Title, content_hash
+from .models import (
+    DEFAULT_MAX_CONTENT_BYTES,
+    MAX_KEY_ORDER,
+    MAX_KEY_ORDER_BYTES,
+    CardType,
+    Content,
+    KeyPath,
+    NewCard,
+    Title,
+    content_hash,
+    key_order,
+)
 
 FORMAT = "card-mcp-export"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: a card line may say the order its content keys were written in (key_order)
 CHUNK = 1000  # cards per import transaction
 MAX_ERRORS_SHOWN = 50
 
@@ -48,7 +60,8 @@ _COUNT = "SELECT count(*) FROM card_mcp.cards WHERE $1::boolean OR is_active"
 # Python reads only in part (db.LossyContent: nesting deeper than its parser goes, integers longer than it converts)
 # would be exported as the note shown in its place, or not at all.
 _CARDS = """
-SELECT id, card_type, title, content::text AS content, tags, version, content_hash, created_at, updated_at, deleted_at
+SELECT id, card_type, title, content::text AS content, key_order::text AS key_order, tags, version, content_hash,
+       created_at, updated_at, deleted_at
   FROM card_mcp.cards
  WHERE $1::boolean OR is_active
  ORDER BY tenant_id, id
@@ -56,8 +69,8 @@ SELECT id, card_type, title, content::text AS content, tags, version, content_ha
 # The same, with each card's versions, oldest first (who made each: transport and client, not the key or connection,
 # which belong to the tenant exported from).
 _CARDS_WITH_HISTORY = """
-SELECT c.id, c.card_type, c.title, c.content::text AS content, c.tags, c.version, c.content_hash, c.created_at,
-       c.updated_at, c.deleted_at,
+SELECT c.id, c.card_type, c.title, c.content::text AS content, c.key_order::text AS key_order, c.tags, c.version,
+       c.content_hash, c.created_at, c.updated_at, c.deleted_at,
        (SELECT coalesce(jsonb_agg(jsonb_build_object(
                    'version', v.version, 'op', v.op, 'card_type', v.card_type, 'title', v.title, 'content', v.content,
                    'tags', v.tags, 'content_hash', v.content_hash, 'is_active', v.is_active,
@@ -75,13 +88,13 @@ SELECT c.id, c.card_type, c.title, c.content::text AS content, c.tags, c.version
 # create_card), including one inserted earlier in the same statement.
 _INSERT = """
 INSERT INTO card_mcp.cards AS k
-       (tenant_id, id, card_type, title, content, tags, content_hash, version, is_active, created_at, updated_at,
-        deleted_at)
-SELECT $1, coalesce(c.id, gen_random_uuid()), c.card_type, c.title, c.content, c.tags, c.content_hash,
+       (tenant_id, id, card_type, title, content, key_order, tags, content_hash, version, is_active, created_at,
+        updated_at, deleted_at)
+SELECT $1, coalesce(c.id, gen_random_uuid()), c.card_type, c.title, c.content, c.key_order, c.tags, c.content_hash,
        coalesce(c.version, 1), c.deleted_at IS NULL, coalesce(c.created_at, now()), coalesce(c.updated_at, now()),
        c.deleted_at
-  FROM jsonb_to_recordset($2::jsonb) AS c(id uuid, card_type text, title text, content jsonb, tags text[],
-                                          content_hash text, version integer, created_at timestamptz,
+  FROM jsonb_to_recordset($2::jsonb) AS c(id uuid, card_type text, title text, content jsonb, key_order jsonb,
+                                          tags text[], content_hash text, version integer, created_at timestamptz,
                                           updated_at timestamptz, deleted_at timestamptz)
 ON CONFLICT DO NOTHING
 RETURNING k.id
@@ -135,6 +148,9 @@ class ImportedCard(NewCard):
     updated_at: datetime | None = None
     deleted_at: datetime | None = None
     versions: list[CardVersion] | None = None  # export --include-history
+    # The paths of the content's keys in the order written (models.key_order, schema/0023); without it, the order
+    # of the line's own content.
+    key_order: Annotated[list[Annotated[KeyPath, Field(min_length=1)]], Field(max_length=MAX_KEY_ORDER)] | None = None
 
 
 @dataclass
@@ -171,8 +187,9 @@ def _card_line(row: Any) -> str:
     if row["deleted_at"] is not None:
         card["deleted_at"] = row["deleted_at"].isoformat()
     fields = json.dumps(card, ensure_ascii=False, separators=(",", ":"))
+    order = f',"key_order":{row["key_order"]}' if row["key_order"] is not None else ""
     versions = f',"versions":{row["versions"]}' if "versions" in row else ""
-    return f'{fields[:-1]},"content":{row["content"]}{versions}}}\n'
+    return f'{fields[:-1]},"content":{row["content"]}{order}{versions}}}\n'
 
 
 async def export_cards(
@@ -267,6 +284,10 @@ def _parse(number: int, raw: bytes, max_bytes: int) -> ImportedCard | dict[str, 
             )
     if (card.deleted_at is not None or card.versions is not None) and card.id is None:
         raise InvalidArgument("a deleted card or one with versions needs its id, so that importing it again finds it")
+    if card.key_order is None:  # a line written by hand or by another tool: its keys' order is its authors'
+        card.key_order = key_order(card.content)
+    elif sum(len(json.dumps(path)) for path in card.key_order) > MAX_KEY_ORDER_BYTES:  # as models.key_order counts
+        raise InvalidArgument(f"key_order: paths of more than {MAX_KEY_ORDER_BYTES} bytes (an export writes fewer)")
     card.content_hash = digest
     return card
 
@@ -303,6 +324,7 @@ def _row(card: ImportedCard) -> dict[str, Any]:
         "card_type": card.card_type,
         "title": card.title,
         "content": card.content,
+        "key_order": card.key_order,
         "tags": card.tags,
         "content_hash": card.content_hash,
         "version": card.version,

@@ -68,7 +68,7 @@ async def test_export_then_import_into_a_fresh_tenant_gives_equal_cards_deleted_
     assert exported.returncode == 0, exported.stderr
     lines = (tmp_path / "out.jsonl").read_text().splitlines()
     header = json.loads(lines[0])
-    assert (header["format"], header["version"], header["cards"]) == ("card-mcp-export", 1, 5)
+    assert (header["format"], header["version"], header["cards"]) == ("card-mcp-export", 2, 5)
     assert not (tmp_path / "out.jsonl.partial").exists()
 
     target, target_id = await new_tenant(database)
@@ -77,6 +77,45 @@ async def test_export_then_import_into_a_fresh_tenant_gives_equal_cards_deleted_
     assert imported.stdout.strip() == "created 5, existing 0 (of 5 cards in " + str(tmp_path / "out.jsonl") + ")"
     assert await stored(database, target_id) == await stored(database, source_id)
     assert (await stored(database, target_id))[ids[0]]["version"] == 2
+
+
+async def test_an_export_and_its_import_keep_the_order_each_cards_keys_were_written_in(
+    database: TestDatabase, app_pool: asyncpg.Pool, tmp_path: Path
+) -> None:
+    """jsonb forgets it (shortest key first) and a card is embedded in it (schema/0023_key_order.sql): a tenant moved
+    by export and import ranks as it did. A line written by hand keeps the order of its own text."""
+    source, source_id = await new_tenant(database)
+    content = {
+        "summary": "Warm, direct.",
+        "do": ["say we"],
+        "dont": ["jargon"],
+        "facts": {"tagline": "t", "founded": 9},
+    }
+    async with tenant_transaction(app_pool, source_id) as conn:
+        await cards.create_card(conn, source_id, NewCard(card_type="voice", title="Voice", content=content, tags=[]))
+    exported = run_cli(database, "export", "--tenant", source, "--output", str(tmp_path / "out.jsonl"))
+    assert exported.returncode == 0, exported.stderr
+    header, line = (json.loads(text) for text in (tmp_path / "out.jsonl").read_text().splitlines())
+    written = [["summary"], ["do"], ["dont"], ["facts"], ["facts", "tagline"], ["facts", "founded"]]
+    assert (header["version"], list(line["content"]), line["key_order"]) == (
+        2,
+        ["do", "dont", "facts", "summary"],
+        written,
+    )
+    by_hand = tmp_path / "by_hand.jsonl"
+    plain = {"card_type": "audience", "title": "Buyers", "content": {"who": "w", "wants": ["x"], "age": 3}, "tags": []}
+    by_hand.write_text(json.dumps(plain) + "\n")
+
+    target, target_id = await new_tenant(database)
+    for path in (tmp_path / "out.jsonl", by_hand):
+        imported = run_cli(database, "import", str(path), "--tenant", target)
+        assert imported.returncode == 0, imported.stderr
+    async with superuser(database) as conn:
+        rows = await conn.fetch("SELECT title, key_order::text FROM card_mcp.cards WHERE tenant_id = $1", target_id)
+    assert {row["title"]: json.loads(row["key_order"]) for row in rows} == {
+        "Voice": written,
+        "Buyers": [["who"], ["wants"], ["age"]],
+    }
 
 
 async def test_export_without_deleted_cards_leaves_them_out_and_writes_to_stdout(
@@ -120,14 +159,16 @@ async def test_a_file_with_bad_lines_in_the_middle_writes_nothing_and_names_ever
         json.dumps(dict(good, card_type="poem")),  # line 3
         "{not json",  # line 4
         json.dumps(dict(good, title="ok", content_hash="0" * 64)),  # line 5: a hash that is not the content's
+        json.dumps(dict(good, title="order", key_order=[[]])),  # line 6: a key's path with no key
+        json.dumps(dict(good, title="long", key_order=[["k" * 9000], ["k" * 9000]])),  # line 7: over 16 KiB of paths
         json.dumps(dict(good, title="last")),
     ]
     path = tmp_path / "bad.jsonl"
     path.write_text("\n".join(lines) + "\n")
     result = run_cli(database, "import", str(path), "--tenant", tenant)
     assert result.returncode == 1 and result.stdout == ""
-    assert [f"line {n}:" in result.stderr for n in (3, 4, 5)] == [True, True, True]
-    assert "line 1:" not in result.stderr and "line 6:" not in result.stderr
+    assert [f"line {n}:" in result.stderr for n in (3, 4, 5, 6, 7)] == [True] * 5
+    assert "line 1:" not in result.stderr and "line 8:" not in result.stderr
     assert "nothing was imported" in result.stderr
     assert await stored(database, tenant_id) == {}
 
