@@ -1117,6 +1117,7 @@ async def soak(args: argparse.Namespace) -> Outcome:
                 "CARD_MCP_LOG_LEVEL": "INFO",  # the server announces its URL at INFO
                 "CARD_MCP_POOL_MAX_SIZE": str(args.pool_size),
                 "CARD_MCP_MAX_CALLS_PER_KEY": str(args.max_calls_per_key),
+                "CARD_MCP_SEMANTIC": args.semantic,
             }
             samples: list[Sample] = []
             counter = itertools.count()
@@ -1314,6 +1315,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--pool-size", type=int, default=10, help="CARD_MCP_POOL_MAX_SIZE of the server (default 10)")
     p.add_argument(
         "--max-calls-per-key", type=int, default=64, help="CARD_MCP_MAX_CALLS_PER_KEY (default 64: no throttling)"
+    )
+    p.add_argument(
+        "--semantic",
+        choices=("off", "auto"),
+        default="off",
+        help="CARD_MCP_SEMANTIC of the server (default off: with the semantic extra installed, auto loads the model "
+        "and embeds the cards written during the run: 76 to 193 MiB over a 20 s run on 2026-12-05, growth to the RSS "
+        "bound)",
     )
     p.add_argument("--sample-every", type=float, default=5.0, help="seconds between samples (default 5)")
     p.add_argument("--rss-growth-mib", type=float, default=10.0, help="allowed RSS growth (default 10 MiB)")
