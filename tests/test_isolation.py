@@ -169,7 +169,7 @@ def answer(result: CallToolResult) -> tuple[dict[str, Any] | None, str | None]:
 
 
 def restored_version(mine: ModelCard | None, which: int) -> int | None:
-    """The version a restore asks for, by ``which`` (0-9): 0 none (the one before the current), 9 one the card never
+    """The version a restore asks for, by ``which`` (0-9): 0 none (undelete only), 9 one the card never
     had, else one of its versions (any number for a card that is not the tenant's). Drawn as an index, not as a
     version number, so that how often a restore finds its version does not depend on which numbers hypothesis
     favours (it also draws constants from the source of the modules loaded so far)."""
