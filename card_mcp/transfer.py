@@ -288,8 +288,21 @@ def _parse(number: int, raw: bytes, max_bytes: int) -> ImportedCard | dict[str, 
         card.key_order = key_order(card.content)
     elif sum(len(json.dumps(path)) for path in card.key_order) > MAX_KEY_ORDER_BYTES:  # as models.key_order counts
         raise InvalidArgument(f"key_order: paths of more than {MAX_KEY_ORDER_BYTES} bytes (an export writes fewer)")
+    elif not all(_storable(part) for path in card.key_order for part in path):  # jsonb refuses it, mid-import
+        raise InvalidArgument("key_order: a key with \\u0000 or an unpaired surrogate, which PostgreSQL cannot store")
     card.content_hash = digest
     return card
+
+
+def _storable(part: str | int) -> bool:
+    """Whether PostgreSQL's jsonb can hold ``part`` of a key's path (content's keys are checked as content)."""
+    if isinstance(part, int):
+        return True
+    try:
+        part.encode()
+    except UnicodeEncodeError:
+        return False
+    return "\x00" not in part
 
 
 def validate(path: Path, *, max_bytes: int = DEFAULT_MAX_CONTENT_BYTES) -> ImportReport:

@@ -161,14 +161,15 @@ async def test_a_file_with_bad_lines_in_the_middle_writes_nothing_and_names_ever
         json.dumps(dict(good, title="ok", content_hash="0" * 64)),  # line 5: a hash that is not the content's
         json.dumps(dict(good, title="order", key_order=[[]])),  # line 6: a key's path with no key
         json.dumps(dict(good, title="long", key_order=[["k" * 9000], ["k" * 9000]])),  # line 7: over 16 KiB of paths
+        json.dumps(dict(good, title="nul", key_order=[["a\x00"]])),  # line 8: a key PostgreSQL cannot store
         json.dumps(dict(good, title="last")),
     ]
     path = tmp_path / "bad.jsonl"
     path.write_text("\n".join(lines) + "\n")
     result = run_cli(database, "import", str(path), "--tenant", tenant)
     assert result.returncode == 1 and result.stdout == ""
-    assert [f"line {n}:" in result.stderr for n in (3, 4, 5, 6, 7)] == [True] * 5
-    assert "line 1:" not in result.stderr and "line 8:" not in result.stderr
+    assert [f"line {n}:" in result.stderr for n in (3, 4, 5, 6, 7, 8)] == [True] * 6
+    assert "line 1:" not in result.stderr and "line 9:" not in result.stderr
     assert "nothing was imported" in result.stderr
     assert await stored(database, tenant_id) == {}
 
