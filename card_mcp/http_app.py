@@ -19,7 +19,7 @@ from starlette.middleware import Middleware
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from . import http_edges
+from . import http_edges, sessions
 from .config import Settings
 from .errors import SetupError, Unavailable
 from .oauth import RegistrationAddress
@@ -66,7 +66,8 @@ def _is_wildcard(host: str) -> bool:
 
 def build_app(server: CardServer, settings: Settings) -> Starlette:
     """The ASGI app; its lifespan is the server's (database, pools, background clean-up). The bounds of
-    http_edges.py wrap it: the Host matched exactly, the transport's 400s without the input, sessions per key."""
+    http_edges.py wrap it (the Host matched exactly, the transport's 400s without the input), and sessions.py's
+    sessions per key."""
     security = transport_security(settings)
     app = server.streamable_http_app(
         streamable_http_path=MCP_PATH,
@@ -84,7 +85,7 @@ def build_app(server: CardServer, settings: Settings) -> Starlette:
         # Innermost (after the authentication middleware): it counts sessions by the caller's key.
         app.user_middleware.append(
             Middleware(
-                http_edges.SessionQuota,
+                sessions.SessionQuota,
                 path=MCP_PATH,
                 per_key=settings.max_sessions_per_key,
                 idle_seconds=settings.session_idle_seconds,

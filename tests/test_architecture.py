@@ -21,6 +21,7 @@ FLOORS = {
         "server",
         "http_app",
         "http_edges",
+        "sessions",
         "stdio",
         "auth",
         "oauth",
