@@ -64,9 +64,10 @@ from mcp.types import CallToolResult
 
 from card_mcp import cards as card_store
 from card_mcp import db, idempotency, migrate
+from card_mcp.bootstrap import ROLES_SQL, VECTOR_SQL
 from card_mcp.calls import Caller, Edge
 from card_mcp.config import Settings
-from card_mcp.embedded import BOOTSTRAP_ROLES_SQL, SUPERUSER, VECTOR_SQL, EmbeddedPostgres
+from card_mcp.embedded import SUPERUSER, EmbeddedPostgres
 from card_mcp.models import CARD_TYPES, BatchCreateResult, BatchItemResult, NewCard, canonical_json, content_hash
 from card_mcp.server import build_server
 
@@ -247,7 +248,7 @@ async def fresh_database(
     name = keep or f"card_mcp_bench_{uuid.uuid4().hex[:12]}"
     conn = await asyncpg.connect(superuser_url)
     try:
-        await conn.execute(BOOTSTRAP_ROLES_SQL)
+        await conn.execute(ROLES_SQL)
         exists = keep is not None and await conn.fetchval("SELECT true FROM pg_database WHERE datname = $1", keep)
         if not exists:
             await conn.execute(f'CREATE DATABASE "{name}" OWNER card_mcp_owner')

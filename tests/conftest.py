@@ -22,8 +22,9 @@ import asyncpg
 import pytest
 
 from card_mcp import db, migrate
+from card_mcp.bootstrap import ROLES_SQL, VECTOR_SQL
 from card_mcp.config import Settings
-from card_mcp.embedded import BOOTSTRAP_ROLES_SQL, SUPERUSER, VECTOR_SQL, EmbeddedPostgres
+from card_mcp.embedded import SUPERUSER, EmbeddedPostgres
 
 
 def with_user(url: str, user: str, database: str | None = None) -> str:
@@ -81,7 +82,7 @@ def superuser_url() -> Iterator[str]:
 async def create_migrated_database(superuser_url: str, name: str) -> None:
     conn = await asyncpg.connect(superuser_url)
     try:
-        await conn.execute(BOOTSTRAP_ROLES_SQL)
+        await conn.execute(ROLES_SQL)
         await conn.execute(f'CREATE DATABASE "{name}" OWNER card_mcp_owner')
     finally:
         await conn.close()

@@ -14,8 +14,8 @@ import asyncpg
 import pytest
 
 from card_mcp import cards, db, keys, migrate, retention, transfer
+from card_mcp.bootstrap import ROLES_SQL
 from card_mcp.config import Settings
-from card_mcp.embedded import BOOTSTRAP_ROLES_SQL
 from card_mcp.models import NewCard, content_hash
 from tests.conftest import TestDatabase, drop_database, new_database, with_user
 from tests.helpers import superuser, tenant_transaction
@@ -396,7 +396,7 @@ async def test_the_migration_keeps_every_usage_row_and_its_id_and_new_ids_go_on(
     name = f"card_mcp_premigration_{uuid.uuid4().hex[:8]}"
     conn = await asyncpg.connect(superuser_url)
     try:
-        await conn.execute(BOOTSTRAP_ROLES_SQL)
+        await conn.execute(ROLES_SQL)
         await conn.execute(f'CREATE DATABASE "{name}" OWNER card_mcp_owner')
     finally:
         await conn.close()

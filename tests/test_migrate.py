@@ -11,7 +11,7 @@ import asyncpg
 import pytest
 
 from card_mcp import db, migrate
-from card_mcp.embedded import BOOTSTRAP_ROLES_SQL, VECTOR_SQL
+from card_mcp.bootstrap import ROLES_SQL, VECTOR_SQL
 from card_mcp.errors import SetupError
 from tests.conftest import drop_database, with_user
 
@@ -22,7 +22,7 @@ async def fresh_owner_url(superuser_url: str) -> AsyncIterator[str]:
     name = f"card_mcp_fresh_{uuid.uuid4().hex[:12]}"
     conn = await asyncpg.connect(superuser_url)
     try:
-        await conn.execute(BOOTSTRAP_ROLES_SQL)
+        await conn.execute(ROLES_SQL)
         await conn.execute(f'CREATE DATABASE "{name}" OWNER card_mcp_owner')
     finally:
         await conn.close()
