@@ -16,8 +16,9 @@ from uuid import UUID
 
 import asyncpg
 
-from .db import Connection, LossyContent
+from .db import Connection
 from .errors import Conflict, DuplicateContent, InvalidArgument, NotFound
+from .jsonb import LossyContent
 from .models import DEFAULT_MAX_CONTENT_BYTES, Card, NewCard, content_hash, encode_content, key_order
 
 CreateStatus = Literal["created", "existing"]
@@ -194,7 +195,7 @@ SELECT title, tags, content_hash FROM card_mcp.card_versions WHERE card_id = $1 
 # card_mcp.restored_from marks the version row the history trigger writes (schema/0009_card_history.sql); the
 # sub-select sets it before the row is updated, so before the trigger reads it. The content is copied inside the
 # database (the card's own for an undelete, $2's version's otherwise), never sent back from Python: stored content
-# Python reads only in part (db.LossyContent) would otherwise replace what is stored.
+# Python reads only in part (jsonb.LossyContent) would otherwise replace what is stored.
 _RESTORE = f"""
 UPDATE card_mcp.cards AS c
    SET title = v.v_title, content = v.v_content, tags = v.v_tags, content_hash = v.v_hash, is_active = true,

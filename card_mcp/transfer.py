@@ -57,7 +57,7 @@ SELECT set_config('app.current_tenant_id', $1::text, true),
 _COUNT = "SELECT count(*) FROM card_mcp.cards WHERE $1::boolean OR is_active"
 # In id order: the primary key's order within the tenant, so the cursor streams without a sort. Content (and the
 # versions) as PostgreSQL's own JSON text, written to the file as it is: read into Python and written back, content
-# Python reads only in part (db.LossyContent: nesting deeper than its parser goes, integers longer than it converts)
+# Python reads only in part (jsonb.LossyContent: nesting deeper than its parser goes, integers longer than it converts)
 # would be exported as the note shown in its place, or not at all.
 _CARDS = """
 SELECT id, card_type, title, content::text AS content, key_order::text AS key_order, tags, version, content_hash,

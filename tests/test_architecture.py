@@ -45,7 +45,7 @@ FLOORS = {
         "retention",
         "transfer",
     },
-    4: {"db", "migrate", "embedded", "bootstrap", "locks"},
+    4: {"db", "jsonb", "migrate", "embedded", "bootstrap", "locks"},
     5: {"models", "errors", "config", "logs", "__init__"},
 }
 FLOOR = {module: floor for floor, modules in FLOORS.items() for module in modules}

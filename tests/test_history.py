@@ -352,7 +352,8 @@ async def test_an_undeleted_card_is_queued_for_its_embedding_again(database: Tes
     assert queued == 1
 
 
-# Content that PostgreSQL stores and Python cannot read exactly (db.LossyContent): nested deeper than its parser goes.
+# Content that PostgreSQL stores and Python cannot read exactly (jsonb.LossyContent): nested deeper than its parser
+# goes.
 DEEP_CONTENT = '{"a": ' + "[" * 3000 + "]" * 3000 + "}"
 
 

@@ -476,7 +476,7 @@ async def test_export_with_history_then_import_gives_equal_versions(
     assert await versions(database, target_id) == await versions(database, source_id)
 
 
-# Content PostgreSQL stores and Python reads only in part (db.LossyContent): nested deeper than its parser goes, and
+# Content PostgreSQL stores and Python reads only in part (jsonb.LossyContent): nested deeper than its parser goes, and
 # an integer longer than it converts.
 UNREADABLE_CONTENTS = ('{"a": ' + "[" * 3000 + "]" * 3000 + "}", '{"n": ' + "7" * 5000 + "}")
 
