@@ -19,7 +19,8 @@ END
 $$;
 """
 
-# card-mcp's database, made by psql (\gexec: CREATE DATABASE cannot run inside a DO block), owned by the owner role.
+# card-mcp's database, made by psql (\gexec: CREATE DATABASE cannot run inside a DO block), owned by the owner role;
+# run after ROLES_SQL, whose DO block its leading semicolon ends.
 DATABASE_SQL = """;
 SELECT 'CREATE DATABASE card_mcp OWNER card_mcp_owner'
  WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = 'card_mcp') \\gexec

@@ -363,7 +363,7 @@ class EmbeddedPostgres:
         marker.write_text(key + "\n")
 
     def _bootstrap(self) -> None:
-        """Create the three roles, the database and (where it exists) the vector extension in it; idempotent, run
+        """Create the roles, the database and (where it exists) the vector extension in it; idempotent, run
         under the control lock."""
         sql = ROLES_SQL + DATABASE_SQL
         self._run(
