@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, 
 from tests.helpers import tenant_transaction
 
 _OWN_TIME = """
-SELECT funcname, calls, self_time / calls * 1000 AS own_us
+SELECT funcname, self_time / calls * 1000 AS own_us
   FROM pg_stat_user_functions
  WHERE calls > 0
  ORDER BY self_time DESC

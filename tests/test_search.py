@@ -738,3 +738,19 @@ async def test_every_lexical_page_and_search_call_is_the_page_0021_served(
             await conn.execute("DROP SCHEMA reference_0021 CASCADE")
     assert compared > len(data["queries"]) * 6
     assert typos > 20  # the typo lookups' statement, not only the words' own
+
+
+async def test_search_cards_call_keeps_its_plans_and_search_page_plans_for_each_call(database: TestDatabase) -> None:
+    """schema/0024: search_cards_call's statements are planned once per session, and search_page, which it calls,
+    keeps the default (its listing seeks a cursor's position with a plan for the call's values). A later CREATE OR
+    REPLACE of either function drops its settings silently: this says so."""
+    async with superuser(database) as conn:
+        settings = dict(
+            await conn.fetch(
+                "SELECT p.proname, p.proconfig FROM pg_proc AS p"
+                " WHERE p.pronamespace = 'card_mcp'::regnamespace"
+                " AND p.proname IN ('search_cards_call', 'search_page')"
+            )
+        )
+    assert "plan_cache_mode=force_generic_plan" in settings["search_cards_call"]
+    assert "plan_cache_mode=auto" in settings["search_page"]
