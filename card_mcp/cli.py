@@ -272,9 +272,9 @@ async def _serve(args: argparse.Namespace, settings: Settings) -> int:
             logger.warning("--tenant is ignored over HTTP: each request's API key names its tenant")
         with http_app.bind(settings) as sock:
             settings = settings.model_copy(update={"port": sock.getsockname()[1]})
-            await http_app.serve_http(build_server(settings), settings, sock)
+            await http_app.serve_http(build_server(settings, owns_process=True), settings, sock)
         return 0
-    server = build_server(settings)
+    server = build_server(settings, owns_process=True)
     async with anyio.create_task_group() as group:
         group.start_soon(_stop_on_signal, group.cancel_scope)
         await stdio.serve(server)  # returns when the client closes stdin

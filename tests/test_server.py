@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import uuid
 from collections.abc import AsyncIterator
@@ -14,6 +15,7 @@ from mcp import Client, MCPError
 
 from card_mcp import db
 from card_mcp.config import Settings
+from card_mcp.server import build_server
 from tests.conftest import TestDatabase
 from tests.helpers import CARD, TOOLS, connect, create, error_code, ok, superuser, usage_rows
 
@@ -521,3 +523,24 @@ async def test_usage_stats_counts_calls_and_errors_per_tool(client: Client) -> N
     assert by_card[0]["key"] == card["id"] and by_card[0]["calls"] == 2
     by_client = ok(await client.call_tool("usage_stats", {"group_by": "client"}))["rows"]
     assert by_client[0]["key"] == "pytest"
+
+
+async def test_a_server_that_owns_its_process_keeps_its_start_up_objects_out_of_the_collector_a_library_one_not(
+    settings: Settings, tenant: str
+) -> None:
+    """`card-mcp serve` freezes what start-up built, so that a full collection walks only what calls left behind
+    (server._settle_heap); a server built by a library user or a test leaves the collector to them."""
+    assert gc.get_freeze_count() == 0
+    async with connect(settings, tenant) as client:
+        ok(await client.call_tool("create_card", CARD))
+        assert gc.get_freeze_count() == 0
+    server = build_server(settings.model_copy(update={"tenant": tenant}), owns_process=True)
+    try:
+        async with Client(server, mode="legacy") as client:
+            frozen = gc.get_freeze_count()
+            assert frozen > 50_000  # the modules, the SDK's and card-mcp's, the pools
+            assert len(gc.get_objects()) < frozen // 5  # what a full collection still walks
+            found = ok(await client.call_tool("search_cards", {"query": "brand voice"}))
+            assert [card["title"] for card in found["cards"]] == ["Brand voice"]
+    finally:
+        gc.unfreeze()
