@@ -273,7 +273,8 @@ def _settle_heap(server: CardServer) -> None:
     process: it leaves the garbage collector's generations (gc.freeze). Otherwise every full collection walks all of
     it again: 100,000 objects, 70 ms of CPU each time (every 300 calls or so under 32 HTTP clients, each call's
     short-lived objects piling into the oldest generation), a pause for every call in flight and about 0.2 ms of
-    CPU per call. Only where the server owns the process: a library user's or a test's heap is theirs."""
+    CPU per call. Only where the server owns the process: a library user's or a test's heap is theirs. What is
+    frozen is never collected: a request in flight when the model loads leaves its few cyclic objects for good, once."""
     if server.owns_process:
         gc.freeze()
 
