@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import gc
 import json
+import logging
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -13,7 +15,7 @@ import jsonschema
 import pytest
 from mcp import Client, MCPError
 
-from card_mcp import db
+from card_mcp import cli, db, server
 from card_mcp.config import Settings
 from card_mcp.server import build_server
 from tests.conftest import TestDatabase
@@ -544,3 +546,22 @@ async def test_a_server_that_owns_its_process_keeps_its_start_up_objects_out_of_
             assert [card["title"] for card in found["cards"]] == ["Brand voice"]
     finally:
         gc.unfreeze()
+
+
+class _Built(Exception):
+    """Raised by a stand-in for build_server: how `card-mcp serve` asked for its server, before anything serves."""
+
+
+@pytest.mark.parametrize("transport", ["stdio", "http"])
+async def test_card_mcp_serve_asks_for_a_server_that_owns_its_process(
+    settings: Settings, transport: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def build(settings: Settings, **options: Any) -> server.CardServer:
+        raise _Built(options)
+
+    monkeypatch.setattr(server, "build_server", build)
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])  # serve cleans its handlers' lines: not pytest's
+    serving = settings.model_copy(update={"transport": transport, "port": 0, "host": "127.0.0.1"})
+    with pytest.raises(_Built) as built:
+        await cli._serve(argparse.Namespace(tenant=None), serving)
+    assert built.value.args == ({"owns_process": True},)
