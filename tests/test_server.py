@@ -536,9 +536,9 @@ async def test_a_server_that_owns_its_process_keeps_its_start_up_objects_out_of_
     async with connect(settings, tenant) as client:
         ok(await client.call_tool("create_card", CARD))
         assert gc.get_freeze_count() == 0
-    server = build_server(settings.model_copy(update={"tenant": tenant}), owns_process=True)
+    owner = build_server(settings.model_copy(update={"tenant": tenant}), owns_process=True)
     try:
-        async with Client(server, mode="legacy") as client:
+        async with Client(owner, mode="legacy") as client:
             frozen = gc.get_freeze_count()
             assert frozen > 50_000  # the modules, the SDK's and card-mcp's, the pools
             assert len(gc.get_objects()) < frozen // 5  # what a full collection still walks
