@@ -68,7 +68,9 @@ class CardServer(MCPServer[AppState]):
     """MCPServer whose tools come from the registry and whose every call (tool, resource, prompt) runs through
     the call edge: the tenant's transaction, the usage row, and the error shape of SPEC section 4."""
 
-    def __init__(self, settings: Settings, verifier: KeyVerifier | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self, settings: Settings, verifier: KeyVerifier | None = None, *, owns_process: bool = False, **kwargs: Any
+    ) -> None:
         # With card-mcp's own authorization server, its provider checks bearer tokens (API keys included); with an
         # external issuer, its verifier does; otherwise the API-key verifier.
         if "auth_server_provider" not in kwargs:
@@ -79,7 +81,7 @@ class CardServer(MCPServer[AppState]):
         self.tools: dict[str, Tool] = {tool.name: tool for tool in TOOLS}
         self.state: AppState | None = None  # while the lifespan runs
         self.startup_error: Exception | None = None  # why the lifespan could not start, for the one-line report
-        self.owns_process = False  # set by `card-mcp serve`: the heap is the server's to tune (_settle_heap)
+        self.owns_process = owns_process  # `card-mcp serve`: the heap is the server's to tune (_settle_heap)
 
     async def list_tools(self) -> list[McpTool]:
         return [
@@ -315,6 +317,7 @@ def build_server(settings: Settings, *, owns_process: bool = False) -> CardServe
     server = CardServer(
         settings,
         verifier,
+        owns_process=owns_process,
         **auth,
         name="card-mcp",
         title="Brand cards",
@@ -323,7 +326,6 @@ def build_server(settings: Settings, *, owns_process: bool = False) -> CardServe
         lifespan=_lifespan,
         log_level=settings.log_level.upper(),
     )
-    server.owns_process = owns_process
     resources.register(server)
     prompts.register(server)
     if verifier is not None:
