@@ -9,6 +9,7 @@ import socket
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from ipaddress import ip_address
+from typing import cast
 from urllib.parse import urlsplit
 
 import anyio
@@ -19,7 +20,7 @@ from starlette.middleware import Middleware
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from . import http_edges, sessions
+from . import http_answers, http_edges, sessions
 from .config import Settings
 from .errors import SetupError, Unavailable
 from .oauth import RegistrationAddress
@@ -71,6 +72,8 @@ def build_app(server: CardServer, settings: Settings) -> Starlette:
     security = transport_security(settings)
     app = server.streamable_http_app(
         streamable_http_path=MCP_PATH,
+        # Stateless: JSON answers, unless a request asks for progress (http_answers.py); a truth value per request.
+        json_response=cast(bool, http_answers.PER_REQUEST) if settings.stateless else False,
         stateless_http=settings.stateless,
         max_request_body_size=settings.max_request_bytes,
         transport_security=security,
@@ -81,7 +84,12 @@ def build_app(server: CardServer, settings: Settings) -> Starlette:
     # Starlette would redirect /mcp/ to /mcp on the request's own Host: a redirect anywhere a client names.
     app.router.redirect_slashes = False
     app.add_route(f"{MCP_PATH}/", http_edges.redirect(f"{settings.url}{MCP_PATH}"), methods=["GET", "POST", "DELETE"])
-    if not settings.stateless:
+    if settings.stateless:
+        # Innermost (after the authentication middleware): only a request with a valid key has its body read.
+        app.user_middleware.append(
+            Middleware(http_answers.JsonUnlessStreamed, path=MCP_PATH, max_bytes=settings.max_request_bytes)
+        )
+    else:
         # Innermost (after the authentication middleware): it counts sessions by the caller's key.
         app.user_middleware.append(
             Middleware(

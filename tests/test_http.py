@@ -26,7 +26,7 @@ from mcp import Client, MCPError
 from mcp.client.streamable_http import streamable_http_client
 from mcp.types import CallToolResult, Implementation
 
-from card_mcp import db, keys
+from card_mcp import db, http_answers, keys
 from tests.conftest import TestDatabase
 from tests.helpers import error_code, maintenance, ok, usage_rows
 from tests.test_batch import Blocker, batch_waiting_on_a_lock, make_cards
@@ -458,6 +458,81 @@ async def test_two_stateless_instances_serve_one_client_interchangeably(database
     rows = await usage_rows(database.admin_url, tenant)
     assert [r["tool"] for r in rows] == ["create_card", "batch_create_cards", "get_card", "batch_create_cards"]
     assert {(r["client_name"], r["client_version"]) for r in rows} == {("brand-bot", "2.0")}
+
+
+def sse_messages(body: str) -> list[dict[str, Any]]:
+    return [json.loads(line[5:]) for line in body.splitlines() if line.startswith("data:") and line[5:].strip()]
+
+
+async def test_a_stateless_server_answers_json_unless_the_request_asks_for_progress(database: TestDatabase) -> None:
+    tenant = name()
+    _, key = await new_key(database, tenant)
+    headers = {"Authorization": f"Bearer {key}", "Accept": "application/json, text/event-stream"}
+    card = make_cards(1, "answers")[0]
+
+    def call(tool: str, arguments: dict[str, Any], meta: dict[str, Any] | None = None) -> dict[str, Any]:
+        params = {"name": tool, "arguments": arguments, **({"_meta": meta} if meta else {})}
+        return {"jsonrpc": "2.0", "id": 7, "method": "tools/call", "params": params}
+
+    with http_server(database, CARD_MCP_STATELESS="true", CARD_MCP_MAX_REQUEST_BYTES="65536") as running:
+        async with httpx2.AsyncClient(timeout=30) as http:
+            created = await http.post(running.url, json=call("create_card", card), headers=headers)
+            assert created.headers["content-type"].startswith("application/json")
+            assert created.json()["result"]["structuredContent"]["status"] == "created"
+            # A card whose text names the token is still a request without one: one JSON body.
+            named = await http.post(
+                running.url, json=call("create_card", {**card, "title": '"progressToken" \u0041'}), headers=headers
+            )
+            assert named.headers["content-type"].startswith("application/json")
+            streamed = await http.post(
+                running.url,
+                json=call("batch_create_cards", {"cards": make_cards(3, "streamed")}, {"progressToken": "p1"}),
+                headers=headers,
+            )
+            assert streamed.headers["content-type"].startswith("text/event-stream")
+            messages = sse_messages(streamed.text)
+            progress = [m["params"]["progress"] for m in messages if m.get("method") == "notifications/progress"]
+            assert progress and progress[-1] == 3
+            assert messages[-1]["result"]["structuredContent"]["created"] == 3
+            big = call("create_card", {**card, "title": "x" * 70_000})
+            refused = await http.post(running.url, json=big, headers=headers)
+            assert refused.status_code == 413
+            unauthorized = await http.post(running.url, json=call("create_card", card), headers={"Accept": "*/*"})
+            assert unauthorized.status_code == 401
+    rows = await usage_rows(database.admin_url, tenant)
+    assert [r["tool"] for r in rows] == ["create_card", "create_card", "batch_create_cards"]
+
+
+async def test_a_session_of_a_stateful_server_is_answered_with_sse(database: TestDatabase, server: HttpServer) -> None:
+    _, key = await new_key(database, name())
+    headers = {"Authorization": f"Bearer {key}", "Accept": "application/json, text/event-stream"}
+    async with httpx2.AsyncClient(timeout=30) as http:
+        opened = await http.post(server.url, json=INITIALIZE, headers=headers)
+        assert opened.headers["content-type"].startswith("text/event-stream")
+        session = {**headers, "Mcp-Session-Id": opened.headers["mcp-session-id"], "Mcp-Protocol-Version": "2025-11-25"}
+        initialized = {"jsonrpc": "2.0", "method": "notifications/initialized"}
+        assert (await http.post(server.url, json=initialized, headers=session)).status_code == 202
+        listed = await http.post(server.url, json={"jsonrpc": "2.0", "id": 2, "method": "tools/list"}, headers=session)
+        assert listed.headers["content-type"].startswith("text/event-stream")
+        assert {t["name"] for t in sse_messages(listed.text)[-1]["result"]["tools"]} >= {"get_card", "search_cards"}
+
+
+@pytest.mark.parametrize(
+    ("body", "stream"),
+    [
+        (b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"get_card"}}', False),
+        (b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"_meta":{"progressToken":1}}}', True),
+        (b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"_meta":{"progress\\u0054oken":1}}}', True),
+        (b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"arguments":{"progressToken":1}}}', False),
+        (b'{"jsonrpc":"2.0","id":1,"method":"x","params":{"_meta":{"other":"\\u00e9"}}}', False),
+        (b'[{"jsonrpc":"2.0","id":1,"method":"ping","params":{"_meta":{"progressToken":1}}}]', True),
+        (b'{"progressToken": not json', True),
+    ],
+)
+def test_only_a_request_with_a_progress_token_or_no_json_rpc_message_is_answered_as_a_stream(
+    body: bytes, stream: bool
+) -> None:
+    assert http_answers.wants_stream(body) is stream
 
 
 def run_cli(database: TestDatabase, *args: str) -> subprocess.CompletedProcess[str]:
