@@ -1,17 +1,20 @@
-"""How a stateless HTTP request is answered: one JSON body, or an SSE stream where the request asks for progress.
+"""How an HTTP request is answered: one JSON body, or an SSE stream where the request needs one.
 
 MCP lets a server answer a POST with either (clients must accept both). The SDK answers every request of a server
 one way, fixed when the app is built (``json_response``), and its SSE answer costs each request a response task
 group, its memory streams and their garbage, on the server and the client alike: with SSE answers card-mcp's mixed
 HTTP benchmark spent about 2.0 ms of server CPU a call, with JSON answers 1.3 ms (docs/benchmarks.md). A JSON body
-carries only the response, so notifications about the request (progress) have no way to the client; a request
+carries only the response, so notifications about the request (progress) have no way to the client: a request
 that carries a progress token (``batch_create_cards`` reports progress) is answered as SSE, as before.
 
-In stateless mode the SDK makes a transport per request and reads ``json_response`` as a truth value when it does
-(and in that request's tasks after): ``PER_REQUEST`` is that value, true for the request being handled when
-``JsonUnlessStreamed`` found no progress token in its body. Stateful sessions keep one transport for every request
-of a session, made at ``initialize``, so they stay SSE (build_app passes False). tests/test_http.py checks both
-answers and that progress still arrives, so an SDK that stops reading the value per request fails there.
+The SDK reads ``json_response`` as a truth value, in the tasks of the request it is handling: ``PER_REQUEST`` is
+that value, true while a request is handled that ``JsonUnlessStreamed`` found needs no stream. A stateless server
+makes a transport per request, so everything about a request follows its own value. A stateful session's transport
+is made by its ``initialize`` request and its tasks (the router of the session's messages, whether the server may
+send the client requests) keep the value they started with: ``initialize`` is always answered as SSE, so those
+tasks see false, as with SSE answers throughout, and each later request of the session is answered by its own
+value. tests/test_http.py checks both answers and that progress still arrives, statelessly and in a session, so
+an SDK that reads the value elsewhere fails there.
 """
 
 from __future__ import annotations
@@ -31,23 +34,24 @@ class _PerRequest:
         return _AS_JSON.get()
 
     def __repr__(self) -> str:
-        return "JSON answers unless the request asks for progress"
+        return "JSON answers unless the request needs a stream"
 
 
 PER_REQUEST = _PerRequest()
 
 
 def wants_stream(body: bytes) -> bool:
-    """Whether a POST body needs an SSE answer: a JSON-RPC message whose ``params._meta`` has a progress token,
-    or anything that is not one JSON object (the transport answers those as it always did). Most bodies are told
-    apart without parsing: no ``progressToken`` and no ``\\u`` escape (which could spell it) in the bytes."""
-    if b"progressToken" not in body and b"\\u" not in body:
+    """Whether a POST body needs an SSE answer: ``initialize``, a JSON-RPC message whose ``params._meta`` has a
+    progress token, or anything that is not one JSON object (the transport answers those as it always did). Most
+    bodies are told apart without parsing: none of ``progressToken``, ``initialize`` or a ``\\u`` escape (which
+    could spell either) in the bytes."""
+    if b"progressToken" not in body and b"initialize" not in body and b"\\u" not in body:
         return False
     try:
         message = json.loads(body)
     except ValueError:
         return True
-    if not isinstance(message, dict):
+    if not isinstance(message, dict) or message.get("method") == "initialize":
         return True
     params = message.get("params")
     meta = params.get("_meta") if isinstance(params, dict) else None
@@ -56,7 +60,7 @@ def wants_stream(body: bytes) -> bool:
 
 class JsonUnlessStreamed:
     """Reads an authenticated POST's body to the MCP path (at most ``max_bytes``: the transport refuses a longer
-    one, as before), decides how it is answered (``wants_stream``) and hands the body on unchanged. Innermost, after
+    one, as before), decides how it is answered (``wants_stream``) and hands the body on unchanged. After
     authentication: a request without a valid key is refused without its body being read here."""
 
     def __init__(self, app: ASGIApp, *, path: str, max_bytes: int) -> None:
@@ -86,7 +90,8 @@ class JsonUnlessStreamed:
             if not message.get("more_body", False):
                 whole = size <= self.max_bytes
                 break
-        as_json = whole and not wants_stream(b"".join(m.get("body", b"") for m in read))
+        body = read[0].get("body", b"") if len(read) == 1 else b"".join(m.get("body", b"") for m in read)
+        as_json = whole and not wants_stream(body)
 
         async def replay() -> Message:
             return read.pop(0) if read else await receive()

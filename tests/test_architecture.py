@@ -21,6 +21,7 @@ FLOORS = {
         "server",
         "http_app",
         "http_edges",
+        "http_answers",
         "sessions",
         "stdio",
         "auth",

@@ -503,8 +503,11 @@ async def test_a_stateless_server_answers_json_unless_the_request_asks_for_progr
     assert [r["tool"] for r in rows] == ["create_card", "create_card", "batch_create_cards"]
 
 
-async def test_a_session_of_a_stateful_server_is_answered_with_sse(database: TestDatabase, server: HttpServer) -> None:
-    _, key = await new_key(database, name())
+async def test_a_session_is_opened_with_sse_then_answered_with_json_and_progress_still_streams(
+    database: TestDatabase, server: HttpServer
+) -> None:
+    tenant = name()
+    _, key = await new_key(database, tenant)
     headers = {"Authorization": f"Bearer {key}", "Accept": "application/json, text/event-stream"}
     async with httpx2.AsyncClient(timeout=30) as http:
         opened = await http.post(server.url, json=INITIALIZE, headers=headers)
@@ -513,8 +516,21 @@ async def test_a_session_of_a_stateful_server_is_answered_with_sse(database: Tes
         initialized = {"jsonrpc": "2.0", "method": "notifications/initialized"}
         assert (await http.post(server.url, json=initialized, headers=session)).status_code == 202
         listed = await http.post(server.url, json={"jsonrpc": "2.0", "id": 2, "method": "tools/list"}, headers=session)
-        assert listed.headers["content-type"].startswith("text/event-stream")
-        assert {t["name"] for t in sse_messages(listed.text)[-1]["result"]["tools"]} >= {"get_card", "search_cards"}
+        assert listed.headers["content-type"].startswith("application/json")
+        assert {t["name"] for t in listed.json()["result"]["tools"]} >= {"get_card", "search_cards"}
+    async with mcp_client(server.url, key) as client:  # the SDK's client, in a session of its own
+        seen: list[float] = []
+
+        async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+            seen.append(progress)
+
+        batch = ok(
+            await client.call_tool("batch_create_cards", {"cards": make_cards(3)}, progress_callback=on_progress)
+        )
+        assert batch["created"] == 3 and seen and seen[-1] == 3
+        card = ok(await client.call_tool("get_card", {"card_id": batch["results"][0]["card_id"]}))["card"]
+        assert card["id"] == batch["results"][0]["card_id"]
+    assert [r["tool"] for r in await usage_rows(database.admin_url, tenant)] == ["batch_create_cards", "get_card"]
 
 
 @pytest.mark.parametrize(
@@ -527,6 +543,8 @@ async def test_a_session_of_a_stateful_server_is_answered_with_sse(database: Tes
         (b'{"jsonrpc":"2.0","id":1,"method":"x","params":{"_meta":{"other":"\\u00e9"}}}', False),
         (b'[{"jsonrpc":"2.0","id":1,"method":"ping","params":{"_meta":{"progressToken":1}}}]', True),
         (b'{"progressToken": not json', True),
+        (b'{"jsonrpc":"2.0","id":1,"method":"initialize","params":{}}', True),
+        (b'{"jsonrpc":"2.0","method":"notifications/initialized"}', False),
     ],
 )
 def test_only_a_request_with_a_progress_token_or_no_json_rpc_message_is_answered_as_a_stream(
