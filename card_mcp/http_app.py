@@ -72,9 +72,8 @@ def build_app(server: CardServer, settings: Settings) -> Starlette:
     security = transport_security(settings)
     app = server.streamable_http_app(
         streamable_http_path=MCP_PATH,
-        # JSON answers, unless a request asks for progress or opens a session (http_answers.py): a truth value per
-        # request.
-        json_response=cast(bool, http_answers.PER_REQUEST),
+        # Stateless: JSON answers, unless a request asks for progress (http_answers.py): a truth value per request.
+        json_response=cast(bool, http_answers.PER_REQUEST) if settings.stateless else False,
         stateless_http=settings.stateless,
         max_request_body_size=settings.max_request_bytes,
         transport_security=security,
@@ -85,11 +84,12 @@ def build_app(server: CardServer, settings: Settings) -> Starlette:
     # Starlette would redirect /mcp/ to /mcp on the request's own Host: a redirect anywhere a client names.
     app.router.redirect_slashes = False
     app.add_route(f"{MCP_PATH}/", http_edges.redirect(f"{settings.url}{MCP_PATH}"), methods=["GET", "POST", "DELETE"])
-    # After the authentication middleware: only a request with a valid key has its body read.
-    app.user_middleware.append(
-        Middleware(http_answers.JsonUnlessStreamed, path=MCP_PATH, max_bytes=settings.max_request_bytes)
-    )
-    if not settings.stateless:
+    if settings.stateless:
+        # Innermost (after the authentication middleware): only a request with a valid key has its body read.
+        app.user_middleware.append(
+            Middleware(http_answers.JsonUnlessStreamed, path=MCP_PATH, max_bytes=settings.max_request_bytes)
+        )
+    else:
         # Innermost (after the authentication middleware): it counts sessions by the caller's key.
         app.user_middleware.append(
             Middleware(

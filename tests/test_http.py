@@ -28,7 +28,7 @@ from mcp.types import CallToolResult, Implementation
 
 from card_mcp import db, http_answers, keys
 from tests.conftest import TestDatabase
-from tests.helpers import error_code, maintenance, ok, usage_rows
+from tests.helpers import error_code, maintenance, ok, superuser, until, usage_rows
 from tests.test_batch import Blocker, batch_waiting_on_a_lock, make_cards
 from tests.wire import TurnCounter
 
@@ -503,9 +503,11 @@ async def test_a_stateless_server_answers_json_unless_the_request_asks_for_progr
     assert [r["tool"] for r in rows] == ["create_card", "create_card", "batch_create_cards"]
 
 
-async def test_a_session_is_opened_with_sse_then_answered_with_json_and_progress_still_streams(
+async def test_a_session_of_a_stateful_server_is_answered_with_sse_and_streams_progress(
     database: TestDatabase, server: HttpServer
 ) -> None:
+    """A session's message router is one task for all its requests, so sessions keep SSE answers
+    (card_mcp/http_answers.py)."""
     tenant = name()
     _, key = await new_key(database, tenant)
     headers = {"Authorization": f"Bearer {key}", "Accept": "application/json, text/event-stream"}
@@ -516,21 +518,60 @@ async def test_a_session_is_opened_with_sse_then_answered_with_json_and_progress
         initialized = {"jsonrpc": "2.0", "method": "notifications/initialized"}
         assert (await http.post(server.url, json=initialized, headers=session)).status_code == 202
         listed = await http.post(server.url, json={"jsonrpc": "2.0", "id": 2, "method": "tools/list"}, headers=session)
-        assert listed.headers["content-type"].startswith("application/json")
-        assert {t["name"] for t in listed.json()["result"]["tools"]} >= {"get_card", "search_cards"}
+        assert listed.headers["content-type"].startswith("text/event-stream")
+        assert {t["name"] for t in sse_messages(listed.text)[-1]["result"]["tools"]} >= {"get_card", "search_cards"}
     async with mcp_client(server.url, key) as client:  # the SDK's client, in a session of its own
         seen: list[float] = []
 
         async def on_progress(progress: float, total: float | None, message: str | None) -> None:
             seen.append(progress)
 
-        batch = ok(
-            await client.call_tool("batch_create_cards", {"cards": make_cards(3)}, progress_callback=on_progress)
-        )
+        arguments = {"cards": make_cards(3)}
+        batch = ok(await client.call_tool("batch_create_cards", arguments, progress_callback=on_progress))
         assert batch["created"] == 3 and seen and seen[-1] == 3
-        card = ok(await client.call_tool("get_card", {"card_id": batch["results"][0]["card_id"]}))["card"]
-        assert card["id"] == batch["results"][0]["card_id"]
-    assert [r["tool"] for r in await usage_rows(database.admin_url, tenant)] == ["batch_create_cards", "get_card"]
+    assert [r["tool"] for r in await usage_rows(database.admin_url, tenant)] == ["batch_create_cards"]
+
+
+async def test_a_client_that_goes_away_before_its_json_answer_cancels_its_call(database: TestDatabase) -> None:
+    """As an SSE answer's does: the call waits on a lock, the client disconnects, the call is rolled back and
+    recorded as cancelled; nothing is written when the lock is released."""
+    tenant = name()
+    _, key = await new_key(database, tenant)
+    message = {
+        "jsonrpc": "2.0",
+        "id": 3,
+        "method": "tools/call",
+        "params": {"name": "create_card", "arguments": make_cards(1, "gone")[0]},
+    }
+    headers = {"Authorization": f"Bearer {key}", "Accept": "application/json, text/event-stream"}
+    with http_server(database, CARD_MCP_STATELESS="true") as running:
+        async with superuser(database) as lock:
+
+            async def waiting() -> bool:
+                return bool(
+                    await lock.fetchval(
+                        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                        " AND wait_event_type = 'Lock'"
+                    )
+                )
+
+            async with lock.transaction():
+                await lock.execute("LOCK TABLE card_mcp.cards IN ACCESS EXCLUSIVE MODE")
+                async with httpx2.AsyncClient(timeout=60) as http, anyio.create_task_group() as group:
+                    group.start_soon(lambda: http.post(running.url, json=message, headers=headers))
+                    await until(waiting, "the call to wait on the lock")
+                    group.cancel_scope.cancel()  # the request abandoned, its connection closed
+                await until(lambda: recorded(database, tenant), "the cancelled call's usage row")
+                assert not await waiting()  # its statement was cancelled, not left waiting
+    rows = await usage_rows(database.admin_url, tenant)
+    assert [(r["tool"], r["status"], r["error_code"]) for r in rows] == [("create_card", "error", "cancelled")]
+    async with superuser(database) as conn:
+        written = "SELECT count(*) FROM card_mcp.cards JOIN card_mcp.tenants USING (tenant_id) WHERE name = $1"
+        assert await conn.fetchval(written, tenant) == 0
+
+
+async def recorded(database: TestDatabase, tenant: str) -> bool:
+    return bool(await usage_rows(database.admin_url, tenant))
 
 
 @pytest.mark.parametrize(
@@ -543,8 +584,8 @@ async def test_a_session_is_opened_with_sse_then_answered_with_json_and_progress
         (b'{"jsonrpc":"2.0","id":1,"method":"x","params":{"_meta":{"other":"\\u00e9"}}}', False),
         (b'[{"jsonrpc":"2.0","id":1,"method":"ping","params":{"_meta":{"progressToken":1}}}]', True),
         (b'{"progressToken": not json', True),
-        (b'{"jsonrpc":"2.0","id":1,"method":"initialize","params":{}}', True),
-        (b'{"jsonrpc":"2.0","method":"notifications/initialized"}', False),
+        (b'{"jsonrpc":"2.0","id":1,"method":"initialize","params":{}}', False),
+        (b'{"a":' * 5000 + b'"\\u0041"' + b"}" * 5000, True),
     ],
 )
 def test_only_a_request_with_a_progress_token_or_no_json_rpc_message_is_answered_as_a_stream(
