@@ -123,7 +123,9 @@ class JsonUnlessStreamed:
     async def _answer_unless_gone(self, scope: Scope, read: list[Message], receive: Receive, send: Send) -> None:
         """The app, cancelled if the client disconnects before the answer's last byte is sent. The body has been
         read whole, so the next message from the client is that disconnect: a task of its own waits for it, the
-        one reader of ``receive`` from here on (the app gets the body, then that disconnect when it comes)."""
+        one reader of ``receive`` from here on (the app gets the body, then that disconnect when it comes). As
+        with SSE answers, uvicorn's httptools protocol tells only the newest request of a connection that the
+        client went away, so a call with a pipelined request queued behind it runs to its end."""
         answered = False
         gone = anyio.Event()
 
@@ -139,6 +141,7 @@ class JsonUnlessStreamed:
                 answered = True
             await send(message)
 
+        failure: Exception | None = None
         async with anyio.create_task_group() as group:
 
             async def watch() -> None:
@@ -148,8 +151,14 @@ class JsonUnlessStreamed:
                     group.cancel_scope.cancel()
 
             group.start_soon(watch)
-            await self.app(scope, replay, sent)
-            group.cancel_scope.cancel()
+            try:
+                await self.app(scope, replay, sent)
+            except Exception as exc:  # raised as itself below, not in the task group's ExceptionGroup
+                failure = exc
+            finally:
+                group.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
 
 
 async def _wants_stream(read: list[Message]) -> bool:

@@ -499,6 +499,17 @@ async def test_a_stateless_server_answers_json_unless_the_request_asks_for_progr
             assert refused.status_code == 413
             unauthorized = await http.post(running.url, json=call("create_card", card), headers={"Accept": "*/*"})
             assert unauthorized.status_code == 401
+            # Refused from the head alone, as before: a declared length over the limit, a client that does not
+            # accept both forms, a body that is not JSON.
+            declared = {**headers, "Content-Type": "application/json", "Content-Length": "70000"}
+            too_long = await http.post(running.url, content=b"{" + b" " * 69_998 + b"}", headers=declared)
+            assert too_long.status_code == 413
+            json_only = await http.post(
+                running.url, json=call("create_card", card), headers={**headers, "Accept": "application/json"}
+            )
+            assert json_only.status_code == 406
+            text = await http.post(running.url, content=b"{}", headers={**headers, "Content-Type": "text/plain"})
+            assert (text.status_code, text.text) == (400, "Invalid Content-Type header")  # the SDK's own check
     rows = await usage_rows(database.admin_url, tenant)
     assert [r["tool"] for r in rows] == ["create_card", "create_card", "batch_create_cards"]
 
