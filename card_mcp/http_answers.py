@@ -21,6 +21,7 @@ from __future__ import annotations
 from contextvars import ContextVar
 
 import anyio
+import anyio.lowlevel
 import pydantic_core
 from mcp.server.streamable_http import check_accept_headers
 from starlette.requests import Request
@@ -155,8 +156,10 @@ class JsonUnlessStreamed:
                 await self.app(scope, replay, sent)
             except Exception as exc:  # raised as itself below, not in the task group's ExceptionGroup
                 failure = exc
-            finally:
-                group.cancel_scope.cancel()
+            if answered:  # uvicorn ends the watcher's receive() as the answer's last byte goes: let it finish
+                await anyio.lowlevel.checkpoint()
+            if not gone.is_set():  # no whole answer, or the watcher still waiting: end it
+                group.cancel_scope.cancel()  # (not on every request: anyio formats the task's repr for it)
         if failure is not None:
             raise failure
 
