@@ -28,7 +28,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 _AS_JSON: ContextVar[bool] = ContextVar("card_mcp_answer_as_json", default=False)
-_PARSED_IN_A_THREAD = 1 << 20  # a body this long (a big batch that needs its escapes read) is parsed off the loop
+_PARSED_IN_A_THREAD = 1 << 20  # a body this long (a big batch) is looked through, and parsed if need be, off the loop
 
 
 class _PerRequest:
@@ -166,6 +166,6 @@ class JsonUnlessStreamed:
 
 async def _wants_stream(read: list[Message]) -> bool:
     body = read[0].get("body", b"") if len(read) == 1 else b"".join(m.get("body", b"") for m in read)
-    if len(body) >= _PARSED_IN_A_THREAD and (b"progressToken" in body or b"\\u" in body):
+    if len(body) >= _PARSED_IN_A_THREAD:
         return await anyio.to_thread.run_sync(wants_stream, body)
     return wants_stream(body)

@@ -22,7 +22,6 @@ import uuid
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit
 
 import anyio
@@ -235,7 +234,7 @@ async def test_a_call_racing_its_sessions_delete_is_answered_whole_or_404_and_lo
         ("tools/call", 404),
     }
     answered = [text for method, status, text in answers if method == "tools/call" and status == 200]
-    results = [answer_of(text)["result"]["structuredContent"] for text in answered]
+    results = [json.loads(text.split("data: ", 1)[1])["result"]["structuredContent"] for text in answered]
     assert [result["status"] for result in results] == ["created"] * len(answered)
     assert errors == [], "".join(errors)
     assert after.status_code == 200
@@ -316,17 +315,11 @@ async def test_a_delete_waits_for_the_sessions_call_in_flight_and_a_refused_one_
         "ping accepted": 404,  # sent after the DELETE: answered once the session has ended
     }
     for label in ("call refused", "call accepted"):
-        result = answer_of(answers[label].text)["result"]  # the whole answer, not cut off
+        result = json.loads(answers[label].text.split("data: ", 1)[1])["result"]  # the whole answer, not cut off
         assert result["structuredContent"]["status"] == "created"
-    assert answer_of(answers["ping refused"].text)["result"] == {}
+    assert json.loads(answers["ping refused"].text.split("data: ", 1)[1])["result"] == {}
     assert errors == [], "".join(errors)
     assert len(await usage_rows(database.admin_url, tenant)) == 2
-
-
-def answer_of(text: str) -> dict[str, Any]:
-    """The JSON-RPC answer of a POST: its JSON body, or the one message of an SSE answer (http_answers.py)."""
-    answer: dict[str, Any] = json.loads(text if text.startswith("{") else text.split("data: ", 1)[1])
-    return answer
 
 
 async def deletes_waiting(server: HttpServer, count: int) -> bool:
